@@ -1,0 +1,85 @@
+"""One synchronized sensor frame: 6 RGB images, a lidar sweep and the calibration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
+from bevfusion_ros.io.calibration import Calibration
+from bevfusion_ros.io.tensor import read_tensor
+
+
+class FrameError(ValueError):
+    """A frame's images or points do not have the expected form."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Sensor data for one inference.
+
+    images:      list of ``[H, W, 3]`` uint8 RGB arrays, one per camera, calibration order;
+    points:      ``[N, C]`` float32 lidar points, columns x, y, z (m, lidar frame), intensity
+                 (0-255), time lag (s) and optionally more;
+    calibration: the rig's :class:`Calibration`;
+    lidar_stamp_ns / camera_stamps_ns: acquisition times in nanoseconds (0 when unknown).
+    """
+
+    images: list[np.ndarray]
+    points: np.ndarray
+    calibration: Calibration
+    lidar_stamp_ns: int = 0
+    camera_stamps_ns: tuple[int, ...] = field(default_factory=tuple)
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.images) != self.calibration.num_cameras:
+            raise FrameError(f"frame has {len(self.images)} images but the calibration has "
+                             f"{self.calibration.num_cameras} cameras")
+        for name, image in zip(self.calibration.camera_names, self.images):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise FrameError(f"camera {name}: expected an [H, W, 3] uint8 RGB image, "
+                                 f"got {image.dtype} {list(image.shape)}")
+        if self.points.ndim != 2 or self.points.shape[1] < 4:
+            raise FrameError(f"points must be [N, C>=4] (x, y, z, intensity, ...), "
+                             f"got {list(self.points.shape)}")
+
+
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB (OpenCV decodes BGR; we swap)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FrameError(f"cannot decode image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_example_data(directory: str | Path,
+                      camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> Frame:
+    """Load a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``).
+
+    Images come back RGB in camera order, points as float32 ``[N, 5]`` (exact widening of
+    the file's fp16 values), calibration validated. Stamps are unknown (0) in this format.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FrameError(f"example-data folder {directory} does not exist")
+    images = []
+    for index, name in enumerate(camera_names):
+        path = directory / f"{index}-{name}.jpg"
+        if not path.is_file():
+            raise FrameError(f"{directory}: missing camera image {path.name}")
+        images.append(read_rgb_image(path))
+    points_path = directory / "points.tensor"
+    if not points_path.is_file():
+        raise FrameError(f"{directory}: missing points.tensor")
+    token_path = directory / "token.txt"
+    return Frame(
+        images=images,
+        points=read_tensor(points_path).astype(np.float32),
+        calibration=Calibration.from_example_data(directory, camera_names),
+        camera_stamps_ns=(0,) * len(camera_names),
+        token=token_path.read_text().strip() if token_path.is_file() else "",
+    )
