@@ -19,17 +19,25 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
     ],
     package_data={PACKAGE: ["py.typed"]},
+    # Runtime of the ROS-free core and the CPU pipeline. ROS 2 itself (rclpy, messages) comes
+    # from the ROS install, or from PyPI wheels via scripts/setup.sh (requirements/ros.txt).
     install_requires=[
-        "numpy>=1.24",
+        "numpy>=1.24,<3",
         "pyyaml>=6.0",
         "opencv-python-headless>=4.8",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
     ],
     extras_require={
+        # PyTorch model toolkit (export, reference forward). Pinned: this exact CPU wheel is on
+        # the development machines' disk; an unpinned torch pulls a multi-GB CUDA build.
+        "model": ["torch==2.13.0"],
         "dev": ["pytest==9.2.0", "mypy==2.4.1", "tensorrt-stubs==10.13.0.35.1"],
     },
     entry_points={
         "console_scripts": [
             f"bevfusion-inspect = {PACKAGE}.tools.inspect_data:main",
+            f"bevfusion-export = {PACKAGE}.model.export:main",
         ],
     },
     zip_safe=True,

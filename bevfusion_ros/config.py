@@ -260,6 +260,24 @@ def config_from_dict(values: Mapping[str, Any]) -> PipelineConfig:
     return _section_from_mapping(PipelineConfig, pipeline_values, "").validate()
 
 
+def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
+    """Plain nested dict/list form of ``config`` (inverse of :func:`config_from_dict`)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(item) for item in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: PipelineConfig, path: str | Path, header: str = "") -> None:
+    """Write ``config`` as a ROS 2 parameter YAML (``/**: ros__parameters: ...``)."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    body = yaml.safe_dump({"/**": {"ros__parameters": config_to_dict(config)}}, sort_keys=False)
+    Path(path).write_text(comment + body)
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     """Load ``path`` (a ROS 2 parameter YAML or a plain mapping) into a validated config."""
     path = Path(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bevfusion_ros.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from bevfusion_ros.config import ConfigError, PipelineConfig, config_from_dict, load_config, save_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "nuscenes.yaml"
 
@@ -64,3 +64,12 @@ def test_unreadable_file(tmp_path):
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    config = config_from_dict({"head": {"score_threshold": 0.25, "class_names": ["a", "b"]},
+                               "voxelization": {"voxel_size": [0.3, 0.3, 0.2]}})
+    save_config(config, tmp_path / "c.yaml", header="exported for a test\nsecond line")
+    text = (tmp_path / "c.yaml").read_text()
+    assert text.startswith("# exported for a test\n# second line\n/**:\n  ros__parameters:")
+    assert load_config(tmp_path / "c.yaml") == config
