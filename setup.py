@@ -18,7 +18,7 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
     ],
-    package_data={PACKAGE: ["py.typed"]},
+    package_data={PACKAGE: ["py.typed", "model/data/*.tsv"]},
     # Runtime of the ROS-free core and the CPU pipeline. ROS 2 itself (rclpy, messages) comes
     # from the ROS install, or from PyPI wheels via scripts/setup.sh (requirements/ros.txt).
     install_requires=[

@@ -1,0 +1,1 @@
+"""PyTorch model toolkit (optional extra ``model``): BEVFusion definition, export, reference."""
