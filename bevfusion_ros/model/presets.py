@@ -105,9 +105,9 @@ TINY = ModelPreset(
     pipeline=PipelineConfig(
         image=ImageConfig(output_width=256, output_height=128, resize_scale=0.16),
         camera_geometry=CameraGeometryConfig(
-            xbound=(-54.0, 54.0, 1.2), ybound=(-54.0, 54.0, 1.2), zbound=(-10.0, 10.0, 20.0),
+            xbound=(-54.0, 54.0, 1.5), ybound=(-54.0, 54.0, 1.5), zbound=(-10.0, 10.0, 20.0),
             dbound=(1.0, 61.0, 2.0), feature_width=32, feature_height=16, camera_channels=20),
-        voxelization=VoxelizationConfig(voxel_size=(0.3, 0.3, 0.2), max_voxels=60000),
+        voxelization=VoxelizationConfig(voxel_size=(0.375, 0.375, 0.2), max_voxels=60000),
         head=replace(HeadConfig(), num_proposals=50, score_threshold=0.0),
     ),
     camera=CameraBackboneSpec(resnet_depth_blocks=(1, 1, 1, 1), resnet_base_channels=8,
