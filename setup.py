@@ -32,7 +32,7 @@ setup(
         # PyTorch model toolkit (export, reference forward). Pinned: this exact CPU wheel is on
         # the development machines' disk; an unpinned torch pulls a multi-GB CUDA build.
         "model": ["torch==2.13.0"],
-        "dev": ["pytest==9.2.0", "mypy==2.4.1", "tensorrt-stubs==10.13.0.35.1"],
+        "dev": ["pytest==9.2.0", "mypy==2.4.1"],
     },
     entry_points={
         "console_scripts": [
