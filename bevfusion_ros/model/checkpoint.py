@@ -41,6 +41,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     full unpickling can run arbitrary code)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: not loadable with weights_only=True ({error}); if the file is trusted, "

@@ -32,7 +32,7 @@ from bevfusion_ros.config import save_config
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
 from bevfusion_ros.model.camera import (CameraBackboneExport, VTransformExport, camera_sample_inputs,
                                         export_camera_onnx)
-from bevfusion_ros.model.checkpoint import load_checkpoint
+from bevfusion_ros.model.checkpoint import CheckpointError, load_checkpoint
 from bevfusion_ros.model.fuser import (FuserExport, export_fuser_head_onnx, fuser_sample_inputs)
 from bevfusion_ros.model.head import HeadExport, head_sample_inputs
 from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
@@ -154,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="mit-han-lab/bevfusion .pth to load")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
-    result = export_model_set(get_preset(args.preset), args.precision, args.out,
-                              args.checkpoint, args.seed)
+    try:
+        result = export_model_set(get_preset(args.preset), args.precision, args.out,
+                                  args.checkpoint, args.seed)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for name, size in result.files.items():
         print(f"  {name:<26} {size / 2**20:8.2f} MiB")
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else \
