@@ -22,7 +22,7 @@ Output boxes use CUDA-BEVFusion's Python layout ``[M, 11]``:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ def normalize_images(images: Sequence[np.ndarray], preset: ModelPreset) -> torch
     """6 uint8 RGB ``[H, W, 3]`` -> fp16 ``[N, 3, oh, ow]``: fixed-point bilinear, crop, mean/std."""
     image = preset.pipeline.image
     crop_x, crop_y = image.crop
-    step = torch.tensor(1.0 / image.resize_scale, dtype=torch.float32)
+    step = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(image.resize_scale, dtype=torch.float32)
 
     def source(count: int, offset: int, size: int):
         position = (torch.arange(count, dtype=torch.float32) + offset + 0.5) * step - 0.5
@@ -214,9 +214,14 @@ def decode_boxes(score: torch.Tensor, rot: torch.Tensor, dim: torch.Tensor, reg:
 class BEVFusionReference(torch.nn.Module):
     """Plain float PyTorch forward of a :class:`BEVFusionModel` from raw sensor data."""
 
-    def __init__(self, model: BEVFusionModel):
+    def __init__(self, model: BEVFusionModel,
+                 lidar_backbone: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        """``lidar_backbone(features [M, C], coords [M, 4]) -> [1, 2C, X, Y]`` replaces the
+        model's sparse encoder, e.g. to run the BN-folded fp16 weights of an exported SCN file
+        (``scn_onnx.run_scn_graph``) so the reference uses exactly the deployed weights."""
         super().__init__()
         self.model = model.eval()
+        self.lidar_backbone = lidar_backbone or model.encoders.lidar.backbone
         self.preset = model.preset
         camera = model.encoders.camera
         self.camera_backbone = CameraBackboneExport(camera, self.preset)
@@ -240,7 +245,7 @@ class BEVFusionReference(torch.nn.Module):
     def lidar_bev(self, points: torch.Tensor) -> torch.Tensor:
         """Lidar branch: voxelize + sparse encoder -> ``[1, 2*C, X, Y]``."""
         features, coords = voxelize(points, self.preset)
-        return self.model.encoders.lidar.backbone(features.float(), coords)
+        return self.lidar_backbone(features.float(), coords)
 
     @torch.no_grad()
     def forward(self, images: Sequence[np.ndarray], points: np.ndarray | torch.Tensor,

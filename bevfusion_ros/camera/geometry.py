@@ -1,0 +1,149 @@
+"""LSS camera geometry: frustum -> lidar frame -> BEV cell, sorted into pooling intervals.
+
+Computed once per calibration (spec 3.2-3.3), then reused by :func:`bev_pool` every frame.
+
+Frustum point ``n = ((camera * D + k) * fH + i) * fW + j`` is the network-input pixel
+``(u, v) = (j * (W-1)/(fW-1), i * (H-1)/(fH-1))`` (``linspace``) at depth ``d = dmin + k * dstep``.
+Per camera, in float64 (the PyTorch reference's arithmetic):
+
+1. undo the image augmentation: ``(u0, v0, d0) = A^-1 ((u, v, d) - a)``;
+2. lift to ``(u0 d0, v0 d0, d0)`` and apply ``K^-1`` (3x3 block of ``camera_intrinsics``);
+3. to lidar: ``R p + t`` from ``camera2lidar``;
+4. cell ``int((p - lower) / step)`` per axis, truncated **toward zero** like CUDA's ``int()``
+   and PyTorch's ``.long()``; so cell 0 also takes ``(-step, 0)`` below the lower edge and the
+   z band of the nuScenes grid is effectively (-30, 10) m;
+5. kept when ``0 <= ix < X``, ``0 <= iy < Y``, ``0 <= iz < Z``.
+
+Grid constants are CUDA-BEVFusion's float32 ones: ``bx = float32(min + step/2)``,
+``dx = float32(step)``, lower edge ``bx - dx/2`` evaluated in double (-53.99999848 m, step
+0.30000001192 m for nuScenes). With them the example calibration gives 96,801 occupied cells.
+
+Quirk choices (CUDA-BEVFusion vs mit-han-lab):
+
+* ``camera0_augmentation``: CUDA inverts camera 0's ``img_aug_matrix`` for every camera;
+  mit-han-lab uses each camera's own. Default False (per camera); identical whenever all
+  cameras share one augmentation, as at nuScenes test time.
+* ``last_interval``: CUDA ends the last interval at ``total - 1`` (drops the last sorted
+  point, "cuda"); mit-han-lab and the reference sum every kept point ("exclusive", default).
+* CUDA gives dropped points rank 0 and sorts them in front, so a kept point in cell (0, 0)
+  would be mistaken for a dropped one. We sort only the kept points: cell (0, 0) is an
+  ordinary cell (it never occurs with the nuScenes geometry).
+* CUDA's BEV offset multiplies ix by the grid's X size where Y is meant; we use
+  ``ix * Y + iy``, identical for the square grids of all presets.
+* The BEV has a single z slice (nz = 1) in every CUDA-BEVFusion model; other z grids are
+  rejected instead of picking one of the incompatible CUDA / mit-han-lab z layouts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from bevfusion_ros.config import CameraGeometryConfig, ImageConfig, PipelineConfig
+from bevfusion_ros.io.calibration import Calibration
+
+LastInterval = Literal["exclusive", "cuda"]
+
+
+@dataclass(frozen=True)
+class CameraGeometry:
+    """Frustum-point -> BEV-cell assignment of one calibration, sorted for pooling.
+
+    indices:       int64 ``[keep_count]``: ids of the kept frustum points (see module doc),
+                   stably sorted by BEV cell, so ascending within a cell;
+    intervals:     int32 ``[n, 3]`` rows ``(start, end, bev_offset)``: positions ``[start, end)``
+                   of ``indices`` that fall into BEV cell ``bev_offset = ix * Y + iy``; cells
+                   ascending, intervals contiguous (``end_i == start_{i+1}``); the last one
+                   ends at ``keep_count`` or, with ``last_interval="cuda"``, ``keep_count - 1``;
+    keep_count:    number of kept frustum points;
+    bev_size:      ``(X, Y)`` cells of the camera BEV;
+    frustum_shape: ``(N, D, fH, fW)``, the shape of the depth weights this geometry pools.
+    """
+
+    indices: np.ndarray
+    intervals: np.ndarray
+    keep_count: int
+    bev_size: tuple[int, int]
+    frustum_shape: tuple[int, int, int, int]
+
+
+def frustum(image: ImageConfig, geometry: CameraGeometryConfig) -> np.ndarray:
+    """float64 ``[D, fH, fW, 3]``: (u, v, d) of every frustum point, u/v in network-input pixels."""
+    depth = np.arange(geometry.depth_bins, dtype=np.float64) * geometry.dbound[2] + geometry.dbound[0]
+    v = np.linspace(0, image.output_height - 1, geometry.feature_height, dtype=np.float64)
+    u = np.linspace(0, image.output_width - 1, geometry.feature_width, dtype=np.float64)
+    dd, vv, uu = np.meshgrid(depth, v, u, indexing="ij")
+    return np.stack([uu, vv, dd], axis=-1)
+
+
+def grid_constants(geometry: CameraGeometryConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(lower edge, step) float64 ``[3]`` of the x, y, z grid from CUDA's float32 bx/dx."""
+    bounds = (geometry.xbound, geometry.ybound, geometry.zbound)
+    step = np.array([np.float32(b[2]) for b in bounds], dtype=np.float64)
+    centre = np.array([np.float32(b[0] + b[2] / 2.0) for b in bounds], dtype=np.float64)
+    return centre - step / 2.0, step
+
+
+def frustum_to_lidar(points: np.ndarray, augmentation: np.ndarray, intrinsics: np.ndarray,
+                     camera2lidar: np.ndarray) -> np.ndarray:
+    """float64 frustum ``[P, 3]`` (u, v, d) -> lidar-frame ``[P, 3]`` for one camera's 4x4 matrices."""
+    original = np.linalg.solve(augmentation[:3, :3], (points - augmentation[:3, 3]).T).T
+    lifted = np.concatenate([original[:, :2] * original[:, 2:], original[:, 2:]], axis=1)
+    in_camera = np.linalg.solve(intrinsics[:3, :3], lifted.T).T
+    return in_camera @ camera2lidar[:3, :3].T + camera2lidar[:3, 3]
+
+
+def bev_cells(in_lidar: np.ndarray, geometry: CameraGeometryConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Lidar points ``[P, 3]`` -> (kept bool ``[P]``, flat cell ``ix * Y + iy`` int64 ``[P]``)."""
+    lower, step = grid_constants(geometry)
+    index = np.trunc((in_lidar - lower) / step).astype(np.int64)      # toward zero, like int()
+    size = np.array(geometry.bev_size)
+    kept = ((index >= 0) & (index < size)).all(axis=1)
+    return kept, index[:, 0] * size[1] + index[:, 1]
+
+
+def interval_bounds(sorted_cells: np.ndarray, cuda_last_interval: bool) -> np.ndarray:
+    """int32 ``[n, 3]`` (start, end, cell) of the runs of equal values in ``sorted_cells`` (>= 0).
+
+    With ``cuda_last_interval`` the last run ends one early, at ``len - 1``, as in CUDA-BEVFusion.
+    """
+    starts = np.flatnonzero(np.diff(sorted_cells, prepend=-1))
+    ends = np.append(starts[1:], len(sorted_cells))[:len(starts)]
+    if cuda_last_interval and len(ends):
+        ends[-1] -= 1
+    return np.stack([starts, ends, sorted_cells[starts]], axis=1).astype(np.int32)
+
+
+def compute_geometry(calibration: Calibration, config: PipelineConfig, camera0_augmentation: bool = False,
+                     last_interval: LastInterval = "exclusive") -> CameraGeometry:
+    """Sorted frustum -> BEV assignment of ``calibration`` (see the module doc for the quirks)."""
+    if last_interval not in ("exclusive", "cuda"):
+        raise ValueError(f"last_interval must be 'exclusive' or 'cuda', got {last_interval!r}")
+    geometry = config.camera_geometry
+    nx, ny, nz = geometry.bev_size
+    if nz != 1:
+        raise ValueError(f"camera_geometry.zbound gives {nz} z cells; the camera BEV supports exactly 1")
+    points = frustum(config.image, geometry)
+    per_camera = points.shape[0] * points.shape[1] * points.shape[2]
+    points = points.reshape(-1, 3)
+    kept_ids, kept_cells = [], []
+    for camera in range(calibration.num_cameras):
+        augmentation = calibration.img_aug_matrix[0 if camera0_augmentation else camera]
+        in_lidar = frustum_to_lidar(points, augmentation, calibration.camera_intrinsics[camera],
+                                    calibration.camera2lidar[camera])
+        kept, cells = bev_cells(in_lidar, geometry)
+        kept_ids.append(np.flatnonzero(kept) + camera * per_camera)
+        kept_cells.append(cells[kept])
+    ids, cells = np.concatenate(kept_ids), np.concatenate(kept_cells)
+    order = np.argsort(cells, kind="stable")     # ids ascending within a cell, like CUDA's thrust sort
+    indices, intervals = ids[order], interval_bounds(cells[order], last_interval == "cuda")
+    indices.flags.writeable = intervals.flags.writeable = False      # shared by every frame
+    return CameraGeometry(
+        indices=indices,
+        intervals=intervals,
+        keep_count=len(ids),
+        bev_size=(nx, ny),
+        frustum_shape=(calibration.num_cameras, geometry.depth_bins, geometry.feature_height,
+                       geometry.feature_width),
+    )
