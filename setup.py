@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             f"bevfusion-inspect = {PACKAGE}.tools.inspect_data:main",
             f"bevfusion-export = {PACKAGE}.model.export:main",
+            f"bevfusion-infer = {PACKAGE}.tools.infer:main",
         ],
     },
     zip_safe=True,

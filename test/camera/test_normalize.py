@@ -79,7 +79,7 @@ def test_matches_opencv_resize_then_crop(preset):
         resized = cv2.resize(rgb, image.resized_size, interpolation=cv2.INTER_LINEAR)
         cropped = resized[crop_y:crop_y + image.output_height, crop_x:crop_x + image.output_width]
         difference = np.abs(grey_levels(normalized, image) - cropped)
-        # OpenCV's double scale 1600/768 vs the float32 step: ~0.5 % of noise pixels are 1 level off.
+        # OpenCV steps by the double 1600/768, CUDA by 1.0f/0.48f: ~2 % of noise pixels 1 level off.
         assert difference.max() <= 1 and (difference > 0).mean() < 0.03
 
 
