@@ -187,6 +187,13 @@ class PipelineConfig:
         return len(self.camera_names)
 
     @property
+    def bev_size(self) -> tuple[int, int]:
+        """(X, Y) cells of the fused BEV: voxel grid / out_size_factor (e.g. 180 x 180)."""
+        nx, ny, _ = self.voxelization.grid_size
+        factor = self.head.out_size_factor
+        return nx // factor, ny // factor
+
+    @property
     def bev_cell_size(self) -> tuple[float, float]:
         """Metres per cell of the fused BEV (voxel size x out_size_factor), e.g. 0.6 m."""
         factor = self.head.out_size_factor

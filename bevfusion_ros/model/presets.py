@@ -82,9 +82,7 @@ class ModelPreset:
     @property
     def bev_size(self) -> tuple[int, int]:
         """(X, Y) cells of the fused BEV = voxel grid / out_size_factor (e.g. 180 x 180)."""
-        nx, ny, _ = self.pipeline.voxelization.grid_size
-        factor = self.pipeline.head.out_size_factor
-        return nx // factor, ny // factor
+        return self.pipeline.bev_size
 
     @property
     def camera_bev_size(self) -> tuple[int, int]:

@@ -34,9 +34,6 @@ from bevfusion_ros.model.fuser import FuserExport
 from bevfusion_ros.model.head import HeadExport
 from bevfusion_ros.model.presets import ModelPreset
 
-BOX_COLUMNS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy", "label", "score")
-
-
 def normalize_images(images: Sequence[np.ndarray], preset: ModelPreset) -> torch.Tensor:
     """6 uint8 RGB ``[H, W, 3]`` -> fp16 ``[N, 3, oh, ow]``: fixed-point bilinear, crop, mean/std."""
     image = preset.pipeline.image
@@ -250,7 +247,7 @@ class BEVFusionReference(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: Sequence[np.ndarray], points: np.ndarray | torch.Tensor,
                 calibration: Calibration) -> torch.Tensor:
-        """Boxes ``[M, 11]`` (columns :data:`BOX_COLUMNS`) for one frame."""
+        """Boxes ``[M, 11]`` (columns ``bevfusion_ros.head.decode.BOX_COLUMNS``) for one frame."""
         points = torch.as_tensor(points)[:, : self.preset.pipeline.lidar.num_features]
         middle = self.fuse(self.camera_bev(images, points, calibration), self.lidar_bev(points))
         return decode_boxes(*self.head(middle), preset=self.preset)
