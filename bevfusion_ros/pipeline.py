@@ -1,0 +1,205 @@
+"""``BEVFusionPipeline``: the CUDA-BEVFusion engine chain, ROS-free.
+
+    pipeline = BEVFusionPipeline.from_model_dir("model/resnet50", backend="cpu")
+    detections = pipeline.forward(frame)        # Frame: 6 RGB images, points [N, 5], calibration
+
+Stages, in the spec's order (each timed, milliseconds in ``detections.stage_ms``):
+[``camera_geometry``, only when the calibration changed] ``normalize`` -> ``depth`` ->
+``camera_backbone`` -> ``bevpool`` -> ``vtransform``;
+``voxelize`` -> ``lidar_backbone``; ``fuser`` -> ``head`` -> ``decode``. The camera geometry
+depends only on the calibration: :meth:`update` computes it once, and :meth:`forward`
+recomputes it only when the frame brings a different calibration.
+
+Input handling: images of the wrong count, size or dtype raise :class:`InputError`; point
+rows with NaN/inf are dropped and counted; more than ``lidar.max_points`` points are
+truncated (the first ones kept, as CUDA-BEVFusion does) with a warning; an empty cloud runs
+camera-only (the lidar BEV is zero). Every such event is listed in ``detections.warnings``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import yaml
+
+from bevfusion_ros.camera.bevpool import bev_pool
+from bevfusion_ros.camera.depth import depth_map
+from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
+from bevfusion_ros.camera.normalize import normalize_images
+from bevfusion_ros.config import PipelineConfig, load_config
+from bevfusion_ros.detections import Detections
+from bevfusion_ros.engines import Engine, load_dense_engines
+from bevfusion_ros.head.decode import decode_boxes
+from bevfusion_ros.io.calibration import Calibration
+from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.lidar.scn import SparseEncoderRunner
+from bevfusion_ros.lidar.voxelize import voxelize
+
+LOG = logging.getLogger("bevfusion_ros.pipeline")
+MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
+               "lidar.backbone.xyz.onnx")
+CONFIG_FILE = "bevfusion.yaml"
+
+
+class InputError(ValueError):
+    """A frame cannot be processed (wrong image count/size/dtype, malformed points)."""
+
+
+class ModelDirError(FileNotFoundError):
+    """A model folder lacks files of the CUDA-BEVFusion layout."""
+
+
+@dataclass
+class PreparedPoints:
+    """Points ready for the chain: finite rows, at most ``max_points``, ``num_features`` columns."""
+
+    points: np.ndarray                       # [N, num_features] float32
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_points(points: np.ndarray, config: PipelineConfig) -> PreparedPoints:
+    """Validate and clean a point cloud ``[N, C>=num_features]``; report what was changed."""
+    lidar = config.lidar
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] < lidar.num_features:
+        raise InputError(f"points must be [N, >={lidar.num_features}] (x, y, z, intensity, time lag), "
+                         f"got shape {list(points.shape)}")
+    points = points[:, :lidar.num_features].astype(np.float32, copy=False)
+    warnings = []
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        warnings.append(f"dropped {int((~finite).sum())} points with NaN/inf values")
+        points = points[finite]
+    if points.shape[0] > lidar.max_points:
+        warnings.append(f"truncated {points.shape[0]} points to lidar.max_points={lidar.max_points}")
+        points = points[:lidar.max_points]
+    if points.shape[0] == 0:
+        warnings.append("empty point cloud: camera-only result")
+    return PreparedPoints(np.ascontiguousarray(points), warnings)
+
+
+class StageTimer:
+    """Wall-clock milliseconds per named stage."""
+
+    def __init__(self) -> None:
+        self.milliseconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.milliseconds[name] = (time.perf_counter() - start) * 1e3
+
+
+def _model_info(model_dir: Path) -> dict:
+    path = model_dir / "export.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+class BEVFusionPipeline:
+    """The full chain over one model folder; not thread-safe (one worker owns it)."""
+
+    def __init__(self, config: PipelineConfig, engines: dict[str, Engine],
+                 lidar_backbone: SparseEncoderRunner, model_info: dict | None = None):
+        self.config = config
+        self.engines = engines
+        self.lidar_backbone = lidar_backbone
+        self.model_info = model_info or {}
+        self.calibration: Calibration | None = None
+        self.geometry: CameraGeometry | None = None
+        lidar_bev = engines["fuser.onnx"].inputs["lidar"].shape
+        self._lidar_bev_shape = tuple(int(dim) for dim in lidar_bev)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
+                       backend: str = "cpu") -> "BEVFusionPipeline":
+        """Load a CUDA-BEVFusion folder; ``config`` defaults to its ``bevfusion.yaml``."""
+        model_dir = Path(model_dir)
+        missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+        if config is None and not (model_dir / CONFIG_FILE).is_file():
+            missing.append(f"{CONFIG_FILE} (or pass a config)")
+        if missing:
+            raise ModelDirError(f"model folder {model_dir} lacks: {', '.join(missing)}")
+        config = config or load_config(model_dir / CONFIG_FILE)
+        engines = load_dense_engines(model_dir, config, backend)
+        lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx")
+        return cls(config, engines, lidar_backbone, _model_info(model_dir))
+
+    @property
+    def trained(self) -> bool | None:
+        """Whether the exported weights are trained (None when the folder does not say)."""
+        return self.model_info.get("trained")
+
+    def update(self, calibration: Calibration) -> None:
+        """Recompute the camera geometry for ``calibration`` (validated first)."""
+        calibration.validate()
+        if calibration.num_cameras != self.config.num_cameras:
+            raise InputError(f"calibration has {calibration.num_cameras} cameras, the model "
+                             f"expects {self.config.num_cameras} ({list(self.config.camera_names)})")
+        self.geometry = compute_geometry(calibration, self.config)
+        self.calibration = calibration
+
+    def _ensure_geometry(self, calibration: Calibration, timer: StageTimer) -> None:
+        """Recompute the geometry (timed as stage ``camera_geometry``) if the calibration changed."""
+        if self.calibration is not calibration and not _same_calibration(self.calibration, calibration):
+            with timer.stage("camera_geometry"):
+                self.update(calibration)
+
+    def forward(self, frame: Frame) -> Detections:
+        """Run the whole chain on ``frame``; raises :class:`InputError` on unusable input."""
+        timer = StageTimer()
+        self._ensure_geometry(frame.calibration, timer)
+        prepared = prepare_points(frame.points, self.config)
+        camera_bev = self._camera_branch(frame, prepared.points, timer)
+        lidar_bev = self._lidar_branch(prepared.points, timer)
+        with timer.stage("fuser"):
+            middle = self.engines["fuser.onnx"].run({"camera": camera_bev, "lidar": lidar_bev})["middle"]
+        with timer.stage("head"):
+            head_outputs = self.engines["head.bbox.onnx"].run({"middle": middle})
+        with timer.stage("decode"):
+            boxes = decode_boxes(head_outputs, self.config)
+        for warning in prepared.warnings:
+            LOG.warning(warning)
+        return Detections(boxes=boxes, class_names=self.config.head.class_names,
+                          stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.milliseconds,
+                          cameras_used=self.config.camera_names, warnings=tuple(prepared.warnings))
+
+    def _camera_branch(self, frame: Frame, points: np.ndarray, timer: StageTimer) -> np.ndarray:
+        image = self.config.image
+        calibration = frame.calibration
+        with timer.stage("normalize"):
+            try:
+                images = normalize_images(frame.images, image, self.config.num_cameras)
+            except ValueError as error:
+                raise InputError(str(error)) from error
+        with timer.stage("depth"):
+            depth = depth_map(points, calibration.lidar2image.astype(np.float32),
+                              calibration.img_aug_matrix.astype(np.float32),
+                              image.output_height, image.output_width)
+        with timer.stage("camera_backbone"):
+            features = self.engines["camera.backbone.onnx"].run({"img": images[None], "depth": depth[None]})
+        with timer.stage("bevpool"):
+            pooled = bev_pool(features["camera_feature"], features["camera_depth_weights"], self.geometry)
+        with timer.stage("vtransform"):
+            return self.engines["camera.vtransform.onnx"].run({"feat_in": pooled})["feat_out"]
+
+    def _lidar_branch(self, points: np.ndarray, timer: StageTimer) -> np.ndarray:
+        with timer.stage("voxelize"):
+            voxels = voxelize(points, self.config.voxelization)
+        with timer.stage("lidar_backbone"):
+            if voxels.num_voxels == 0:
+                return np.zeros(self._lidar_bev_shape, np.float32)
+            return self.lidar_backbone.run(voxels.features, voxels.coords,
+                                           self.config.voxelization.sparse_shape)
+
+
+def _same_calibration(a: Calibration | None, b: Calibration) -> bool:
+    if a is None or a.camera_names != b.camera_names:
+        return False
+    return all(np.array_equal(getattr(a, name), getattr(b, name)) for name in
+               ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix"))

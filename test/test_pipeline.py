@@ -1,0 +1,168 @@
+"""BEVFusionPipeline on the CPU: end-to-end parity with BEVFusionReference, and bad inputs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bevfusion_ros.config import PipelineConfig
+from bevfusion_ros.engines.base import EngineInterfaceError
+from bevfusion_ros.io.frame import Frame, load_example_data
+from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
+
+torch = pytest.importorskip("torch")
+
+from bevfusion_ros.lidar.scn_graph import read_scn_onnx  # noqa: E402
+from bevfusion_ros.model.bevfusion import build_model  # noqa: E402
+from bevfusion_ros.model.export import calibrate_random_weights, export_model_set  # noqa: E402
+from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
+from bevfusion_ros.model.reference import BEVFusionReference  # noqa: E402
+from bevfusion_ros.model.scn_onnx import run_scn_graph  # noqa: E402
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=SEED).out_dir
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_dir):
+    return BEVFusionPipeline.from_model_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def frame(example_data_dir):
+    return load_example_data(example_data_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The same weights: seeded model + BN calibration, sparse encoder from the exported file."""
+    model = build_model(TINY, SEED)
+    calibrate_random_weights(model, SEED)
+    nodes = read_scn_onnx(model_dir / "lidar.backbone.xyz.onnx")
+    shape = TINY.pipeline.voxelization.sparse_shape
+    return BEVFusionReference(model, lambda features, coords: run_scn_graph(nodes, features, coords, shape))
+
+
+def matched(boxes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each reference box, the pipeline box of the same label with the nearest centre."""
+    order = []
+    for box in reference:
+        same_label = np.flatnonzero(boxes[:, 9] == box[9])
+        order.append(same_label[np.argmin(np.linalg.norm(boxes[same_label, :3] - box[:3], axis=1))])
+    assert len(set(order)) == len(order)
+    return boxes[order]
+
+
+def test_end_to_end_parity_with_reference(pipeline, reference, frame):
+    detections = pipeline.forward(frame)
+    expected = reference(frame.images, frame.points, frame.calibration).numpy()
+    boxes = detections.boxes
+    assert len(boxes) == len(expected) > 20
+    got = matched(boxes, expected)
+    assert np.abs(got[:, :6] - expected[:, :6]).max() < 1e-3                  # metres
+    yaw_error = np.angle(np.exp(1j * (got[:, 6] - expected[:, 6])))
+    assert np.abs(yaw_error).max() < 1e-3                                      # radians
+    assert np.abs(got[:, 7:9] - expected[:, 7:9]).max() < 1e-3                 # m/s
+    assert np.abs(got[:, 10] - expected[:, 10]).max() < 1e-3                   # score
+    stages = {"normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
+              "lidar_backbone", "fuser", "head", "decode"}
+    assert set(detections.stage_ms) - {"camera_geometry"} == stages
+    assert set(pipeline.forward(frame).stage_ms) == stages          # geometry kept: not recomputed
+
+
+def test_detections_json_follows_rep103(pipeline, frame, tmp_path):
+    detections = pipeline.forward(frame)
+    detections.to_json(tmp_path / "d.json")
+    records = json.loads((tmp_path / "d.json").read_text())["boxes"]
+    assert len(records) == len(detections.boxes)
+    for record, box in zip(records, detections.boxes):
+        assert record["label"] == TINY.pipeline.head.class_names[int(box[9])]
+        assert record["center"] == pytest.approx(box[:3].tolist(), abs=1e-5)
+        assert record["size"] == pytest.approx([box[4], box[3], box[5]], abs=1e-5)   # l, w, h
+        expected_yaw = math.remainder(-box[6] - math.pi / 2, 2 * math.pi)
+        assert math.remainder(record["yaw"] - expected_yaw, 2 * math.pi) == pytest.approx(0, abs=1e-5)
+
+
+def test_geometry_is_recomputed_only_on_calibration_change(pipeline, frame):
+    pipeline.forward(frame)
+    geometry = pipeline.geometry
+    pipeline.forward(frame)
+    assert pipeline.geometry is geometry
+    shifted = dataclasses.replace(frame.calibration)
+    object.__setattr__(shifted, "camera2lidar", frame.calibration.camera2lidar.copy())
+    shifted.camera2lidar[:, 0, 3] += 0.5
+    object.__setattr__(shifted, "lidar2camera", np.linalg.inv(shifted.camera2lidar))
+    object.__setattr__(shifted, "lidar2image", shifted.camera_intrinsics @ shifted.lidar2camera)
+    pipeline.forward(Frame(frame.images, frame.points, shifted))
+    assert pipeline.geometry is not geometry
+
+
+def test_bad_points_are_cleaned_and_reported(pipeline, frame):
+    points = frame.points.copy()
+    points[[3, 10, 20], 0] = np.nan
+    points[40, 2] = np.inf
+    detections = pipeline.forward(Frame(frame.images, points, frame.calibration))
+    assert "dropped 4 points with NaN/inf values" in detections.warnings
+    clean = pipeline.forward(Frame(frame.images, np.delete(points, [3, 10, 20, 40], axis=0),
+                                   frame.calibration))
+    np.testing.assert_array_equal(detections.boxes, clean.boxes)
+
+
+def test_empty_cloud_gives_camera_only_result(pipeline, frame):
+    detections = pipeline.forward(Frame(frame.images, frame.points[:0], frame.calibration))
+    assert "empty point cloud: camera-only result" in detections.warnings
+    assert len(detections.boxes) > 0 and np.isfinite(detections.boxes).all()
+
+
+def test_too_many_points_are_truncated(model_dir, frame):
+    config = dataclasses.replace(TINY.pipeline, lidar=dataclasses.replace(TINY.pipeline.lidar,
+                                                                          max_points=1000))
+    small = BEVFusionPipeline.from_model_dir(model_dir, config)
+    detections = small.forward(frame)
+    assert f"truncated {len(frame.points)} points to lidar.max_points=1000" in detections.warnings
+    first = small.forward(Frame(frame.images, frame.points[:1000], frame.calibration))
+    np.testing.assert_array_equal(detections.boxes, first.boxes)
+
+
+def unchecked_frame(frame: Frame, **changes) -> Frame:
+    """A Frame built without its own __post_init__ checks, to test the pipeline's checks."""
+    unchecked = object.__new__(Frame)
+    for field in dataclasses.fields(Frame):
+        object.__setattr__(unchecked, field.name, changes.get(field.name, getattr(frame, field.name)))
+    return unchecked
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda images: images[:5], "5"),
+    (lambda images: [images[0][:800]] + images[1:], "camera 0"),
+    (lambda images: [images[0].astype(np.float32)] + images[1:], "uint8"),
+    (lambda images: images[:3] + [images[3][..., :1]] + images[4:], "camera 3"),
+])
+def test_bad_images_raise_clear_errors(pipeline, frame, edit, message):
+    with pytest.raises(InputError) as error:
+        pipeline.forward(unchecked_frame(frame, images=edit(list(frame.images))))
+    assert message in str(error.value)
+
+
+def test_points_with_too_few_columns(pipeline, frame):
+    with pytest.raises(InputError, match=r"points must be \[N, >=5\]"):
+        pipeline.forward(unchecked_frame(frame, points=frame.points[:, :4]))
+
+
+def test_model_folder_errors(model_dir, tmp_path):
+    with pytest.raises(ModelDirError, match="lacks: .*fuser.onnx"):
+        for path in model_dir.iterdir():
+            if path.name != "fuser.onnx":
+                (tmp_path / path.name).symlink_to(path)
+        BEVFusionPipeline.from_model_dir(tmp_path)
+    with pytest.raises(EngineInterfaceError, match=r"input 'img' has shape \[1, 6, 3, 128, 256\], "
+                                                   r"expected \[1, 6, 3, 256, 704\]"):
+        BEVFusionPipeline.from_model_dir(model_dir, NUSCENES_R50.pipeline)
+    assert isinstance(NUSCENES_R50.pipeline, PipelineConfig)
