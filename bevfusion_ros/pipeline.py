@@ -112,8 +112,6 @@ class BEVFusionPipeline:
         self.model_info = model_info or {}
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
-        lidar_bev = engines["fuser.onnx"].inputs["lidar"].shape
-        self._lidar_bev_shape = tuple(int(dim) for dim in lidar_bev)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
@@ -191,9 +189,7 @@ class BEVFusionPipeline:
     def _lidar_branch(self, points: np.ndarray, timer: StageTimer) -> np.ndarray:
         with timer.stage("voxelize"):
             voxels = voxelize(points, self.config.voxelization)
-        with timer.stage("lidar_backbone"):
-            if voxels.num_voxels == 0:
-                return np.zeros(self._lidar_bev_shape, np.float32)
+        with timer.stage("lidar_backbone"):          # an empty frame gives a zero BEV
             return self.lidar_backbone.run(voxels.features, voxels.coords,
                                            self.config.voxelization.sparse_shape)
 

@@ -38,7 +38,8 @@ from bevfusion_ros.model.head import HeadExport, head_sample_inputs
 from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
 from bevfusion_ros.model.quantize import quantize_qdq
 from bevfusion_ros.model.scn_onnx import write_scn_onnx
-from bevfusion_ros.model.sparse_encoder import voxel_sample_inputs
+from bevfusion_ros.model.reference import voxelize
+from bevfusion_ros.model.samples import synthetic_sweep
 
 MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
                "lidar.backbone.xyz.onnx")
@@ -58,6 +59,12 @@ def _samples(preset: ModelPreset, seed: int, count: int, make) -> list:
     return [make(preset, seed * 1000 + index) for index in range(count)]
 
 
+def lidar_sample_inputs(preset: ModelPreset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxels ``(features [M, 5] float32, coords [M, 4] int32)`` of a synthetic 10-sweep scan."""
+    features, coords = voxelize(torch.from_numpy(synthetic_sweep(seed)), preset)
+    return features.float(), coords
+
+
 def vtransform_sample_inputs(preset: ModelPreset, seed: int) -> torch.Tensor:
     """Camera-BEV-like input ``[1, C, X, Y]``: non-negative, sparse like pooled features."""
     generator = torch.Generator().manual_seed(seed)
@@ -67,14 +74,15 @@ def vtransform_sample_inputs(preset: ModelPreset, seed: int) -> torch.Tensor:
     return values * (torch.rand(shape[2:], generator=generator) < 0.5)
 
 
-def calibrate_random_weights(model: BEVFusionModel, seed: int, count: int = 4) -> int:
-    """Measure BN statistics of every stage on realistic random inputs (see calibrate_batchnorm)."""
+def calibrate_random_weights(model: BEVFusionModel, seed: int, count: int = 2) -> int:
+    """Measure BN statistics of every stage on realistic random inputs (see calibrate_batchnorm);
+    the lidar encoder on synthetic lidar sweeps (``samples.synthetic_sweep``)."""
     preset = model.preset
     camera = model.encoders.camera
     stages = [
         (CameraBackboneExport(camera, preset), camera_sample_inputs),
         (VTransformExport(camera), lambda p, s: (vtransform_sample_inputs(p, s),)),
-        (model.encoders.lidar.backbone, lambda p, s: voxel_sample_inputs(p, s, num_voxels=4000)),
+        (model.encoders.lidar.backbone, lidar_sample_inputs),
         (FuserExport(model.fuser, model.decoder), fuser_sample_inputs),
         (HeadExport(model.heads.object), lambda p, s: (head_sample_inputs(p, s),)),
     ]
@@ -113,7 +121,7 @@ def export_model_set(preset: ModelPreset, precision: str, out_dir: Path,
     camera = model.encoders.camera
     export_camera_onnx(camera, preset, out_dir)
     export_fuser_head_onnx(model.fuser, model.decoder, model.heads.object, preset, out_dir)
-    scn_samples = _samples(preset, seed, 2, lambda p, s: voxel_sample_inputs(p, s, num_voxels=4000))
+    scn_samples = _samples(preset, seed + 1, 2, lidar_sample_inputs)
     write_scn_onnx(model.encoders.lidar.backbone, preset, out_dir / "lidar.backbone.xyz.onnx",
                    calibration_inputs=scn_samples)
     if precision == "int8":
