@@ -18,14 +18,18 @@ each interval with ``np.add.reduceat``; the chunk stays in cache and nothing of 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from bevfusion_ros.array_module import is_cupy
 from bevfusion_ros.camera.geometry import CameraGeometry
 
 CHUNK_POINTS = 8192      # sorted points per step: 8192 x C float32 (2.6 MB at C = 80)
 
 
-def _check_inputs(camera_feature: np.ndarray, depth_weights: np.ndarray, geometry: CameraGeometry) -> None:
+def check_inputs(camera_feature: Any, depth_weights: Any, geometry: CameraGeometry) -> None:
+    """Raise ``ValueError`` unless the shapes fit ``geometry.frustum_shape`` (NumPy or CuPy arrays)."""
     cameras, depth_bins, height, width = geometry.frustum_shape
     if depth_weights.shape != geometry.frustum_shape:
         raise ValueError(f"depth_weights must be [N, D, fH, fW] = {list(geometry.frustum_shape)}, "
@@ -48,14 +52,24 @@ def _chunk_bounds(starts: np.ndarray, covered: int) -> np.ndarray:
     return np.unique(np.append(np.searchsorted(starts, targets, side="right") - 1, len(starts)))
 
 
-def bev_pool(camera_feature: np.ndarray, depth_weights: np.ndarray, geometry: CameraGeometry) -> np.ndarray:
+def bev_pool(camera_feature: np.ndarray, depth_weights: np.ndarray, geometry: CameraGeometry,
+             out: Any = None) -> np.ndarray:
     """Camera BEV float32 ``[1, C, X, Y]`` (rows = x).
 
     camera_feature: ``[N, fH, fW, C]`` NHWC (any float dtype, used as float32);
     depth_weights:  ``[N, D, fH, fW]`` (any float dtype, used as float32);
     geometry:       from :func:`compute_geometry` for the same calibration and config.
+
+    With CuPy features or weights, or a geometry from :meth:`CameraGeometry.to_device`, it
+    pools on the GPU (see :mod:`bevfusion_ros.camera.bevpool_cuda`) and returns CuPy, written
+    into ``out`` when given (CuPy float32 or float16 ``[1, C, X, Y]``; CuPy only).
     """
-    _check_inputs(camera_feature, depth_weights, geometry)
+    if any(is_cupy(array) for array in (camera_feature, depth_weights, geometry.indices)):
+        from bevfusion_ros.camera.bevpool_cuda import bev_pool_cuda
+        return bev_pool_cuda(camera_feature, depth_weights, geometry, out)
+    if out is not None:
+        raise ValueError("out= is supported for CuPy inputs only")
+    check_inputs(camera_feature, depth_weights, geometry)
     channels = camera_feature.shape[3]
     features = np.ascontiguousarray(camera_feature.reshape(-1, channels).T, dtype=np.float32)   # [C, N*fH*fW]
     weights = np.asarray(depth_weights, dtype=np.float32).reshape(-1)

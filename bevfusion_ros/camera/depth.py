@@ -22,7 +22,11 @@ gather, with no ordering assumptions.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from bevfusion_ros.array_module import is_cupy
 
 DEPTH_MIN = np.float32(1e-5)
 DEPTH_MAX = np.float32(1e5)
@@ -46,21 +50,36 @@ def project_points(xyz: np.ndarray, lidar2image: np.ndarray, img_aug_matrix: np.
     return dist, _affine_row(img_aug_matrix, 0, u, v, dist), _affine_row(img_aug_matrix, 1, u, v, dist)
 
 
+def check_inputs(points: Any, lidar2image: Any, img_aug_matrix: Any) -> None:
+    """Raise ``ValueError`` unless points are ``[P, >=3]`` and both matrices ``[N, 4, 4]``."""
+    if np.ndim(points) != 2 or np.shape(points)[1] < 3:
+        raise ValueError(f"points must be [P, >=3] (x, y, z, ...), got shape {list(np.shape(points))}")
+    cameras = len(lidar2image)
+    if np.shape(lidar2image) != (cameras, 4, 4) or np.shape(img_aug_matrix) != (cameras, 4, 4):
+        raise ValueError(f"lidar2image and img_aug_matrix must both be [N, 4, 4], got "
+                         f"{list(np.shape(lidar2image))} and {list(np.shape(img_aug_matrix))}")
+
+
 def depth_map(points: np.ndarray, lidar2image: np.ndarray, img_aug_matrix: np.ndarray,
-              height: int, width: int) -> np.ndarray:
+              height: int, width: int, out: Any = None) -> np.ndarray:
     """Sparse depth images fp16 ``[N, 1, height, width]``.
 
     points:         ``[P, >=3]`` lidar points (x, y, z first; fp16 or float32, used as float32);
     lidar2image:    ``[N, 4, 4]`` per camera (rows 0-2 used, cast to float32);
     img_aug_matrix: ``[N, 4, 4]`` per camera (rows 0-1 used, cast to float32).
+
+    If any argument is a CuPy array the map is computed on the GPU (bit-identical) and
+    returned as CuPy, written into ``out`` when given (CuPy float16 ``[N, 1, height, width]``;
+    CuPy only).
     """
+    if any(is_cupy(array) for array in (points, lidar2image, img_aug_matrix)):
+        from bevfusion_ros.camera.depth_cuda import depth_map_cuda
+        return depth_map_cuda(points, lidar2image, img_aug_matrix, height, width, out)
+    if out is not None:
+        raise ValueError("out= is supported for CuPy inputs only")
     points = np.asarray(points)
-    if points.ndim != 2 or points.shape[1] < 3:
-        raise ValueError(f"points must be [P, >=3] (x, y, z, ...), got shape {list(points.shape)}")
+    check_inputs(points, lidar2image, img_aug_matrix)
     cameras = len(lidar2image)
-    if np.shape(lidar2image) != (cameras, 4, 4) or np.shape(img_aug_matrix) != (cameras, 4, 4):
-        raise ValueError(f"lidar2image and img_aug_matrix must both be [N, 4, 4], got "
-                         f"{list(np.shape(lidar2image))} and {list(np.shape(img_aug_matrix))}")
     xyz = points[:, :3].astype(np.float32)
     dist, column, row = project_points(xyz, lidar2image, img_aug_matrix)
     inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)

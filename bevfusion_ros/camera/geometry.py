@@ -35,7 +35,7 @@ Quirk choices (CUDA-BEVFusion vs mit-han-lab):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -66,6 +66,15 @@ class CameraGeometry:
     keep_count: int
     bev_size: tuple[int, int]
     frustum_shape: tuple[int, int, int, int]
+
+    def to_device(self) -> CameraGeometry:
+        """Copy whose ``indices`` and ``intervals`` are CuPy arrays on the current device.
+
+        Upload once per calibration and pass the copy to :func:`bev_pool` with CuPy features;
+        dtypes and layouts stay the same (arrays already on that device are not copied).
+        """
+        import cupy
+        return replace(self, indices=cupy.asarray(self.indices), intervals=cupy.asarray(self.intervals))
 
 
 def frustum(image: ImageConfig, geometry: CameraGeometryConfig) -> np.ndarray:

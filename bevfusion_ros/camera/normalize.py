@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from bevfusion_ros.array_module import is_cupy
 from bevfusion_ros.config import ImageConfig
 
 WEIGHT_BITS = 11
@@ -116,14 +117,18 @@ def normalize_tables(image: ImageConfig) -> NormalizeTables:
     )
 
 
-def _check_images(images: Sequence[np.ndarray], image: ImageConfig, num_cameras: int | None) -> None:
+def check_images(images: Sequence[Any], image: ImageConfig, num_cameras: int | None,
+                 array_type: type[Any] = np.ndarray) -> None:
+    """Raise ``ValueError`` naming the camera unless ``images`` are ``num_cameras`` uint8
+    ``array_type`` ``[H, W, 3]`` images of the configured input size."""
     if len(images) == 0 or (num_cameras is not None and len(images) != num_cameras):
         expected = "at least one" if num_cameras is None else str(num_cameras)
         raise ValueError(f"expected {expected} camera image(s), got {len(images)}")
     expected_shape = (image.input_height, image.input_width, 3)
+    library = array_type.__module__.split(".")[0]
     for index, rgb in enumerate(images):
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-            raise ValueError(f"camera {index}: expected a uint8 numpy image, got "
+        if not isinstance(rgb, array_type) or rgb.dtype != np.uint8:
+            raise ValueError(f"camera {index}: expected a uint8 {library} image, got "
                              f"{getattr(rgb, 'dtype', type(rgb).__name__)}")
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"camera {index}: expected an [H, W, 3] RGB image, got shape {list(rgb.shape)}")
@@ -148,13 +153,20 @@ def resize_crop(rgb: np.ndarray, tables: NormalizeTables) -> np.ndarray:
 
 
 def normalize_images(images: Sequence[np.ndarray], image: ImageConfig,
-                     num_cameras: int | None = None) -> np.ndarray:
+                     num_cameras: int | None = None, out: Any = None) -> np.ndarray:
     """uint8 RGB images ``[H, W, 3]`` (one per camera) -> float16 ``[N, 3, oh, ow]`` planar RGB.
 
     ``num_cameras``, when given, is the required number of images. Raises ``ValueError``
-    naming the camera for a wrong count, size, dtype or channel count.
+    naming the camera for a wrong count, size, dtype or channel count. CuPy images (a
+    ``[N, H, W, 3]`` array or a list) run on the GPU and give a CuPy result, written into
+    ``out`` when given (a CuPy float16 ``[N, 3, oh, ow]``; CuPy only).
     """
-    _check_images(images, image, num_cameras)
+    if is_cupy(images) or any(is_cupy(rgb) for rgb in images):
+        from bevfusion_ros.camera.normalize_cuda import normalize_images_cuda
+        return normalize_images_cuda(images, image, num_cameras, out)
+    if out is not None:
+        raise ValueError("out= is supported for CuPy images only")
+    check_images(images, image, num_cameras)
     tables = normalize_tables(image)
     output = np.empty((len(images), 3, image.output_height, image.output_width), dtype=np.float16)
     for index, rgb in enumerate(images):

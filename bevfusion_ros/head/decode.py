@@ -8,10 +8,11 @@ No NMS (spec 6.3).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from bevfusion_ros.array_module import is_cupy
 from bevfusion_ros.config import PipelineConfig
 
 BOX_COLUMNS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy", "label", "score")
@@ -21,18 +22,29 @@ HEAD_OUTPUT_CHANNELS: dict[str, int | None] = {
     "score": None, "rot": 2, "dim": 3, "reg": 2, "height": 1, "vel": 2}
 
 
-def _proposals(outputs: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
-    """Each head output ``[1, channels, K]`` -> ``[channels, K]``, at least float32."""
+def check_outputs(outputs: Mapping[str, Any], num_classes: int) -> np.dtype:
+    """Raise ``ValueError`` unless every head output is ``[1, channels, K]`` (NumPy or CuPy);
+    return the arithmetic dtype, the score's dtype promoted to at least float32."""
     missing = [name for name in HEAD_OUTPUT_CHANNELS if name not in outputs]
     if missing:
         raise ValueError(f"head outputs {missing} are missing; got {sorted(outputs)}")
-    score = np.asarray(outputs["score"])
-    if score.ndim != 3 or score.shape[:2] != (1, num_classes):
-        raise ValueError(f"head output 'score' has shape {list(score.shape)}, expected "
+    score_shape = tuple(np.shape(outputs["score"]))
+    if len(score_shape) != 3 or score_shape[:2] != (1, num_classes):
+        raise ValueError(f"head output 'score' has shape {list(score_shape)}, expected "
                          f"[1, {num_classes}, K] for {num_classes} classes")
-    dtype = np.result_type(score.dtype, np.float32)
-    return {name: np.asarray(outputs[name])[0].astype(dtype, copy=False)
-            for name in HEAD_OUTPUT_CHANNELS}
+    for name, channels in HEAD_OUTPUT_CHANNELS.items():
+        expected = (1, channels or num_classes, score_shape[2])
+        if tuple(np.shape(outputs[name])) != expected:
+            raise ValueError(f"head output {name!r} has shape {list(np.shape(outputs[name]))}, "
+                             f"expected {list(expected)}")
+    return np.result_type(outputs["score"].dtype, np.float32)
+
+
+def _proposals(outputs: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """Each head output ``[1, channels, K]`` -> ``[channels, K]``, at least float32."""
+    outputs = {name: np.asarray(outputs[name]) for name in outputs}
+    dtype = check_outputs(outputs, num_classes)
+    return {name: outputs[name][0].astype(dtype, copy=False) for name in HEAD_OUTPUT_CHANNELS}
 
 
 def decode_boxes(outputs: Mapping[str, np.ndarray], config: PipelineConfig) -> np.ndarray:
@@ -44,7 +56,12 @@ def decode_boxes(outputs: Mapping[str, np.ndarray], config: PipelineConfig) -> n
     inclusive ``head.post_center_range``. x = reg0 * out_size_factor * voxel_x + min_x (y
     alike), (w, l, h) = exp(dim), z = height - h/2, yaw = atan2(rot0, rot1). Ties in score keep
     proposal order (stable sort). Arithmetic runs in the outputs' precision (at least float32).
+    With CuPy outputs it decodes on the GPU (:mod:`bevfusion_ros.head.decode_cuda`) and
+    returns CuPy boxes.
     """
+    if any(is_cupy(value) for value in outputs.values()):
+        from bevfusion_ros.head.decode_cuda import decode_boxes_cuda
+        return decode_boxes_cuda(outputs, config)
     head, voxel = config.head, config.voxelization
     p = _proposals(outputs, len(head.class_names))
     label = np.argmax(p["score"], axis=0)

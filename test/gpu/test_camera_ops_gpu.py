@@ -1,0 +1,247 @@
+"""CuPy camera ops (normalize, depth, bevpool, geometry upload) against their NumPy versions.
+
+normalize and depth must match bit for bit. bevpool sums the same float32 terms in another
+order (sequential FMA vs NumPy's rounded products + pairwise reduceat), so it is compared
+per cell within ``POOL_RTOL * sum |F * W|``: the worst-case float32 error of an n-term sum
+is about n * 2**-24 * sum |terms| and the typical one sqrt(n) * 2**-24 * sum |terms|,
+i.e. ~1e-6 for the largest (887-point) cells of the nuScenes geometry.
+Timings (CUDA events, median of 50 after warm-up) are printed, never asserted.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bevfusion_ros.camera.bevpool import bev_pool
+from bevfusion_ros.camera.depth import depth_map, project_points
+from bevfusion_ros.camera.geometry import compute_geometry
+from bevfusion_ros.camera.normalize import normalize_images
+from bevfusion_ros.config import ImageConfig
+from bevfusion_ros.io.frame import load_example_data
+from bevfusion_ros.model.presets import NUSCENES_R50, TINY
+
+cupy = pytest.importorskip("cupy")
+
+R50 = NUSCENES_R50.pipeline
+POOL_RTOL = 1e-5
+# Small configs whose taps leave the image (clamping): downscale by 2 and upscale by 2.
+DOWNSCALE = ImageConfig(input_width=40, input_height=30, output_width=20, output_height=15, resize_scale=0.5)
+UPSCALE = ImageConfig(input_width=10, input_height=8, output_width=20, output_height=16, resize_scale=2.0)
+
+
+@pytest.fixture(scope="module")
+def frame(example_data_dir):
+    return load_example_data(example_data_dir)
+
+
+@pytest.fixture(scope="module")
+def r50_geometry(frame):
+    return compute_geometry(frame.calibration, R50)
+
+
+def median_ms(function, repeats: int = 50, warmup: int = 5) -> float:
+    """Median GPU time of ``function()`` in ms between CUDA events on the current stream."""
+    for _ in range(warmup):
+        function()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        function()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def report(capsys, message: str) -> None:
+    """Print ``message`` into the test log even when pytest captures output."""
+    with capsys.disabled():
+        print(f"\n[gpu timing] {message}")
+
+
+def assert_same_bits(gpu, expected: np.ndarray) -> None:
+    assert isinstance(gpu, cupy.ndarray) and gpu.dtype == expected.dtype and gpu.shape == expected.shape
+    assert np.array_equal(gpu.get().view(np.uint16), expected.view(np.uint16))
+
+
+# ---------------------------------------------------------------- normalize
+
+def random_images(image: ImageConfig, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, image.input_height, image.input_width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("image", [R50.image, TINY.pipeline.image, DOWNSCALE, UPSCALE],
+                         ids=["r50", "tiny", "downscale", "upscale"])
+@pytest.mark.parametrize("seed, count", [(0, 1), (1, 3)])
+def test_normalize_is_bit_identical_on_random_images(image, seed, count):
+    images = random_images(image, count, seed)
+    expected = normalize_images(list(images), image)
+    assert_same_bits(normalize_images(cupy.asarray(images), image), expected)
+    listed = [cupy.asarray(rgb) for rgb in images]
+    assert_same_bits(normalize_images(listed, image, num_cameras=count), expected)
+
+
+def test_normalize_is_bit_identical_on_the_example_images(frame, capsys):
+    expected = normalize_images(frame.images, R50.image, num_cameras=6)
+    images = cupy.asarray(np.stack(frame.images))
+    assert_same_bits(normalize_images(images, R50.image, num_cameras=6), expected)
+    out = cupy.empty(expected.shape, cupy.float16)
+    assert normalize_images(images, R50.image, out=out) is out
+    assert_same_bits(out, expected)
+    report(capsys, f"normalize 6 x 1600x900 -> 704x256 fp16: "
+                   f"{median_ms(lambda: normalize_images(images, R50.image, out=out)):.4f} ms")
+
+
+def test_normalize_rejects_wrong_images_and_buffers():
+    image = TINY.pipeline.image
+    images = cupy.asarray(random_images(image, 2, seed=2))
+    with pytest.raises(ValueError, match=r"expected 3 camera image\(s\), got 2"):
+        normalize_images(images, image, num_cameras=3)
+    with pytest.raises(ValueError, match="camera 1: expected a uint8 cupy image, got float32"):
+        normalize_images([images[0], images[1].astype(cupy.float32)], image)
+    with pytest.raises(ValueError, match="camera 0: expected size"):
+        normalize_images(images[:, 1:], image)
+    with pytest.raises(ValueError, match="out must be a C-contiguous CuPy float16 array"):
+        normalize_images(images, image, out=cupy.empty((2, 3, image.output_height, image.output_width)))
+    with pytest.raises(ValueError, match="out= is supported for CuPy images only"):
+        normalize_images(list(images.get()), image, out=cupy.empty((2, 3, 1, 1), cupy.float16))
+
+
+# ---------------------------------------------------------------- depth
+
+def hard_points(frame, seed: int) -> np.ndarray:
+    """Example points plus near-duplicates (collisions), random, NaN/inf and behind-camera points."""
+    rng = np.random.default_rng(seed)
+    sample = frame.points[rng.choice(len(frame.points), 20000, replace=False), :3]
+    nearby = sample[:5000] * rng.uniform(0.999, 1.001, (5000, 1)).astype(np.float32)
+    spread = rng.uniform([-60, -60, -5], [60, 60, 5], (20000, 3)).astype(np.float32)
+    odd = np.array([[np.nan, 1, 1], [np.inf, 0, 0], [0, 0, -np.inf], [0, 0, 0], [1e6, 1e6, 1e6]], np.float32)
+    points = np.concatenate([sample, nearby, spread, sample[:3000], odd])
+    return points[rng.permutation(len(points))]
+
+
+def test_depth_is_bit_identical_on_the_example_frame(frame, capsys):
+    calibration = frame.calibration
+    height, width = R50.image.output_height, R50.image.output_width
+    expected = depth_map(frame.points, calibration.lidar2image, calibration.img_aug_matrix, height, width)
+    points = cupy.asarray(frame.points)
+    lidar2image, augmentation = (cupy.asarray(m, dtype=cupy.float32)
+                                 for m in (calibration.lidar2image, calibration.img_aug_matrix))
+    assert_same_bits(depth_map(points, lidar2image, augmentation, height, width), expected)
+    assert_same_bits(depth_map(points.astype(cupy.float16), lidar2image, augmentation, height, width),
+                     depth_map(frame.points.astype(np.float16), calibration.lidar2image,
+                               calibration.img_aug_matrix, height, width))
+    out = cupy.empty(expected.shape, cupy.float16)
+    milliseconds = median_ms(lambda: depth_map(points, lidar2image, augmentation, height, width, out))
+    report(capsys, f"depth {len(points)} points x 6 cameras: {milliseconds:.4f} ms")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("size", [(256, 704), (128, 256), (3, 5)], ids=["r50", "tiny", "3x5"])
+def test_depth_is_bit_identical_with_collisions_and_odd_points(frame, seed, size):
+    height, width = size
+    calibration = frame.calibration
+    augmentation = calibration.img_aug_matrix.copy()
+    augmentation[:, :2] *= width / R50.image.output_width        # shrink the image plane to the size
+    points = hard_points(frame, seed)
+    with np.errstate(invalid="ignore"):                           # inf * 0 in the odd points
+        expected = depth_map(points, calibration.lidar2image, augmentation, height, width)
+        _, column, row = project_points(points, calibration.lidar2image, augmentation)
+    inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
+    assert inside.sum() > (expected > 0).sum() > 0                # collisions happen
+    gpu = depth_map(cupy.asarray(points), calibration.lidar2image, augmentation, height, width)
+    assert_same_bits(gpu, expected)                               # with the matrices still NumPy
+
+
+def test_depth_of_no_points_is_zero_and_buffers_are_checked(frame):
+    calibration = frame.calibration
+    matrices = (cupy.asarray(calibration.lidar2image), cupy.asarray(calibration.img_aug_matrix))
+    out = cupy.full((6, 1, 4, 5), 7, cupy.float16)
+    assert depth_map(cupy.zeros((0, 5), cupy.float32), *matrices, 4, 5, out=out) is out
+    assert not out.any()
+    with pytest.raises(ValueError, match="out must be a C-contiguous CuPy float16 array"):
+        depth_map(cupy.zeros((1, 3), cupy.float32), *matrices, 4, 5, out=cupy.empty((6, 4, 5), cupy.float16))
+    with pytest.raises(ValueError, match=r"points must be \[P, >=3\]"):
+        depth_map(cupy.zeros((4, 2), cupy.float32), *matrices, 4, 5)
+
+
+# ---------------------------------------------------------------- geometry upload and bevpool
+
+def pool_inputs(geometry, channels: int, seed: int, dtype, signed: bool = True):
+    """Random NHWC features and per-pixel softmax depth weights for ``geometry``."""
+    rng = np.random.default_rng(seed)
+    cameras, depth_bins, height, width = geometry.frustum_shape
+    features = rng.standard_normal((cameras, height, width, channels))
+    logits = rng.standard_normal((cameras, depth_bins, height, width)) * 3
+    weights = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return (features if signed else np.abs(features)).astype(dtype), weights.astype(dtype)
+
+
+def assert_pool_close(gpu, features, weights, geometry) -> None:
+    """GPU BEV equals NumPy's within POOL_RTOL * sum |F W| per cell; empty cells exactly 0."""
+    assert isinstance(gpu, cupy.ndarray) and gpu.dtype == np.float32
+    expected = bev_pool(features, weights, geometry)
+    magnitude = bev_pool(np.abs(features), np.abs(weights), geometry)
+    result = gpu.get()
+    assert result.shape == expected.shape
+    assert np.all(np.abs(result - expected) <= POOL_RTOL * magnitude)
+    occupied = np.zeros(geometry.bev_size[0] * geometry.bev_size[1], bool)
+    occupied[geometry.intervals[:, 2]] = True
+    assert not result.reshape(result.shape[1], -1)[:, ~occupied].any()
+
+
+def test_to_device_uploads_the_arrays_once(frame):
+    geometry = compute_geometry(frame.calibration, TINY.pipeline)
+    device = geometry.to_device()
+    assert isinstance(device.indices, cupy.ndarray) and isinstance(device.intervals, cupy.ndarray)
+    assert device.indices.dtype == np.int64 and device.intervals.dtype == np.int32
+    assert np.array_equal(device.indices.get(), geometry.indices)
+    assert np.array_equal(device.intervals.get(), geometry.intervals)
+    assert (device.keep_count, device.bev_size, device.frustum_shape) == \
+        (geometry.keep_count, geometry.bev_size, geometry.frustum_shape)
+    again = device.to_device()                                          # no second upload
+    assert again.indices.data.ptr == device.indices.data.ptr
+    assert again.intervals.data.ptr == device.intervals.data.ptr
+    assert isinstance(geometry.indices, np.ndarray)                     # the host copy is untouched
+
+
+@pytest.mark.parametrize("last_interval", ["exclusive", "cuda"])
+@pytest.mark.parametrize("channels", [1, 13, 20])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_bev_pool_matches_numpy_on_the_tiny_geometry(frame, last_interval, channels, dtype):
+    geometry = compute_geometry(frame.calibration, TINY.pipeline, last_interval=last_interval)
+    device = geometry.to_device()
+    for seed in range(2):
+        features, weights = pool_inputs(geometry, channels, seed, dtype)
+        assert_pool_close(bev_pool(cupy.asarray(features), cupy.asarray(weights), device),
+                          features, weights, geometry)
+    assert_pool_close(bev_pool(features, weights, device), features, weights, geometry)   # host inputs
+
+
+def test_bev_pool_matches_numpy_on_the_example_geometry(r50_geometry, capsys):
+    device = r50_geometry.to_device()
+    channels = R50.camera_geometry.camera_channels
+    features, weights = pool_inputs(r50_geometry, channels, seed=3, dtype=np.float16)
+    feature_gpu, weight_gpu = cupy.asarray(features), cupy.asarray(weights)
+    bev = bev_pool(feature_gpu, weight_gpu, device)
+    assert bev.shape == (1, 80, 360, 360)
+    assert_pool_close(bev, features, weights, r50_geometry)
+    half = cupy.empty(bev.shape, cupy.float16)
+    assert bev_pool(feature_gpu, weight_gpu, device, out=half) is half
+    assert_same_bits(half, bev.get().astype(np.float16))               # fp16 store rounds to nearest even
+    report(capsys, f"bevpool fp16 in -> float32 [1,80,360,360] ({len(r50_geometry.intervals)} intervals): "
+                   f"{median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device)):.4f} ms; fp16 out: "
+                   f"{median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device, out=half)):.4f} ms")
+
+
+def test_bev_pool_requires_the_geometry_on_the_device(frame):
+    geometry = compute_geometry(frame.calibration, TINY.pipeline)
+    features, weights = (cupy.asarray(a) for a in pool_inputs(geometry, 4, seed=0, dtype=np.float32))
+    with pytest.raises(ValueError, match="geometry.to_device"):
+        bev_pool(features, weights, geometry)
+    with pytest.raises(ValueError, match="out must be float32 or float16"):
+        bev_pool(features, weights, geometry.to_device(), out=cupy.empty((1, 4, 72, 72), cupy.float64))
+    with pytest.raises(ValueError, match="depth_weights must be"):
+        bev_pool(features, weights[:, 1:], geometry.to_device())
