@@ -39,6 +39,7 @@ setup(
             f"bevfusion-inspect = {PACKAGE}.tools.inspect_data:main",
             f"bevfusion-export = {PACKAGE}.model.export:main",
             f"bevfusion-infer = {PACKAGE}.tools.infer:main",
+            f"bevfusion-bench = {PACKAGE}.tools.bench:main",
         ],
     },
     zip_safe=True,

@@ -147,6 +147,7 @@ def _write_export_info(out_dir: Path, preset: ModelPreset, precision: str, check
         "precision": precision,
         "weights": f"checkpoint {checkpoint}" if checkpoint else f"seeded random (seed {seed}), untrained",
         "trained": checkpoint is not None,
+        "seed": seed,
         "files": {name: {"bytes": size,
                          "sha256": hashlib.sha256((out_dir / name).read_bytes()).hexdigest()}
                   for name, size in files.items()},

@@ -34,6 +34,11 @@ from bevfusion_ros.model.fuser import FuserExport
 from bevfusion_ros.model.head import HeadExport
 from bevfusion_ros.model.presets import ModelPreset
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A NumPy array as a tensor on the current default device (see BEVFusionReference.device)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.get_default_device())
+
+
 def normalize_images(images: Sequence[np.ndarray], preset: ModelPreset) -> torch.Tensor:
     """6 uint8 RGB ``[H, W, 3]`` -> fp16 ``[N, 3, oh, ow]``: fixed-point bilinear, crop, mean/std."""
     image = preset.pipeline.image
@@ -54,7 +59,7 @@ def normalize_images(images: Sequence[np.ndarray], preset: ModelPreset) -> torch
     std = torch.tensor(image.std, dtype=torch.float32).view(3, 1, 1)
     planes = []
     for rgb in images:
-        pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(torch.int64).permute(2, 0, 1)
+        pixels = _tensor(rgb).to(torch.int64).permute(2, 0, 1)
         top = (hx * pixels[:, y0][:, :, x0] + lx * pixels[:, y0][:, :, x1]) >> 4
         bottom = (hx * pixels[:, y1][:, :, x0] + lx * pixels[:, y1][:, :, x1]) >> 4
         blended = (((hy[:, None] * top) >> 16) + ((ly[:, None] * bottom) >> 16) + 2) >> 2
@@ -66,8 +71,8 @@ def depth_images(points: torch.Tensor, calibration: Calibration, preset: ModelPr
     """Sparse depth ``[N, 1, oh, ow]`` fp16: camera-frame z of each point at its network pixel."""
     height, width = preset.pipeline.image.output_height, preset.pipeline.image.output_width
     xyz = points[:, :3].to(torch.float32)
-    lidar2image = torch.from_numpy(calibration.lidar2image.astype(np.float32))
-    augmentation = torch.from_numpy(calibration.img_aug_matrix.astype(np.float32))
+    lidar2image = _tensor(calibration.lidar2image.astype(np.float32))
+    augmentation = _tensor(calibration.img_aug_matrix.astype(np.float32))
     index = torch.arange(xyz.shape[0])
     maps = []
     for camera in range(calibration.num_cameras):
@@ -106,9 +111,9 @@ def frustum_bev_cells(calibration: Calibration, preset: ModelPreset) -> tuple[to
     nx, ny, nz = geometry.bev_size
     point_ids, cells = [], []
     for camera in range(calibration.num_cameras):
-        augmentation = torch.from_numpy(calibration.img_aug_matrix[camera])
-        intrinsics = torch.from_numpy(calibration.camera_intrinsics[camera, :3, :3])
-        camera2lidar = torch.from_numpy(calibration.camera2lidar[camera])
+        augmentation = _tensor(calibration.img_aug_matrix[camera])
+        intrinsics = _tensor(calibration.camera_intrinsics[camera, :3, :3])
+        camera2lidar = _tensor(calibration.camera2lidar[camera])
         original = torch.linalg.solve(augmentation[:3, :3], (frustum - augmentation[:3, 3]).T).T
         lifted = torch.cat([original[:, :2] * original[:, 2:], original[:, 2:]], dim=1)
         in_camera = torch.linalg.solve(intrinsics, lifted.T).T
@@ -212,12 +217,15 @@ class BEVFusionReference(torch.nn.Module):
     """Plain float PyTorch forward of a :class:`BEVFusionModel` from raw sensor data."""
 
     def __init__(self, model: BEVFusionModel,
-                 lidar_backbone: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 lidar_backbone: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 device: str | torch.device = "cpu"):
         """``lidar_backbone(features [M, C], coords [M, 4]) -> [1, 2C, X, Y]`` replaces the
         model's sparse encoder, e.g. to run the BN-folded fp16 weights of an exported SCN file
-        (``scn_onnx.run_scn_graph``) so the reference uses exactly the deployed weights."""
+        (``scn_onnx.run_scn_graph``) so the reference uses exactly the deployed weights.
+        ``device``: where every stage runs (e.g. "cuda" for the eager float32 GPU baseline)."""
         super().__init__()
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.lidar_backbone = lidar_backbone or model.encoders.lidar.backbone
         self.preset = model.preset
         camera = model.encoders.camera
@@ -247,7 +255,9 @@ class BEVFusionReference(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: Sequence[np.ndarray], points: np.ndarray | torch.Tensor,
                 calibration: Calibration) -> torch.Tensor:
-        """Boxes ``[M, 11]`` (columns ``bevfusion_ros.head.decode.BOX_COLUMNS``) for one frame."""
-        points = torch.as_tensor(points)[:, : self.preset.pipeline.lidar.num_features]
-        middle = self.fuse(self.camera_bev(images, points, calibration), self.lidar_bev(points))
-        return decode_boxes(*self.head(middle), preset=self.preset)
+        """Boxes ``[M, 11]`` (columns ``bevfusion_ros.head.decode.BOX_COLUMNS``) for one frame,
+        on the reference's device."""
+        with self.device:
+            points = torch.as_tensor(points).to(self.device)[:, : self.preset.pipeline.lidar.num_features]
+            middle = self.fuse(self.camera_bev(images, points, calibration), self.lidar_bev(points))
+            return decode_boxes(*self.head(middle), preset=self.preset)

@@ -21,7 +21,7 @@ from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load
 from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.visualize import save_visualization
 
-STAGE_ORDER = ("camera_geometry", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
+STAGE_ORDER = ("camera_geometry", "upload", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
                "lidar_backbone", "fuser", "head", "decode")
 
 
