@@ -30,10 +30,12 @@ import yaml
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
-from bevfusion_ros.camera.normalize import normalize_images
+from bevfusion_ros.array_module import to_numpy
+from bevfusion_ros.camera.normalize import check_images, normalize_images
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
 from bevfusion_ros.engines import Engine, load_dense_engines
+from bevfusion_ros.engines.select import GPU_BACKENDS, resolve_backend
 from bevfusion_ros.head.decode import decode_boxes
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
@@ -84,16 +86,41 @@ def prepare_points(points: np.ndarray, config: PipelineConfig) -> PreparedPoints
 
 
 class StageTimer:
-    """Wall-clock milliseconds per named stage."""
+    """Milliseconds per named stage: wall clock on the CPU, CUDA events on the GPU.
 
-    def __init__(self) -> None:
-        self.milliseconds: dict[str, float] = {}
+    GPU work is asynchronous, so with ``cuda=True`` each stage records an event pair on the
+    current stream and :meth:`finish` synchronises once and reads the elapsed times.
+    """
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self._events: dict[str, tuple] = {}
+        self._milliseconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.milliseconds[name] = (time.perf_counter() - start) * 1e3
+        if self.cuda:
+            import cupy
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            yield
+            end.record()
+            self._events[name] = (start, end)
+        else:
+            begin = time.perf_counter()
+            yield
+            self._milliseconds[name] = (time.perf_counter() - begin) * 1e3
+
+    def finish(self) -> dict[str, float]:
+        """All stage times (waits for the GPU once when events are used)."""
+        if self._events:
+            import cupy
+            last_end = list(self._events.values())[-1][1]
+            last_end.synchronize()
+            self._milliseconds.update({name: cupy.cuda.get_elapsed_time(start, end)
+                                       for name, (start, end) in self._events.items()})
+            self._events.clear()
+        return dict(self._milliseconds)
 
 
 def _model_info(model_dir: Path) -> dict:
@@ -105,13 +132,17 @@ class BEVFusionPipeline:
     """The full chain over one model folder; not thread-safe (one worker owns it)."""
 
     def __init__(self, config: PipelineConfig, engines: dict[str, Engine],
-                 lidar_backbone: SparseEncoderRunner, model_info: dict | None = None):
+                 lidar_backbone: SparseEncoderRunner, model_info: dict | None = None,
+                 backend: str = "cpu"):
         self.config = config
         self.engines = engines
         self.lidar_backbone = lidar_backbone
         self.model_info = model_info or {}
+        self.backend = backend
+        self.device = "cuda" if backend in GPU_BACKENDS else "cpu"
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
+        self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
@@ -124,9 +155,17 @@ class BEVFusionPipeline:
         if missing:
             raise ModelDirError(f"model folder {model_dir} lacks: {', '.join(missing)}")
         config = config or load_config(model_dir / CONFIG_FILE)
+        backend = resolve_backend(backend)
         engines = load_dense_engines(model_dir, config, backend)
         lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx")
-        return cls(config, engines, lidar_backbone, _model_info(model_dir))
+        return cls(config, engines, lidar_backbone, _model_info(model_dir), backend)
+
+    def _to_device(self, array: np.ndarray):
+        """``array`` where the pipeline computes: itself on the CPU, a CuPy copy on the GPU."""
+        if self.device == "cpu":
+            return array
+        import cupy
+        return cupy.asarray(array)
 
     @property
     def trained(self) -> bool | None:
@@ -139,7 +178,10 @@ class BEVFusionPipeline:
         if calibration.num_cameras != self.config.num_cameras:
             raise InputError(f"calibration has {calibration.num_cameras} cameras, the model "
                              f"expects {self.config.num_cameras} ({list(self.config.camera_names)})")
-        self.geometry = compute_geometry(calibration, self.config)
+        geometry = compute_geometry(calibration, self.config)
+        self.geometry = geometry if self.device == "cpu" else geometry.to_device()
+        self._projection = (self._to_device(calibration.lidar2image.astype(np.float32)),
+                            self._to_device(calibration.img_aug_matrix.astype(np.float32)))
         self.calibration = calibration
 
     def _ensure_geometry(self, calibration: Calibration, timer: StageTimer) -> None:
@@ -150,35 +192,37 @@ class BEVFusionPipeline:
 
     def forward(self, frame: Frame) -> Detections:
         """Run the whole chain on ``frame``; raises :class:`InputError` on unusable input."""
-        timer = StageTimer()
+        timer = StageTimer(cuda=self.device == "cuda")
         self._ensure_geometry(frame.calibration, timer)
         prepared = prepare_points(frame.points, self.config)
-        camera_bev = self._camera_branch(frame, prepared.points, timer)
-        lidar_bev = self._lidar_branch(prepared.points, timer)
+        try:
+            check_images(frame.images, self.config.image, self.config.num_cameras)
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        with timer.stage("upload"):
+            images = self._to_device(np.stack(frame.images))
+            points = self._to_device(prepared.points)
+        camera_bev = self._camera_branch(images, points, timer)
+        lidar_bev = self._lidar_branch(points, timer)
         with timer.stage("fuser"):
             middle = self.engines["fuser.onnx"].run({"camera": camera_bev, "lidar": lidar_bev})["middle"]
         with timer.stage("head"):
             head_outputs = self.engines["head.bbox.onnx"].run({"middle": middle})
         with timer.stage("decode"):
-            boxes = decode_boxes(head_outputs, self.config)
+            boxes = to_numpy(decode_boxes(head_outputs, self.config))
         for warning in prepared.warnings:
             LOG.warning(warning)
         return Detections(boxes=boxes, class_names=self.config.head.class_names,
-                          stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.milliseconds,
+                          stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
                           cameras_used=self.config.camera_names, warnings=tuple(prepared.warnings))
 
-    def _camera_branch(self, frame: Frame, points: np.ndarray, timer: StageTimer) -> np.ndarray:
+    def _camera_branch(self, raw_images, points, timer: StageTimer):
+        """raw_images [N, H, W, 3] uint8, points [P, C] -> camera BEV [1, C, X/2, Y/2]."""
         image = self.config.image
-        calibration = frame.calibration
         with timer.stage("normalize"):
-            try:
-                images = normalize_images(frame.images, image, self.config.num_cameras)
-            except ValueError as error:
-                raise InputError(str(error)) from error
+            images = normalize_images(raw_images, image, self.config.num_cameras)
         with timer.stage("depth"):
-            depth = depth_map(points, calibration.lidar2image.astype(np.float32),
-                              calibration.img_aug_matrix.astype(np.float32),
-                              image.output_height, image.output_width)
+            depth = depth_map(points, *self._projection, image.output_height, image.output_width)
         with timer.stage("camera_backbone"):
             features = self.engines["camera.backbone.onnx"].run({"img": images[None], "depth": depth[None]})
         with timer.stage("bevpool"):
@@ -186,7 +230,8 @@ class BEVFusionPipeline:
         with timer.stage("vtransform"):
             return self.engines["camera.vtransform.onnx"].run({"feat_in": pooled})["feat_out"]
 
-    def _lidar_branch(self, points: np.ndarray, timer: StageTimer) -> np.ndarray:
+    def _lidar_branch(self, points, timer: StageTimer):
+        """points [P, C] -> lidar BEV [1, 2C, X, Y]."""
         with timer.stage("voxelize"):
             voxels = voxelize(points, self.config.voxelization)
         with timer.stage("lidar_backbone"):          # an empty frame gives a zero BEV

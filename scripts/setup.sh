@@ -9,7 +9,8 @@
 #    *.cmake files, to this venv's Python and numpy include dirs (only where still foreign);
 # 4. builds the interface packages under msg/ (vision_msgs, tf2_msgs, bevfusion_ros_msgs) with plain
 #    cmake + ninja straight into .venv, skipping a package whose sources did not change;
-# 5. installs this repository in editable mode with its dev and model extras.
+# 5. installs this repository in editable mode with its dev and model extras;
+# 6. installs the tensorrt-stubs used by the TensorRT backend's type check (build/typecheck-stubs).
 #
 # Nothing outside the repository is touched (no sudo, no ~/.bashrc); the only network used is PyPI.
 # Afterwards .venv/bin/python imports rclpy and all messages with no environment setup.
@@ -165,6 +166,24 @@ install_project() {
   log "done: bevfusion_ros installed"
 }
 
+# tensorrt-stubs for the strict mypy check of the TensorRT backend (requirements/typecheck.txt):
+# without their dependencies (the real TensorRT wheels cannot be fetched here), into their own
+# folder so that `import tensorrt` keeps failing in .venv, then repaired so mypy can parse them.
+install_typecheck_stubs() {
+  local key dest="$ROOT/build/typecheck-stubs"
+  key="$(hash_files requirements/typecheck.txt scripts/repair_tensorrt_stubs.py)"
+  if stamp_matches "$STAMPS/typecheck-stubs" "$key" && [ -f "$dest/tensorrt/__init__.pyi" ]; then
+    log "skip: tensorrt-stubs already in build/typecheck-stubs"
+    return
+  fi
+  log "installing tensorrt-stubs (no deps) into build/typecheck-stubs"
+  rm -rf "$dest"
+  "$VPY" -m pip install --quiet --no-deps --target "$dest" -r requirements/typecheck.txt
+  "$VPY" scripts/repair_tensorrt_stubs.py "$dest"
+  printf '%s' "$key" > "$STAMPS/typecheck-stubs"
+  log "done: tensorrt-stubs installed and repaired"
+}
+
 main() {
   local start=$SECONDS pkg
   mkdir -p "$BUILD"
@@ -180,6 +199,7 @@ main() {
     build_msg_package "$pkg"
   done
   install_project
+  install_typecheck_stubs
   "$VPY" -c 'import rclpy, vision_msgs.msg, tf2_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg' \
     || { log "error: the venv cannot import rclpy and the messages"; exit 1; }
   log "ready in $((SECONDS - start)) s: use .venv/bin/python (rclpy and all messages import directly)"

@@ -120,5 +120,5 @@ def test_missing_corrupt_files_and_unknown_backend(model_dirs, tmp_path):
         OnnxRuntimeEngine(missing)
     with pytest.raises(EngineError, match=f"model file not found: {tmp_path / 'camera.backbone.onnx'}"):
         load_dense_engines(tmp_path, TINY.pipeline)
-    with pytest.raises(EngineError, match=r"unknown engine backend 'tpu'; known: \['cpu'\]"):
+    with pytest.raises(EngineError, match=r"unknown engine backend 'tpu'; known: \['auto', 'tensorrt', 'gpu', 'cpu'\]"):
         load_dense_engines(model_dirs["fp16"], TINY.pipeline, backend="tpu")

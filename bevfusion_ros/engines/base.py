@@ -143,6 +143,17 @@ def check_interface(engine: Engine, expected_inputs: Mapping[str, Shape],
         raise EngineInterfaceError(problems)
 
 
+def check_dense_engines(engines: Mapping[str, Engine], config: PipelineConfig) -> None:
+    """Raise :class:`EngineInterfaceError` unless the four dense engines fit ``config`` and the
+    fuser's output ``middle`` has exactly the shape of the head's input."""
+    for name, (inputs, outputs) in expected_interfaces(config).items():
+        check_interface(engines[name], inputs, outputs)
+    middle_out, middle_in = engines[FUSER].outputs["middle"].shape, engines[HEAD].inputs["middle"].shape
+    if middle_out != middle_in:
+        raise EngineInterfaceError([f"{FUSER} output 'middle' {format_shape(middle_out)} does not "
+                                    f"match {HEAD} input 'middle' {format_shape(middle_in)}"])
+
+
 def expected_interfaces(config: PipelineConfig, lidar_bev_channels: int | None = None
                         ) -> dict[str, tuple[Interface, Interface]]:
     """File name -> (inputs, outputs) of the four dense networks for ``config`` (spec 2.2-2.5).

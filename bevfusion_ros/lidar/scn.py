@@ -1,48 +1,64 @@
-"""Runs a parsed CUDA-BEVFusion SCN graph (``lidar.backbone.xyz.onnx``, spec 5.3/5.4) in NumPy.
+"""Runs a parsed CUDA-BEVFusion SCN graph (``lidar.backbone.xyz.onnx``, spec 5.3/5.4), NumPy or CuPy.
 
-This is the CPU stand-in for libspconv: voxel features [M, C] + coords (0, x, y, z) on the
+This is the stand-in for libspconv: voxel features [M, C] + coords (0, x, y, z) on the
 sparse grid (e.g. 1440 x 1440 x 41) -> dense BEV [1, C_out * Z_out, X_out, Y_out], channel
 c * Z_out + z (e.g. [1, 256, 180, 180]). Ops: ``SparseConvolution`` (subm and strided, fused
 ``ReLU`` activation, rulebooks shared by the ``rulebook`` key like spconv's ``indice_key``),
 ``Add``, ``Relu``, ``ScatterDense`` (format "xyz"), ``Transpose`` and ``Reshape``.
 
-Precision: float32 throughout, fp16 weights widened once at construction. libspconv runs the
-same graph in fp16 or int8 (the per-layer precision and dynamic-range attributes are ignored
-here), so its outputs differ from these by fp16/int8 rounding. Same semantics as the PyTorch
-reference :func:`bevfusion_ros.model.scn_onnx.run_scn_graph`.
+Where it runs: NumPy inputs run on the CPU; CuPy inputs stay on the GPU from the voxels to the
+BEV (weights uploaded once, on the first CuPy call, to the then current device; rulebooks and
+activations come from CuPy's memory pool, so after the first frame no frame allocates device
+memory from the driver). Same semantics as the PyTorch reference
+:func:`bevfusion_ros.model.scn_onnx.run_scn_graph`.
+
+Precision: ``compute_dtype`` float32 (default, both paths): fp16 weights widened, float32
+arithmetic; the GPU result differs from the NumPy one only by summation order (cuBLAS GEMM vs
+tap by tap). ``compute_dtype`` float16 (GPU only): weights and activations stored in fp16,
+GEMMs on tensor cores with float32 accumulation, every layer's output rounded to fp16 like
+libspconv's fp16 mode (error vs float32 about 1e-3 of the output's magnitude, see the GPU tests).
+The per-layer precision and dynamic-range attributes (int8) are ignored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from types import ModuleType
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from bevfusion_ros.array_module import get_array_module, to_numpy
 from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, ScnLayer, ScnNode, read_scn_onnx
 from bevfusion_ros.lidar.sparse_conv import (ConvGeometry, Rulebook, Triple, build_rulebook,
                                              linear_keys, scatter_dense, sparse_conv)
 
+Array = Any                      # numpy.ndarray or cupy.ndarray
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
 
 @dataclass(frozen=True, eq=False)
 class SparseTensor:
-    """Active sites of one frame: features float32 [N, C] at coords int32 [N, 3] (x, y, z) on
-    ``spatial_shape`` (X, Y, Z)."""
+    """Active sites of one frame: features float [N, C] at coords int32 [N, 3] (x, y, z) on
+    ``spatial_shape`` (X, Y, Z); NumPy or CuPy arrays."""
 
-    features: np.ndarray
-    coords: np.ndarray
+    features: Array
+    coords: Array
     spatial_shape: Triple
 
-    def with_features(self, features: np.ndarray) -> "SparseTensor":
+    def with_features(self, features: Array) -> "SparseTensor":
         return SparseTensor(features, self.coords, self.spatial_shape)
 
 
-def sparse_input(features: np.ndarray, coords: np.ndarray, spatial_shape: Triple) -> SparseTensor:
+def sparse_input(features: Array, coords: Array, spatial_shape: Triple,
+                 dtype: DTypeLike = np.float32) -> SparseTensor:
     """Validate voxelizer output (features [M, C], coords int [M, 4] = (0, x, y, z), unique sites
-    inside ``spatial_shape``; ValueError on any violation) -> float32 sites in ascending key order.
+    inside ``spatial_shape``; ValueError on any violation) -> ``dtype`` sites in ascending key order.
 
     The key order (row-major x, y, z) gives the gathers and binary searches memory locality; the
-    dense output does not depend on the site order.
+    dense output does not depend on the site order. On the GPU the checks cost one device-to-host
+    copy of three counts.
     """
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 4 or \
             features.shape[0] != coords.shape[0]:
@@ -50,31 +66,37 @@ def sparse_input(features: np.ndarray, coords: np.ndarray, spatial_shape: Triple
                          f"got {features.shape} and {coords.shape}")
     if not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"coords must be integers, got {coords.dtype}")
-    if np.any(coords[:, 0] != 0):
-        raise ValueError("coords[:, 0] is the batch index and must be 0 (one frame per call)")
+    xp = get_array_module(features, coords)
     xyz = coords[:, 1:]
-    outside = np.any((xyz < 0) | (xyz >= np.asarray(spatial_shape)), axis=1)
-    if outside.any():
-        raise ValueError(f"{int(outside.sum())} voxel coordinate(s) outside the sparse grid "
-                         f"{tuple(spatial_shape)}, e.g. (x, y, z) = {tuple(xyz[outside][0].tolist())}")
+    outside = xp.any((xyz < 0) | (xyz >= xp.asarray(spatial_shape)), axis=1)
     keys = linear_keys(xyz, spatial_shape)
-    order = np.argsort(keys, kind="stable")
-    duplicates = np.count_nonzero(np.diff(keys[order]) == 0)
+    order = keys.argsort()
+    sorted_keys = keys[order]
+    other_batch, outside_count, duplicates = (int(count) for count in to_numpy(xp.stack((
+        xp.count_nonzero(coords[:, 0] != 0), xp.count_nonzero(outside),
+        xp.count_nonzero(sorted_keys[1:] == sorted_keys[:-1])))))
+    if other_batch:
+        raise ValueError("coords[:, 0] is the batch index and must be 0 (one frame per call)")
+    if outside_count:
+        example = tuple(to_numpy(xyz[outside][0]).tolist())
+        raise ValueError(f"{outside_count} voxel coordinate(s) outside the sparse grid "
+                         f"{tuple(spatial_shape)}, e.g. (x, y, z) = {example}")
     if duplicates:
         raise ValueError(f"voxel coordinates are not unique: {duplicates} duplicate site(s)")
-    return SparseTensor(features[order].astype(np.float32), xyz[order].astype(np.int32),
+    return SparseTensor(features[order].astype(dtype), xyz[order].astype(np.int32),
                         tuple(spatial_shape))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)
 class _Conv:
-    """A ``SparseConvolution`` node ready to run: float32 weight [kx, ky, kz, I, O] and bias [O]."""
+    """A ``SparseConvolution`` node ready to run: weight [kx, ky, kz, I, O] and bias [O] (NumPy
+    float32 from :meth:`from_node`; :meth:`to` makes the device copy)."""
 
     name: str
     layer: ScnLayer
     geometry: ConvGeometry
-    weight: np.ndarray
-    bias: np.ndarray
+    weight: Array
+    bias: Array
 
     @classmethod
     def from_node(cls, node: ScnNode) -> "_Conv":
@@ -84,6 +106,11 @@ class _Conv:
         geometry = ConvGeometry(layer.kernel_size, layer.stride, layer.padding, layer.subm)
         return cls(node.name, layer, geometry, layer.weight.astype(np.float32),
                    layer.bias.astype(np.float32))
+
+    def to(self, xp: ModuleType, dtype: np.dtype) -> "_Conv":
+        """This conv with its weight and bias as ``dtype`` arrays of module ``xp`` (e.g. uploaded)."""
+        return replace(self, weight=xp.asarray(self.weight, dtype=dtype),
+                       bias=xp.asarray(self.bias, dtype=dtype))
 
     def rulebook(self, x: SparseTensor, rulebooks: dict[str, Rulebook]) -> Rulebook:
         """The rulebook under this layer's key, built from ``x`` on first use (spconv indice_key)."""
@@ -107,21 +134,23 @@ class _Conv:
         rulebook = self.rulebook(x, rulebooks)
         out = sparse_conv(x.features, self.weight, rulebook, self.bias)
         if self.layer.activation == "ReLU":
-            np.maximum(out, 0.0, out=out)
+            get_array_module(out).maximum(out, 0, out=out)
         return SparseTensor(out, rulebook.out_coords, rulebook.output_shape)
 
 
 def _add(node: ScnNode, a: SparseTensor, b: SparseTensor) -> SparseTensor:
-    if a.coords is not b.coords and not np.array_equal(a.coords, b.coords):
+    """Sum of two tensors on the same sites (the same coords object in a well-formed graph, so the
+    element-wise comparison, a GPU synchronisation, is only the fallback)."""
+    if a.coords is not b.coords and not get_array_module(a.coords).array_equal(a.coords, b.coords):
         raise ValueError(f"{node.name}: Add inputs have different sites")
     return a.with_features(a.features + b.features)
 
 
 def _relu(node: ScnNode, x: SparseTensor) -> SparseTensor:
-    return x.with_features(np.maximum(x.features, 0.0))
+    return x.with_features(get_array_module(x.features).maximum(x.features, x.features.dtype.type(0)))
 
 
-def _scatter_dense(node: ScnNode, x: SparseTensor) -> np.ndarray:
+def _scatter_dense(node: ScnNode, x: SparseTensor) -> Array:
     grid, layout, shape = (node.attributes[k] for k in ("input_spatial_shape", "format", "output_shape"))
     if layout != "xyz" or tuple(x.spatial_shape) != tuple(grid):
         raise ValueError(f"{node.name}: expected format 'xyz' on grid {x.spatial_shape}, "
@@ -136,8 +165,8 @@ _TENSOR_OPS = {
     "Add": _add,
     "Relu": _relu,
     "ScatterDense": _scatter_dense,
-    "Transpose": lambda node, x: np.transpose(x, node.attributes["dims"]),
-    "Reshape": lambda node, x: np.reshape(x, node.attributes["dims"]),
+    "Transpose": lambda node, x: get_array_module(x).transpose(x, node.attributes["dims"]),
+    "Reshape": lambda node, x: get_array_module(x).reshape(x, node.attributes["dims"]),
 }
 
 
@@ -161,26 +190,40 @@ def _check_graph(nodes: Sequence[ScnNode]) -> None:
         produced.add(node.outputs[0])
 
 
+def _float_dtype(dtype: DTypeLike, name: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float16, got {dtype}")
+    return dtype
+
+
 class SparseEncoderRunner:
     """Executes SCN graph nodes (graph order, as :func:`read_scn_onnx` returns them) on one frame.
 
     Stateless between calls: rulebooks live for one :meth:`run`. The first node must be a
     ``SparseConvolution`` reading the graph input; the last node's output is the result.
+    ``compute_dtype``: float32, or float16 for CuPy inputs (see the module docstring);
+    ``output_dtype``: dtype of the returned array (float32 or float16; the dense engines take both).
     """
 
-    def __init__(self, nodes: Sequence[ScnNode]):
+    def __init__(self, nodes: Sequence[ScnNode], compute_dtype: DTypeLike = np.float32,
+                 output_dtype: DTypeLike = np.float32):
         _check_graph(nodes)
         self.nodes = tuple(nodes)
+        self.compute_dtype = _float_dtype(compute_dtype, "compute_dtype")
+        self.output_dtype = _float_dtype(output_dtype, "output_dtype")
         self._convs = tuple(_Conv.from_node(node) if node.op_type == SPARSE_CONVOLUTION else None
                             for node in nodes)
+        self._device_convs: Optional[tuple[Optional[_Conv], ...]] = None
         first = self._convs[0]
         assert first is not None        # _check_graph: the graph starts with a conv
         self._input_layer = first.layer
 
     @classmethod
-    def from_onnx(cls, path: Union[str, Path]) -> "SparseEncoderRunner":
+    def from_onnx(cls, path: Union[str, Path], compute_dtype: DTypeLike = np.float32,
+                  output_dtype: DTypeLike = np.float32) -> "SparseEncoderRunner":
         """Runner for ``lidar.backbone.xyz.onnx`` at ``path``."""
-        return cls(read_scn_onnx(path))
+        return cls(read_scn_onnx(path), compute_dtype, output_dtype)
 
     @property
     def input_channels(self) -> int:
@@ -190,9 +233,23 @@ class SparseEncoderRunner:
     def input_spatial_shape(self) -> Triple:
         return self._input_layer.input_spatial_shape
 
-    def run(self, features: np.ndarray, coords: np.ndarray, sparse_shape: Triple) -> np.ndarray:
+    def _convs_for(self, xp: ModuleType) -> tuple[Optional[_Conv], ...]:
+        """The convs with weights where ``xp`` computes: NumPy float32, or uploaded once to the GPU."""
+        if xp is np:
+            if self.compute_dtype != np.float32:
+                raise ValueError(f"compute_dtype {self.compute_dtype} needs CuPy inputs; "
+                                 f"the NumPy path computes in float32")
+            return self._convs
+        if self._device_convs is None:
+            self._device_convs = tuple(None if conv is None else conv.to(xp, self.compute_dtype)
+                                       for conv in self._convs)
+        return self._device_convs
+
+    def run(self, features: Array, coords: Array, sparse_shape: Triple) -> Array:
         """Voxel features fp16/float32 [M, C_in], coords int32 [M, 4] (0, x, y, z) on ``sparse_shape``
-        (X, Y, Z) -> float32 output of the last node, e.g. BEV [1, C_out * Z_out, X_out, Y_out].
+        (X, Y, Z) -> ``output_dtype`` C-contiguous output of the last node, e.g. BEV
+        [1, C_out * Z_out, X_out, Y_out]. CuPy inputs (either one) -> CuPy output, on the GPU
+        throughout; NumPy inputs -> NumPy output.
 
         Raises ValueError for malformed, out-of-grid or duplicate coordinates, or inputs that do not
         fit the graph's first layer.
@@ -201,14 +258,17 @@ class SparseEncoderRunner:
             raise ValueError(f"graph expects {self.input_channels} channels on grid "
                              f"{self.input_spatial_shape}, got features {features.shape} on "
                              f"{tuple(sparse_shape)}")
-        tensors: dict[str, Union[SparseTensor, np.ndarray]] = {
-            self.nodes[0].inputs[0]: sparse_input(features, coords, sparse_shape)}
+        xp = get_array_module(features, coords)
+        convs = self._convs_for(xp)
+        tensors: dict[str, Union[SparseTensor, Array]] = {self.nodes[0].inputs[0]: sparse_input(
+            xp.asarray(features), xp.asarray(coords), sparse_shape, self.compute_dtype)}
         rulebooks: dict[str, Rulebook] = {}
-        for node, conv in zip(self.nodes, self._convs):
+        for node, conv in zip(self.nodes, convs):
             inputs = [tensors[name] for name in _data_inputs(node)]
             if conv is not None:
                 tensors[node.outputs[0]] = conv(inputs[0], rulebooks)  # type: ignore[arg-type]
             else:
                 tensors[node.outputs[0]] = _TENSOR_OPS[node.op_type](node, *inputs)  # type: ignore[operator]
         result = tensors[self.nodes[-1].outputs[0]]
-        return np.ascontiguousarray(result.features if isinstance(result, SparseTensor) else result)
+        return xp.ascontiguousarray(result.features if isinstance(result, SparseTensor) else result,
+                                    dtype=self.output_dtype)

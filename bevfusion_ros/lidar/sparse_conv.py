@@ -1,29 +1,40 @@
-"""Sparse 3D convolution primitives in NumPy (no torch): rulebooks and gather-GEMM-scatter.
+"""Sparse 3D convolution primitives, NumPy or CuPy (no torch): rulebooks and gather-GEMM-scatter.
 
 Same semantics as spconv / libspconv and :mod:`bevfusion_ros.model.sparse_encoder` (the PyTorch
 reference): a convolution is cross-correlation, output site o reads input site
 i = o * stride - padding + tap through kernel tap (kx, ky, kz) of weight [kx, ky, kz, I, O];
 a submanifold (subm) convolution keeps the input sites as output sites; a regular (strided)
-convolution outputs every site of the grid floor((n + 2p - k) / s) + 1 that some input reaches.
+convolution outputs every site of the grid floor((n + 2p - k) / s) + 1 that some input reaches,
+in ascending key order.
 
 Sites are integer coordinates (x, y, z) on a spatial shape (X, Y, Z); a site's linear key is
-(x * Y + y) * Z + z (int64). Neighbours are found by binary search (``np.searchsorted``) in the
-sorted key table, never through a dense grid.
+(x * Y + y) * Z + z (int64). Neighbours are found by binary search in the sorted key table, never
+through a dense grid. A :class:`Rulebook` stores them as a neighbour map: per tap and output
+row the input row, or ``num_inputs`` where that input site is inactive. Within one tap the pairs
+are one-to-one (a tap shifts every site by the same offset).
 
-Within one kernel tap the index pairs are one-to-one (a tap shifts every site by the same
-offset), so ``out[out_rows] += features[in_rows] @ W[tap]`` has no repeated rows and needs no
-``np.add.at``. The arithmetic is float32 with the fp16 weights widened (libspconv runs fp16 or
-int8 on the GPU; this CPU path is the float32 reference of those).
+Where it runs: every public function runs where its arrays live. NumPy: vectorised over the
+taps; the conv multiplies tap by tap over the real pairs only (``out[out_rows] += features[in_rows]
+@ W[tap]``, no repeated rows within a tap). CuPy: :mod:`bevfusion_ros.lidar._cuda` kernels build
+the rulebook (one launch per step), and a conv is an im2col gather [N_out, K * I] (zeros where a
+neighbour is missing) plus one cuBLAS GEMM with the weight as [K * I, O]: dense over the K taps,
+about twice the FLOPs of the real pairs on lidar data, but three launches per conv instead of 3 K.
+Arithmetic is in the dtype of the features: float32 (fp16 weights widened) is the reference;
+float16 storage with float32 accumulation is the GPU fast path.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from functools import cached_property
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from bevfusion_ros.array_module import get_array_module, is_cupy
+
 Triple = tuple[int, int, int]
+Array = Any                      # numpy.ndarray or cupy.ndarray
 
 
 @dataclass(frozen=True)
@@ -55,17 +66,18 @@ class ConvGeometry:
         return shape  # type: ignore[return-value]
 
 
-def linear_keys(coords: np.ndarray, spatial_shape: Triple) -> np.ndarray:
+def linear_keys(coords: Array, spatial_shape: Triple) -> Array:
     """(x, y, z) int [N, 3] -> row-major key (x * Y + y) * Z + z, int64 [N]."""
     coords = coords.astype(np.int64, copy=False)
     _, size_y, size_z = spatial_shape
     return (coords[:, 0] * size_y + coords[:, 1]) * size_z + coords[:, 2]
 
 
-def coords_from_keys(keys: np.ndarray, spatial_shape: Triple) -> np.ndarray:
+def coords_from_keys(keys: Array, spatial_shape: Triple) -> Array:
     """Inverse of :func:`linear_keys`: int64 [N] -> (x, y, z) int32 [N, 3]."""
+    xp = get_array_module(keys)
     _, size_y, size_z = spatial_shape
-    return np.stack((keys // (size_y * size_z), (keys // size_z) % size_y, keys % size_z),
+    return xp.stack((keys // (size_y * size_z), (keys // size_z) % size_y, keys % size_z),
                     axis=1).astype(np.int32)
 
 
@@ -78,19 +90,19 @@ def kernel_taps(kernel_size: Triple) -> np.ndarray:
 class Rulebook:
     """Index pairs of one sparse convolution (spconv "indice pairs", libspconv "rulebook").
 
-    ``in_rows[t]`` / ``out_rows[t]`` (int64 [P_t]) pair input with output rows for kernel tap t
-    (C order of weight[kx, ky, kz]); one-to-one within a tap. ``out_coords`` int32 [N_out, 3]
-    (x, y, z) on ``output_shape``: the input sites for subm, else the reached sites in ascending
-    key order. Built for ``num_inputs`` sites on ``input_shape`` with ``geometry``.
+    ``neighbors`` int32 [K, N_out] (K taps in the C order of weight[kx, ky, kz]): the input row
+    that output row o reads through tap t, or ``num_inputs`` where none. ``out_coords`` int32
+    [N_out, 3] (x, y, z) on ``output_shape``: the input sites for subm, else the reached sites in
+    ascending key order. Built for ``num_inputs`` sites on ``input_shape`` with ``geometry``; the
+    arrays are NumPy or CuPy, like the coordinates it was built from.
     """
 
     geometry: ConvGeometry
     input_shape: Triple
     output_shape: Triple
     num_inputs: int
-    out_coords: np.ndarray
-    in_rows: tuple[np.ndarray, ...]
-    out_rows: tuple[np.ndarray, ...]
+    out_coords: Array
+    neighbors: Array
 
     @property
     def num_outputs(self) -> int:
@@ -98,107 +110,149 @@ class Rulebook:
 
     @property
     def num_pairs(self) -> int:
-        return sum(int(rows.size) for rows in self.in_rows)
+        xp = get_array_module(self.neighbors)
+        return int(xp.count_nonzero(self.neighbors < self.num_inputs))
 
+    @cached_property
+    def out_rows(self) -> tuple[Array, ...]:
+        """Per tap: the output rows that have an input, int64 [P_t] ascending."""
+        xp = get_array_module(self.neighbors)
+        return tuple(xp.flatnonzero(rows < self.num_inputs) for rows in self.neighbors)
 
-def _axis_reach(coords: np.ndarray, geometry: ConvGeometry, output_shape: Triple
-                ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Per axis a and tap k_a: (valid bool [N], output coordinate int64 [N]) of every input site.
-
-    Input i reaches output o = (i + p - k) / s through tap k when the division is exact and
-    0 <= o < output size. Computed per axis (3 + 3 + 3 arrays for a 3x3x3 kernel, not 27 x 3).
-    """
-    reach = []
-    for axis in range(3):
-        stride, padding = geometry.stride[axis], geometry.padding[axis]
-        column = coords[:, axis].astype(np.int64)
-        per_tap = []
-        for tap in range(geometry.kernel_size[axis]):
-            shifted = column + (padding - tap)
-            out = shifted // stride
-            valid = (shifted >= 0) & (out < output_shape[axis])
-            if stride > 1:
-                valid &= shifted % stride == 0
-            per_tap.append((valid, out))
-        reach.append(per_tap)
-    return reach
-
-
-def _reached(coords: np.ndarray, geometry: ConvGeometry, output_shape: Triple
-             ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per tap: (input rows int64 [P], output keys int64 [P] on ``output_shape``)."""
-    reach_x, reach_y, reach_z = _axis_reach(coords, geometry, output_shape)
-    _, size_y, size_z = output_shape
-    pairs = []
-    for kx, ky, kz in kernel_taps(geometry.kernel_size):
-        (valid_x, out_x), (valid_y, out_y), (valid_z, out_z) = reach_x[kx], reach_y[ky], reach_z[kz]
-        rows = np.flatnonzero(valid_x & valid_y & valid_z)
-        pairs.append((rows, (out_x[rows] * size_y + out_y[rows]) * size_z + out_z[rows]))
-    return pairs
+    @cached_property
+    def in_rows(self) -> tuple[Array, ...]:
+        """Per tap: the input row of each of :attr:`out_rows`, int32 [P_t] (one-to-one)."""
+        return tuple(rows[out] for rows, out in zip(self.neighbors, self.out_rows))
 
 
 class SiteTable:
-    """Sorted linear keys of N unique sites for key -> row lookups (binary search)."""
+    """Sorted linear keys int64 [N] of N unique sites for key -> row lookups (binary search)."""
 
-    def __init__(self, keys: np.ndarray):
-        self.rows = np.argsort(keys, kind="stable")
+    def __init__(self, keys: Array):
+        self.rows = keys.argsort()               # unique keys: every sort gives the same order
         self.sorted_keys = keys[self.rows]
 
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found bool [Q], row int64 [Q], meaningful where found) of query keys int64 [Q]."""
-        if self.sorted_keys.size == 0:
-            return np.zeros(keys.shape, dtype=bool), np.zeros(keys.shape, dtype=np.int64)
-        position = np.minimum(np.searchsorted(self.sorted_keys, keys), self.sorted_keys.size - 1)
+    @property
+    def size(self) -> int:
+        return int(self.sorted_keys.shape[0])
+
+    def find(self, keys: Array) -> tuple[Array, Array]:
+        """(found bool, row int64 meaningful where found) of query keys int64 (any shape)."""
+        xp = get_array_module(keys)
+        if self.size == 0:
+            return xp.zeros(keys.shape, dtype=bool), xp.zeros(keys.shape, dtype=np.int64)
+        position = xp.minimum(xp.searchsorted(self.sorted_keys, keys), self.size - 1)
         return self.sorted_keys[position] == keys, self.rows[position]
 
 
-def build_rulebook(coords: np.ndarray, spatial_shape: Triple, geometry: ConvGeometry) -> Rulebook:
-    """Rulebook of a conv over the unique sites ``coords`` int [N, 3] (x, y, z) on ``spatial_shape``."""
+def _combine_axes(per_axis: Sequence[tuple[np.ndarray, np.ndarray]], shape: Triple
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per axis (valid bool [N, k_a], coordinate int64 [N, k_a]) -> (valid bool [N, K], key int64
+    [N, K]) over all K = kx * ky * kz taps (C order of weight[kx, ky, kz]), key on ``shape``."""
+    n, taps = per_axis[0][0].shape[0], math.prod(valid.shape[1] for valid, _ in per_axis)
+    valid, key = np.ones((n, 1, 1, 1), dtype=bool), np.zeros((n, 1, 1, 1), dtype=np.int64)
+    for axis, ((axis_valid, coordinate), size) in enumerate(zip(per_axis, shape)):
+        view = [n, 1, 1, 1]
+        view[axis + 1] = axis_valid.shape[1]
+        valid = valid & axis_valid.reshape(view)
+        key = key * size + coordinate.reshape(view)
+    return valid.reshape(n, taps), key.reshape(n, taps)
+
+
+def _reached_keys(coords: Array, geometry: ConvGeometry, output_shape: Triple) -> Array:
+    """Keys int64 [M] (ascending, unique) of the output sites that the input sites ``coords`` int32
+    [N, 3] reach: o = (i + p - k) / s per axis when the division is exact and 0 <= o < size."""
+    if is_cupy(coords):
+        from bevfusion_ros.lidar import _cuda
+        return _cuda.reached_keys(coords, geometry.kernel_size, geometry.stride, geometry.padding,
+                                  output_shape)
+    per_axis = []
+    for axis in range(3):
+        stride = geometry.stride[axis]
+        shifted = (coords[:, axis, None].astype(np.int64) + geometry.padding[axis]
+                   - np.arange(geometry.kernel_size[axis]))
+        out = shifted // stride
+        per_axis.append(((shifted >= 0) & (shifted % stride == 0) & (out < output_shape[axis]), out))
+    valid, keys = _combine_axes(per_axis, output_shape)
+    return np.unique(keys[valid])
+
+
+def _neighbor_map(out_coords: Array, table: SiteTable, geometry: ConvGeometry,
+                  input_shape: Triple) -> Array:
+    """Neighbour map int32 [K, N_out]: the row in ``table`` of input site o * s - p + tap (per
+    axis) for every output site o of ``out_coords`` int32 [N_out, 3], or ``table.size`` where none."""
+    if is_cupy(out_coords):
+        from bevfusion_ros.lidar import _cuda
+        return _cuda.neighbor_map(out_coords, table.sorted_keys, table.rows, geometry.kernel_size,
+                                  geometry.stride, geometry.padding, input_shape)
+    per_axis = []
+    for axis in range(3):
+        coordinate = (out_coords[:, axis, None].astype(np.int64) * geometry.stride[axis]
+                      - geometry.padding[axis] + np.arange(geometry.kernel_size[axis]))
+        per_axis.append(((coordinate >= 0) & (coordinate < input_shape[axis]), coordinate))
+    valid, keys = _combine_axes(per_axis, input_shape)
+    found, rows = table.find(np.where(valid, keys, -1).T)         # key -1 is never found
+    return np.ascontiguousarray(np.where(found, rows, table.size), dtype=np.int32)
+
+
+def build_rulebook(coords: Array, spatial_shape: Triple, geometry: ConvGeometry) -> Rulebook:
+    """Rulebook of a conv over the unique sites ``coords`` int [N, 3] (x, y, z) on ``spatial_shape``.
+
+    NumPy or CuPy coordinates; the rulebook's arrays live in the same place. For subm the output
+    coordinates are ``coords`` itself when it is int32 already (no copy).
+    """
     output_shape = geometry.output_shape(spatial_shape)
-    reached = _reached(coords, geometry, output_shape)
+    coords = coords.astype(np.int32, copy=False)
+    table = SiteTable(linear_keys(coords, spatial_shape))
     if geometry.subm:
-        table = SiteTable(linear_keys(coords, spatial_shape))
-        in_rows, out_rows = [], []
-        for rows, keys in reached:
-            found, found_rows = table.find(keys)
-            in_rows.append(rows[found])
-            out_rows.append(found_rows[found])
-        out_coords = coords.astype(np.int32)
+        out_coords = coords
     else:
-        out_keys, inverse = np.unique(np.concatenate([keys for _, keys in reached]), return_inverse=True)
-        in_rows = [rows for rows, _ in reached]
-        out_rows = np.split(inverse, np.cumsum([rows.size for rows in in_rows])[:-1])
-        out_coords = coords_from_keys(out_keys, output_shape)
+        out_coords = coords_from_keys(_reached_keys(coords, geometry, output_shape), output_shape)
+    neighbors = _neighbor_map(out_coords, table, geometry, spatial_shape)
     return Rulebook(geometry, tuple(spatial_shape), output_shape,  # type: ignore[arg-type]
-                    int(coords.shape[0]), out_coords, tuple(in_rows), tuple(out_rows))
+                    int(coords.shape[0]), out_coords, neighbors)
 
 
-def sparse_conv(features: np.ndarray, weight: np.ndarray, rulebook: Rulebook,
-                bias: Optional[np.ndarray] = None) -> np.ndarray:
+def _gather_gemm_scatter(features: np.ndarray, tap_weights: np.ndarray, rulebook: Rulebook) -> np.ndarray:
+    """NumPy conv over the real pairs: features [N_in, I], tap_weights [K, I, O] -> [N_out, O]."""
+    out = np.zeros((rulebook.num_outputs, tap_weights.shape[2]), dtype=features.dtype)
+    for tap_weight, in_rows, out_rows in zip(tap_weights, rulebook.in_rows, rulebook.out_rows):
+        if in_rows.size:                    # np.take + assignment: ~2.5x faster than out[rows] +=
+            partial = np.take(out, out_rows, axis=0)
+            partial += np.take(features, in_rows, axis=0) @ tap_weight
+            out[out_rows] = partial
+    return out
+
+
+def sparse_conv(features: Array, weight: Array, rulebook: Rulebook,
+                bias: Optional[Array] = None) -> Array:
     """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] (+ bias [O]) -> [N_out, O].
 
-    Computes in the dtype of ``features`` (float32 on the deploy path); ``weight`` and ``bias``
-    are cast to it.
+    Computes in the dtype of ``features`` (float32 on the deploy path; float16 on the GPU with
+    float32 accumulation in cuBLAS); ``weight`` and ``bias`` are cast to it (and uploaded when
+    the features are CuPy arrays and they are not). The result lives where the features do.
     """
     kernel, channels_in, channels_out = weight.shape[:3], weight.shape[3], weight.shape[4]
     if tuple(kernel) != tuple(rulebook.geometry.kernel_size) or features.shape != (
             rulebook.num_inputs, channels_in):
         raise ValueError(f"rulebook (kernel {rulebook.geometry.kernel_size}, {rulebook.num_inputs} "
                          f"inputs) does not fit weight {weight.shape} / features {features.shape}")
-    tap_weights = weight.reshape(-1, channels_in, channels_out).astype(features.dtype, copy=False)
-    out = np.zeros((rulebook.num_outputs, channels_out), dtype=features.dtype)
-    for tap_weight, in_rows, out_rows in zip(tap_weights, rulebook.in_rows, rulebook.out_rows):
-        if in_rows.size:                    # np.take + assignment: ~2.5x faster than out[rows] +=
-            partial = np.take(out, out_rows, axis=0)
-            partial += np.take(features, in_rows, axis=0) @ tap_weight
-            out[out_rows] = partial
+    xp = get_array_module(features)
+    tap_weights = xp.asarray(weight).reshape(-1, channels_in, channels_out).astype(
+        features.dtype, copy=False)
+    if xp is np:
+        out = _gather_gemm_scatter(features, tap_weights, rulebook)
+    else:
+        from bevfusion_ros.lidar import _cuda
+        out = _cuda.gather_columns(features, rulebook.neighbors) @ tap_weights.reshape(-1, channels_out)
     if bias is not None:
-        out += bias.astype(features.dtype, copy=False)
+        out += xp.asarray(bias).astype(features.dtype, copy=False)
     return out
 
 
-def scatter_dense(features: np.ndarray, coords: np.ndarray, spatial_shape: Triple) -> np.ndarray:
+def scatter_dense(features: Array, coords: Array, spatial_shape: Triple) -> Array:
     """ScatterDense, format "xyz": features [N, C] at sites [N, 3] -> [1, C, X, Y, Z], zero elsewhere."""
-    dense = np.zeros((features.shape[1], math.prod(spatial_shape)), dtype=features.dtype)
+    xp = get_array_module(features)
+    dense = xp.zeros((features.shape[1], math.prod(spatial_shape)), dtype=features.dtype)
     dense[:, linear_keys(coords, spatial_shape)] = features.T
     return dense.reshape(1, features.shape[1], *spatial_shape)

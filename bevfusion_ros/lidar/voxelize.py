@@ -1,4 +1,4 @@
-"""Hard voxelization of a lidar point cloud (spec 5.1), NumPy, no torch.
+"""Hard voxelization of a lidar point cloud (spec 5.1), NumPy or CuPy, no torch.
 
 Semantics (identical to :func:`bevfusion_ros.model.reference.voxelize`, deterministic):
 
@@ -14,19 +14,27 @@ Semantics (identical to :func:`bevfusion_ros.model.reference.voxelize`, determin
 
 CUDA-BEVFusion's kernel numbers voxels and orders points by atomics (non-deterministic); this
 module follows mit-han-lab's deterministic hard voxelization instead (spec 5.1 step 3).
+
+Runs where the points live: the algorithm is written once with NumPy/CuPy array ops (sorts, scans,
+gathers and IEEE float32 element-wise arithmetic, no atomics), so CuPy points give bit-identical
+voxels on the GPU. A GPU call synchronises a few times (compactions and the final counts).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from bevfusion_ros.array_module import get_array_module, to_numpy
 from bevfusion_ros.config import VoxelizationConfig
+
+Array = Any                      # numpy.ndarray or cupy.ndarray
 
 
 @dataclass(frozen=True, eq=False)
 class Voxels:
-    """Voxelizer output for one frame (M voxels, C point channels).
+    """Voxelizer output for one frame (M voxels, C point channels), arrays NumPy or CuPy like the points.
 
     features float16 [M, C]: mean of the points used; coords int32 [M, 4] = (0, ix, iy, iz);
     point_count int32 [M]: points used per voxel (1 .. max_points_per_voxel).
@@ -35,9 +43,9 @@ class Voxels:
     the ``voxels_over_capacity`` occupied voxels beyond max_voxels (``points_in_dropped_voxels``).
     """
 
-    features: np.ndarray
-    coords: np.ndarray
-    point_count: np.ndarray
+    features: Array
+    coords: Array
+    point_count: Array
     points_out_of_range: int
     points_over_capacity: int
     voxels_over_capacity: int
@@ -48,20 +56,20 @@ class Voxels:
         return int(self.coords.shape[0])
 
 
-def voxel_indices(points: np.ndarray, config: VoxelizationConfig) -> tuple[np.ndarray, np.ndarray]:
+def voxel_indices(points: Array, config: VoxelizationConfig) -> tuple[Array, Array]:
     """Points float32 [N, C] -> (inside bool [N], voxel index int64 [N_inside, 3] (ix, iy, iz)).
 
     ``inside``: every channel finite, min <= p < max on x, y, z and the index on ``config.grid_size``.
     """
-    low = np.asarray(config.point_range_min, dtype=np.float32)
-    high = np.asarray(config.point_range_max, dtype=np.float32)
-    size = np.asarray(config.voxel_size, dtype=np.float32)
+    xp = get_array_module(points)
+    low, high, size = (xp.asarray(values, dtype=np.float32) for values in
+                       (config.point_range_min, config.point_range_max, config.voxel_size))
     xyz = points[:, :3]
-    inside = np.all((xyz >= low) & (xyz < high), axis=1) & np.all(np.isfinite(points), axis=1)
-    index = np.floor((xyz[inside] - low) / size).astype(np.int64)   # float32 throughout
-    on_grid = np.all(index < np.asarray(config.grid_size), axis=1)  # index >= 0 since p >= min
-    inside[inside] = on_grid
-    return inside, index[on_grid]
+    in_range = xp.all((xyz >= low) & (xyz < high), axis=1) & xp.all(xp.isfinite(points), axis=1)
+    safe = xp.where(in_range[:, None], xyz, low)      # rows out of range -> index 0, never inf/NaN
+    index = xp.floor((safe - low) / size).astype(np.int64)       # float32 throughout
+    inside = in_range & xp.all(index < xp.asarray(config.grid_size), axis=1)  # >= 0 since p >= min
+    return inside, index[inside]
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,64 +78,88 @@ class _VoxelGroups:
     (earlier points of the same voxel), ``first_point`` int64 [V] (input row of each voxel's first
     point), ``size`` int64 [V] (points per voxel)."""
 
-    voxel: np.ndarray
-    slot: np.ndarray
-    first_point: np.ndarray
-    size: np.ndarray
+    voxel: Array
+    slot: Array
+    first_point: Array
+    size: Array
 
 
-def _group_by_voxel(keys: np.ndarray) -> _VoxelGroups:
-    """One stable sort of the voxel keys int64 [N] gives voxel ids, arrival slots and first points."""
-    order = np.argsort(keys, kind="stable")             # by voxel, then input order
-    sorted_keys = keys[order]
-    is_start = np.ones(keys.size, dtype=bool)
+def _group_by_voxel(keys: Array) -> _VoxelGroups:
+    """One sort of the voxel keys int64 [N] gives voxel ids, arrival slots and first points.
+
+    The sort key is key * N + input row: unique, so any sort (NumPy's or CuPy's) orders the points
+    by voxel, then by input order.
+    """
+    xp = get_array_module(keys)
+    count = keys.shape[0]
+    stride = max(count, 1)
+    packed = xp.sort(keys * stride + xp.arange(count, dtype=np.int64))
+    order, sorted_keys = packed % stride, packed // stride
+    is_start = xp.ones(count, dtype=bool)
     is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    starts = np.flatnonzero(is_start)
-    size = np.diff(np.r_[starts, keys.size])
-    group_of_sorted = np.repeat(np.arange(starts.size), size)
-    first_point = order[starts]                        # stable: smallest input row of the voxel
-    appearance = np.argsort(first_point)               # voxel groups by first appearance
-    rank = np.empty_like(appearance)
-    rank[appearance] = np.arange(appearance.size)
-    voxel = np.empty_like(order)
+    starts = xp.flatnonzero(is_start)
+    size = xp.diff(xp.concatenate((starts, xp.full(1, count, dtype=starts.dtype))))
+    group_of_sorted = xp.cumsum(is_start, dtype=np.int64) - 1
+    first_point = order[starts]                        # smallest input row of the voxel
+    appearance = xp.argsort(first_point)               # voxel groups by first appearance (unique)
+    rank = xp.empty_like(appearance)
+    rank[appearance] = xp.arange(appearance.shape[0])
+    voxel = xp.empty_like(order)
     voxel[order] = rank[group_of_sorted]
-    slot = np.empty_like(order)
-    slot[order] = np.arange(keys.size) - starts[group_of_sorted]
+    slot = xp.empty_like(order)
+    slot[order] = xp.arange(count) - starts[group_of_sorted]
     return _VoxelGroups(voxel, slot, first_point[appearance], size[appearance])
 
 
-def voxelize(points: np.ndarray, config: VoxelizationConfig) -> Voxels:
+def _voxel_means(points: Array, groups: _VoxelGroups, num_voxels: int, point_count: Array,
+                 capacity: int) -> Array:
+    """float16 [M, C] means of the first ``capacity`` points of the first ``num_voxels`` voxels.
+
+    mmdet3d's hard-voxel layout: a float32 [M, capacity, C] buffer (zeros in empty slots) summed
+    slot by slot in input order, then divided by ``point_count`` int32 [M] in float32. For fp16
+    input (CUDA-BEVFusion's point type) the float32 sums are exact anyway; for float32 input
+    the order decides the last bit.
+    """
+    xp = get_array_module(points)
+    channels = points.shape[1]
+    used = (groups.voxel < num_voxels) & (groups.slot < capacity)
+    spare = num_voxels * capacity                      # one extra row takes every unused point
+    slots = xp.zeros((spare + 1, channels), dtype=np.float32)
+    slots[xp.where(used, groups.voxel * capacity + groups.slot, spare)] = points
+    slots = slots[:spare].reshape(num_voxels, capacity, channels)
+    sums = slots[:, 0].copy()
+    for slot in range(1, capacity):                    # sequential float32 sum, input order
+        sums += slots[:, slot]
+    return (sums / point_count[:, None].astype(np.float32)).astype(np.float16)
+
+
+def voxelize(points: Array, config: VoxelizationConfig) -> Voxels:
     """Points float32 [N, C] (C >= 3, x y z first; fp16 is widened) -> :class:`Voxels`.
 
-    Work is O(N log N) (one sort) and allocates a [M, max_points_per_voxel, C] float32 buffer,
-    mmdet3d's hard-voxel layout. Its slots are summed in input order: for fp16 input (CUDA-BEVFusion's
-    point type) the float32 sums are exact anyway, for float32 input the order decides the last bit.
+    NumPy or CuPy points; the voxels live in the same place. Work is O(N log N) (one sort) and
+    allocates a [M, max_points_per_voxel, C] float32 buffer.
     """
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be [N, C] with C >= 3 (x, y, z first), got shape {points.shape}")
-    points = np.asarray(points, dtype=np.float32)
+    xp = get_array_module(points)
+    points = points.astype(np.float32, copy=False)
     inside, index = voxel_indices(points, config)
     points = points[inside]
     nx, ny, _ = config.grid_size
     groups = _group_by_voxel((index[:, 2] * ny + index[:, 1]) * nx + index[:, 0])
-    num_voxels = min(groups.first_point.size, config.max_voxels)
+    num_voxels = min(int(groups.first_point.shape[0]), config.max_voxels)
     capacity = config.max_points_per_voxel
-    used = (groups.voxel < num_voxels) & (groups.slot < capacity)
-    slots = np.zeros((num_voxels, capacity, points.shape[1]), dtype=np.float32)
-    slots[groups.voxel[used], groups.slot[used]] = points[used]
-    sums = slots[:, 0].copy()
-    for slot in range(1, capacity):                    # sequential float32 sum, input order
-        sums += slots[:, slot]
-    point_count = np.minimum(groups.size[:num_voxels], capacity).astype(np.int32)
-    coords = np.zeros((num_voxels, 4), dtype=np.int32)
-    coords[:, 1:] = index[groups.first_point[:num_voxels]]
-    kept_voxel_points = int(groups.size[:num_voxels].sum())
+    point_count = xp.minimum(groups.size[:num_voxels], capacity).astype(np.int32)
+    coords = xp.zeros((num_voxels, 4), dtype=np.int32)
+    coords[:, 1:] = index[groups.first_point[:num_voxels]].astype(np.int32)
+    kept_voxel_points, used_points = (int(total) for total in to_numpy(
+        xp.stack((groups.size[:num_voxels].sum(), point_count.sum()))))
     return Voxels(
-        features=(sums / point_count[:, None].astype(np.float32)).astype(np.float16),
+        features=_voxel_means(points, groups, num_voxels, point_count, capacity),
         coords=coords,
         point_count=point_count,
-        points_out_of_range=int(inside.size - inside.sum()),
-        points_over_capacity=kept_voxel_points - int(point_count.sum()),
-        voxels_over_capacity=int(groups.first_point.size - num_voxels),
-        points_in_dropped_voxels=int(points.shape[0] - kept_voxel_points),
+        points_out_of_range=int(inside.shape[0] - points.shape[0]),
+        points_over_capacity=kept_voxel_points - used_points,
+        voxels_over_capacity=int(groups.first_point.shape[0]) - num_voxels,
+        points_in_dropped_voxels=int(points.shape[0]) - kept_voxel_points,
     )
