@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -89,7 +89,8 @@ class StageTimer:
     """Milliseconds per named stage: wall clock on the CPU, CUDA events on the GPU.
 
     GPU work is asynchronous, so with ``cuda=True`` each stage records an event pair on the
-    current stream and :meth:`finish` synchronises once and reads the elapsed times.
+    current stream (the span that stream spent in the stage, waits included) and :meth:`finish`
+    synchronises and reads the elapsed times.
     """
 
     def __init__(self, cuda: bool = False) -> None:
@@ -115,8 +116,8 @@ class StageTimer:
         """All stage times (waits for the GPU once when events are used)."""
         if self._events:
             import cupy
-            last_end = list(self._events.values())[-1][1]
-            last_end.synchronize()
+            for _, end in self._events.values():       # stages may run on several streams
+                end.synchronize()
             self._milliseconds.update({name: cupy.cuda.get_elapsed_time(start, end)
                                        for name, (start, end) in self._events.items()})
             self._events.clear()
@@ -140,14 +141,21 @@ class BEVFusionPipeline:
         self.model_info = model_info or {}
         self.backend = backend
         self.device = "cuda" if backend in GPU_BACKENDS else "cpu"
+        self._streams = _branch_streams(self.device)
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
         self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
-                       backend: str = "cpu") -> "BEVFusionPipeline":
-        """Load a CUDA-BEVFusion folder; ``config`` defaults to its ``bevfusion.yaml``."""
+                       backend: str = "cpu", precision: str = "fp16") -> "BEVFusionPipeline":
+        """Load a CUDA-BEVFusion folder; ``config`` defaults to its ``bevfusion.yaml``.
+
+        ``backend``: ``cpu``, ``gpu``, ``tensorrt`` or ``auto`` (see
+        :mod:`bevfusion_ros.engines.select`). ``precision`` (``gpu`` backend): ``fp16``, the fast
+        path (dense networks and sparse encoder in float16 with float32 accumulation), or
+        ``fp32`` (everything float32, for parity with the CPU path).
+        """
         model_dir = Path(model_dir)
         missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
         if config is None and not (model_dir / CONFIG_FILE).is_file():
@@ -156,8 +164,12 @@ class BEVFusionPipeline:
             raise ModelDirError(f"model folder {model_dir} lacks: {', '.join(missing)}")
         config = config or load_config(model_dir / CONFIG_FILE)
         backend = resolve_backend(backend)
-        engines = load_dense_engines(model_dir, config, backend)
-        lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx")
+        engines = load_dense_engines(model_dir, config, backend, precision=precision)
+        sparse_dtype = np.float16 if backend in GPU_BACKENDS and precision == "fp16" else np.float32
+        lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx", sparse_dtype)
+        if backend in GPU_BACKENDS:                  # engines built on torch's stream: let them land
+            import cupy
+            cupy.cuda.Device().synchronize()
         return cls(config, engines, lidar_backbone, _model_info(model_dir), backend)
 
     def _to_device(self, array: np.ndarray):
@@ -166,6 +178,17 @@ class BEVFusionPipeline:
             return array
         import cupy
         return cupy.asarray(array)
+
+    def _upload_images(self, images) -> object:
+        """The N raw images as one [N, H, W, 3] uint8 array where the pipeline computes (on the GPU
+        copied camera by camera into one device buffer: no host-side stacking)."""
+        if self.device == "cpu":
+            return np.stack(images)
+        import cupy
+        stacked = cupy.empty((len(images), *images[0].shape), dtype=np.uint8)
+        for index, image in enumerate(images):
+            stacked[index].set(np.ascontiguousarray(image))
+        return stacked
 
     @property
     def trained(self) -> bool | None:
@@ -179,9 +202,12 @@ class BEVFusionPipeline:
             raise InputError(f"calibration has {calibration.num_cameras} cameras, the model "
                              f"expects {self.config.num_cameras} ({list(self.config.camera_names)})")
         geometry = compute_geometry(calibration, self.config)
-        self.geometry = geometry if self.device == "cpu" else geometry.to_device()
-        self._projection = (self._to_device(calibration.lidar2image.astype(np.float32)),
-                            self._to_device(calibration.img_aug_matrix.astype(np.float32)))
+        with self._streams[0]:
+            self.geometry = geometry if self.device == "cpu" else geometry.to_device()
+            self._projection = (self._to_device(calibration.lidar2image.astype(np.float32)),
+                                self._to_device(calibration.img_aug_matrix.astype(np.float32)))
+        if self.device == "cuda":                    # both branch streams read these
+            self._streams[0].synchronize()
         self.calibration = calibration
 
     def _ensure_geometry(self, calibration: Calibration, timer: StageTimer) -> None:
@@ -199,17 +225,25 @@ class BEVFusionPipeline:
             check_images(frame.images, self.config.image, self.config.num_cameras)
         except ValueError as error:
             raise InputError(str(error)) from error
-        with timer.stage("upload"):
-            images = self._to_device(np.stack(frame.images))
-            points = self._to_device(prepared.points)
-        camera_bev = self._camera_branch(images, points, timer)
-        lidar_bev = self._lidar_branch(points, timer)
-        with timer.stage("fuser"):
-            middle = self.engines["fuser.onnx"].run({"camera": camera_bev, "lidar": lidar_bev})["middle"]
-        with timer.stage("head"):
-            head_outputs = self.engines["head.bbox.onnx"].run({"middle": middle})
-        with timer.stage("decode"):
-            boxes = to_numpy(decode_boxes(head_outputs, self.config))
+        camera_stream, lidar_stream = self._streams
+        with camera_stream:
+            with timer.stage("upload"):
+                images = self._upload_images(frame.images)
+                points = self._to_device(prepared.points)
+            uploaded = _record_event(self.device)
+            camera_bev = self._camera_branch(images, points, timer)
+        with lidar_stream:                   # overlaps the camera branch on the GPU
+            _wait_event(lidar_stream, uploaded)
+            lidar_bev = self._lidar_branch(points, timer)
+            lidar_done = _record_event(self.device)
+        with camera_stream:
+            _wait_event(camera_stream, lidar_done)
+            with timer.stage("fuser"):
+                middle = self.engines["fuser.onnx"].run({"camera": camera_bev, "lidar": lidar_bev})["middle"]
+            with timer.stage("head"):
+                head_outputs = self.engines["head.bbox.onnx"].run({"middle": middle})
+            with timer.stage("decode"):
+                boxes = to_numpy(decode_boxes(head_outputs, self.config))
         for warning in prepared.warnings:
             LOG.warning(warning)
         return Detections(boxes=boxes, class_names=self.config.head.class_names,
@@ -237,6 +271,31 @@ class BEVFusionPipeline:
         with timer.stage("lidar_backbone"):          # an empty frame gives a zero BEV
             return self.lidar_backbone.run(voxels.features, voxels.coords,
                                            self.config.voxelization.sparse_shape)
+
+
+def _branch_streams(device: str) -> tuple:
+    """(camera stream, lidar stream): two non-blocking CuPy streams on the GPU, so the two branches
+    overlap until the fuser joins them; no-op contexts on the CPU."""
+    if device == "cpu":
+        return nullcontext(), nullcontext()
+    import cupy
+    return cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+
+
+def _record_event(device: str):
+    """A CUDA event recorded on the current stream (None on the CPU)."""
+    if device == "cpu":
+        return None
+    import cupy
+    event = cupy.cuda.Event(disable_timing=True)
+    event.record()
+    return event
+
+
+def _wait_event(stream, event) -> None:
+    """Make ``stream`` wait for ``event`` (nothing on the CPU)."""
+    if event is not None:
+        stream.wait_event(event)
 
 
 def _same_calibration(a: Calibration | None, b: Calibration) -> bool:

@@ -97,15 +97,24 @@ def resolve_backend(requested: str) -> str:
     return backend
 
 
-def engine_factory(backend: str, threads: int | None = None,
-                   plan_cache: PlanCache | None = None) -> Callable[[Path], Engine]:
+GPU_PRECISIONS = ("fp16", "fp32")
+"""Arithmetic of the ``gpu`` backend: float16 (the fast path) or float32 (for parity checks)."""
+
+
+def engine_factory(backend: str, threads: int | None = None, plan_cache: PlanCache | None = None,
+                   precision: str = "fp16") -> Callable[[Path], Engine]:
     """``path -> Engine`` for a resolved backend with its default settings (``threads``:
-    ONNX Runtime intra-op threads; ``plan_cache``: TensorRT plan folder)."""
+    ONNX Runtime intra-op threads; ``plan_cache``: TensorRT plan folder; ``precision``: the
+    ``gpu`` backend's float type, see :data:`GPU_PRECISIONS`)."""
+    if precision not in GPU_PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r}; known: {list(GPU_PRECISIONS)}")
     if backend == "cpu":
         return lambda path: OnnxRuntimeEngine(path, ("CPUExecutionProvider",), threads)
     if backend == "gpu":
+        import torch
         from bevfusion_ros.engines.torch_gpu import TorchEngine
-        return TorchEngine
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        return lambda path: TorchEngine(path, dtype=dtype)
     if backend == "tensorrt":
         from bevfusion_ros.engines.tensorrt import TensorRTEngine
         return lambda path: TensorRTEngine(path, cache=plan_cache)
@@ -113,8 +122,8 @@ def engine_factory(backend: str, threads: int | None = None,
 
 
 def load_dense_engines(model_dir: str | Path, config: PipelineConfig, backend: str = "cpu",
-                       threads: int | None = None, plan_cache: PlanCache | None = None
-                       ) -> dict[str, Engine]:
+                       threads: int | None = None, plan_cache: PlanCache | None = None,
+                       precision: str = "fp16") -> dict[str, Engine]:
     """Load the four dense files of a model folder on ``backend`` (``auto`` resolved first) and
     check them against ``config``.
 
@@ -123,7 +132,7 @@ def load_dense_engines(model_dir: str | Path, config: PipelineConfig, backend: s
     and :class:`EngineInterfaceError` when a file does not fit ``config`` or the fuser's output
     does not fit the head's input.
     """
-    make = engine_factory(resolve_backend(backend), threads, plan_cache)
+    make = engine_factory(resolve_backend(backend), threads, plan_cache, precision)
     engines = {name: make(Path(model_dir) / name) for name in DENSE_MODEL_FILES}
     check_dense_engines(engines, config)
     return engines

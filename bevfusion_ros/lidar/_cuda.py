@@ -6,7 +6,9 @@ module on a CPU machine is harmless). Each function is the GPU twin of a NumPy s
 
 - :func:`reached_keys`: the output sites a strided conv reaches (NumPy: ``_reached_keys``);
 - :func:`neighbor_map`: the rulebook's input row per (tap, output site) (NumPy: ``_neighbor_map``);
-- :func:`gather_columns`: the im2col matrix that turns a sparse conv into one GEMM.
+- :func:`gather_columns`: the im2col matrix that turns a sparse conv into one GEMM;
+- :func:`sparse_conv_fp16`: the whole fp16 sparse conv in one launch (implicit GEMM on tensor
+  cores, bias, optional residual and ReLU fused), the GPU fast path of ``sparse_conv``.
 
 Coordinates are int32 (x, y, z) rows, keys int64 (x * Y + y) * Z + z, taps in the C order of
 weight[kx, ky, kz]; flat thread indices are 64-bit (grid-stride loops), so sizes are only bounded
@@ -132,12 +134,126 @@ extern "C" __global__ void gather_columns(
 """
 _ELEMENT_TYPES = {2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
 
+# Implicit-GEMM sparse convolution on tensor cores (WMMA 16x16x16, fp16 in, float32 accumulate).
+# A block owns TILE_ROWS = 16 * WARPS consecutive output rows and all OUT_CHANNELS columns; warp w
+# the rows 16w..16w+15. Per tap it reads the rows' neighbour indices; a tap without any neighbour
+# in the tile is skipped. Per 16-channel slice of the input it stages the gathered feature rows
+# A [TILE_ROWS, 16] (zeros for missing neighbours or channels past channels_in) and the weight
+# slice B [16, OUT_CHANNELS] in shared memory, and every warp multiplies its 16 rows into
+# OUT_CHANNELS / 16 accumulator fragments. Epilogue: accumulators -> shared memory -> + bias
+# (+ residual) (ReLU) in float32 -> one round to fp16. VECTOR = 1 (channels_in % 16 == 0) moves
+# A and B in 16-byte loads; VECTOR = 0 element by element (e.g. the 5-channel input layer).
+_SPARSE_CONV_FP16 = r"""
+#include <cuda_fp16.h>
+#include <mma.h>
+using namespace nvcuda;
+
+#define TILE_ROWS (16 * WARPS)
+#define THREADS (32 * WARPS)
+
+extern "C" __global__ void __launch_bounds__(THREADS) sparse_conv_fp16(
+        const __half* __restrict__ features,    /* [n_in, channels_in] */
+        const __half* __restrict__ weight,      /* [taps, channels_in, OUT_CHANNELS] */
+        const int* __restrict__ neighbors,      /* [taps, n_out], n_in = no neighbour */
+        const __half* __restrict__ bias,        /* [OUT_CHANNELS] */
+        const __half* __restrict__ residual,    /* [n_out, OUT_CHANNELS] or null */
+        __half* __restrict__ out,               /* [n_out, OUT_CHANNELS] */
+        const int n_in, const int n_out, const int channels_in, const int taps, const int relu) {
+    __shared__ __align__(32) __half a_tile[TILE_ROWS * 16];
+    __shared__ __align__(32) __half b_tile[16 * OUT_CHANNELS];
+    __shared__ __align__(32) float c_tile[TILE_ROWS * OUT_CHANNELS];
+    __shared__ int source_rows[TILE_ROWS];
+    const int warp = threadIdx.x >> 5;
+    const long long row0 = (long long)blockIdx.x * TILE_ROWS;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[OUT_CHANNELS / 16];
+#pragma unroll
+    for (int j = 0; j < OUT_CHANNELS / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+
+    for (int t = 0; t < taps; ++t) {
+        int has_neighbor = 0;
+        if (threadIdx.x < TILE_ROWS) {
+            const long long o = row0 + threadIdx.x;
+            const int source = o < n_out ? neighbors[(long long)t * n_out + o] : n_in;
+            source_rows[threadIdx.x] = source;
+            has_neighbor = source < n_in;
+        }
+        if (!__syncthreads_or(has_neighbor)) continue;          /* uniform across the block */
+        for (int c0 = 0; c0 < channels_in; c0 += 16) {
+#if VECTOR
+            for (int i = threadIdx.x; i < TILE_ROWS * 2; i += THREADS) {
+                const int r = i >> 1, part = (i & 1) * 8;
+                const int source = source_rows[r];
+                uint4 value = make_uint4(0u, 0u, 0u, 0u);
+                if (source < n_in)
+                    value = *reinterpret_cast<const uint4*>(features + (long long)source * channels_in + c0 + part);
+                *reinterpret_cast<uint4*>(a_tile + r * 16 + part) = value;
+            }
+            for (int i = threadIdx.x; i < 2 * OUT_CHANNELS; i += THREADS) {
+                const int k = i / (OUT_CHANNELS / 8), n = (i % (OUT_CHANNELS / 8)) * 8;
+                *reinterpret_cast<uint4*>(b_tile + k * OUT_CHANNELS + n) = *reinterpret_cast<const uint4*>(
+                    weight + ((long long)t * channels_in + c0 + k) * OUT_CHANNELS + n);
+            }
+#else
+            for (int i = threadIdx.x; i < TILE_ROWS * 16; i += THREADS) {
+                const int r = i >> 4, c = c0 + (i & 15);
+                const int source = source_rows[r];
+                a_tile[i] = (source < n_in && c < channels_in)
+                    ? features[(long long)source * channels_in + c] : __float2half(0.0f);
+            }
+            for (int i = threadIdx.x; i < 16 * OUT_CHANNELS; i += THREADS) {
+                const int c = c0 + i / OUT_CHANNELS;
+                b_tile[i] = c < channels_in
+                    ? weight[((long long)t * channels_in + c) * OUT_CHANNELS + i % OUT_CHANNELS]
+                    : __float2half(0.0f);
+            }
+#endif
+            __syncthreads();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+            wmma::load_matrix_sync(a, a_tile + warp * 16 * 16, 16);
+#pragma unroll
+            for (int j = 0; j < OUT_CHANNELS / 16; ++j) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> b;
+                wmma::load_matrix_sync(b, b_tile + j * 16, OUT_CHANNELS);
+                wmma::mma_sync(acc[j], a, b, acc[j]);
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < OUT_CHANNELS / 16; ++j)
+        wmma::store_matrix_sync(c_tile + warp * 16 * OUT_CHANNELS + j * 16, acc[j], OUT_CHANNELS,
+                                wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < TILE_ROWS * OUT_CHANNELS; i += THREADS) {
+        const int r = i / OUT_CHANNELS, n = i % OUT_CHANNELS;
+        const long long o = row0 + r;
+        if (o < n_out) {
+            float value = c_tile[i] + __half2float(bias[n]);
+            if (residual != nullptr) value += __half2float(residual[o * OUT_CHANNELS + n]);
+            if (relu) value = fmaxf(value, 0.0f);
+            out[o * OUT_CHANNELS + n] = __float2half_rn(value);
+        }
+    }
+}
+"""
+_CONV_WARPS = 4
+
 
 @lru_cache(maxsize=None)
 def _kernel(source: str, name: str) -> Any:
     """Compiled (on first launch, cached by CuPy per device) RawKernel ``name`` of ``source``."""
     import cupy
     return cupy.RawKernel(source, name)
+
+
+@lru_cache(maxsize=None)
+def _sparse_conv_kernel(out_channels: int, vector: bool) -> Any:
+    """The compiled fp16 implicit-GEMM conv for ``out_channels`` (a multiple of 16)."""
+    import cupy
+    options = (f"-DOUT_CHANNELS={out_channels}", f"-DWARPS={_CONV_WARPS}", f"-DVECTOR={int(vector)}",
+               "--std=c++17")
+    return cupy.RawModule(code=_SPARSE_CONV_FP16, options=options).get_function("sparse_conv_fp16")
 
 
 def _launch(kernel: Any, threads: int, args: tuple, block: int = _BLOCK) -> None:
@@ -203,3 +319,44 @@ def gather_columns(features: Any, neighbors: Any) -> Any:
             (features, neighbors, np.int32(n_in), np.int64(n_out), np.int32(taps),
              np.int32(channels), columns), block=_ROW_BLOCK)
     return columns
+
+
+def fused_conv_supported(channels_out: int) -> bool:
+    """Whether :func:`sparse_conv_fp16` handles ``channels_out`` output channels (multiples of 16
+    up to 128: the accumulators of 128 columns fill a warp's registers)."""
+    return channels_out % 16 == 0 and 16 <= channels_out <= 128
+
+
+def sparse_conv_fp16(features: Any, tap_weights: Any, neighbors: Any, bias: Any,
+                     residual: Any = None, relu: bool = False) -> Any:
+    """One fp16 sparse convolution: act(sum over taps of features[nb] @ W[tap] + bias (+ residual)).
+
+    features fp16 [N_in, I]; tap_weights fp16 [K, I, O] (O: see :func:`fused_conv_supported`);
+    neighbors int32 [K, N_out] (N_in = none); bias fp16 [O]; residual fp16 [N_out, O] or None;
+    ``relu`` applies max(., 0) last. Products and sums in float32 on tensor cores, one rounding
+    to fp16 at the end. Returns fp16 [N_out, O].
+    """
+    import cupy
+    features = cupy.ascontiguousarray(features, dtype=cupy.float16)
+    tap_weights = cupy.ascontiguousarray(tap_weights, dtype=cupy.float16)
+    neighbors = cupy.ascontiguousarray(neighbors, dtype=cupy.int32)
+    bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
+    (n_in, channels_in), (taps, n_out) = features.shape, neighbors.shape
+    channels_out = int(tap_weights.shape[2])
+    if not fused_conv_supported(channels_out) or tap_weights.shape[:2] != (taps, channels_in):
+        raise ValueError(f"sparse_conv_fp16: weight {tap_weights.shape} does not fit {taps} taps x "
+                         f"{channels_in} channels, or {channels_out} outputs are unsupported")
+    out = cupy.empty((n_out, channels_out), dtype=cupy.float16)
+    if residual is not None:
+        residual = cupy.ascontiguousarray(residual, dtype=cupy.float16)
+        if residual.shape != out.shape:
+            raise ValueError(f"sparse_conv_fp16: residual {residual.shape} != output {out.shape}")
+    if n_out == 0:
+        return out
+    rows_per_block = 16 * _CONV_WARPS
+    kernel = _sparse_conv_kernel(channels_out, channels_in % 16 == 0)
+    kernel((-(-n_out // rows_per_block),), (32 * _CONV_WARPS,),
+           (features, tap_weights, neighbors, bias,
+            residual if residual is not None else np.uint64(0), out,      # uint64 0: a null pointer
+            np.int32(n_in), np.int32(n_out), np.int32(channels_in), np.int32(taps), np.int32(relu)))
+    return out

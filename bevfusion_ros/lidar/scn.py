@@ -4,7 +4,9 @@ This is the stand-in for libspconv: voxel features [M, C] + coords (0, x, y, z) 
 sparse grid (e.g. 1440 x 1440 x 41) -> dense BEV [1, C_out * Z_out, X_out, Y_out], channel
 c * Z_out + z (e.g. [1, 256, 180, 180]). Ops: ``SparseConvolution`` (subm and strided, fused
 ``ReLU`` activation, rulebooks shared by the ``rulebook`` key like spconv's ``indice_key``),
-``Add``, ``Relu``, ``ScatterDense`` (format "xyz"), ``Transpose`` and ``Reshape``.
+``Add``, ``Relu``, ``ScatterDense`` (format "xyz"), ``Transpose`` and ``Reshape``. A residual
+block's conv -> Add -> Relu chain runs as one conv with the residual and ReLU fused (same
+arithmetic order in float32; one fp16 rounding instead of three on the GPU fp16 path).
 
 Where it runs: NumPy inputs run on the CPU; CuPy inputs stay on the GPU from the voxels to the
 BEV (weights uploaded once, on the first CuPy call, to the then current device; rulebooks and
@@ -130,19 +132,68 @@ class _Conv:
                              f"layer declares {layer.output_spatial_shape}")
         return rulebook
 
-    def __call__(self, x: SparseTensor, rulebooks: dict[str, Rulebook]) -> SparseTensor:
+    def __call__(self, x: SparseTensor, rulebooks: dict[str, Rulebook],
+                 residual: Optional[SparseTensor] = None, relu: bool = False) -> SparseTensor:
+        """act(conv(x) + bias (+ residual)); act is this layer's ReLU, or ``relu`` after a fused
+        residual add (see :class:`_Fusion`)."""
         rulebook = self.rulebook(x, rulebooks)
-        out = sparse_conv(x.features, self.weight, rulebook, self.bias)
-        if self.layer.activation == "ReLU":
-            get_array_module(out).maximum(out, 0, out=out)
+        if residual is not None:
+            _check_same_sites(self.name, rulebook.out_coords, residual.coords)
+        out = sparse_conv(x.features, self.weight, rulebook, self.bias,
+                          None if residual is None else residual.features,
+                          relu or self.layer.activation == "ReLU")
         return SparseTensor(out, rulebook.out_coords, rulebook.output_shape)
 
 
+@dataclass(frozen=True)
+class _Fusion:
+    """A conv without activation whose only consumer is ``Add(conv, residual)``, optionally
+    followed by that Add's only consumer ``Relu``: the three run as one conv (residual added
+    before the ReLU, exactly the graph's order). ``output`` names the last fused node's output;
+    ``skipped`` are the indices of the absorbed Add/Relu nodes."""
+
+    residual: str
+    relu: bool
+    output: str
+    skipped: tuple[int, ...]
+
+
+def _consumers(nodes: Sequence[ScnNode], name: str) -> list[int]:
+    return [index for index, node in enumerate(nodes) if name in _data_inputs(node)]
+
+
+def _fusions(nodes: Sequence[ScnNode]) -> dict[int, _Fusion]:
+    """Conv node index -> its :class:`_Fusion`, for every conv + Add (+ Relu) chain whose residual
+    is computed before the conv (graph input or an earlier node's output)."""
+    available = {nodes[0].inputs[0]}
+    fusions = {}
+    for index, node in enumerate(nodes):
+        consumers = _consumers(nodes, node.outputs[0])
+        if (node.op_type == SPARSE_CONVOLUTION and node.layer is not None
+                and node.layer.activation == "None" and len(consumers) == 1
+                and nodes[consumers[0]].op_type == "Add"):
+            add = nodes[consumers[0]]
+            residual = [name for name in _data_inputs(add) if name != node.outputs[0]]
+            if len(residual) == 1 and residual[0] in available:
+                after_add = _consumers(nodes, add.outputs[0])
+                relu = len(after_add) == 1 and nodes[after_add[0]].op_type == "Relu"
+                last = nodes[after_add[0]] if relu else add
+                fusions[index] = _Fusion(residual[0], relu, last.outputs[0],
+                                         (consumers[0], after_add[0]) if relu else (consumers[0],))
+        available.add(node.outputs[0])
+    return fusions
+
+
+def _check_same_sites(name: str, a: Array, b: Array) -> None:
+    """Raise unless coords ``a`` and ``b`` are the same sites (the same object in a well-formed
+    graph, so the element-wise comparison, a GPU synchronisation, is only the fallback)."""
+    if a is not b and not get_array_module(a).array_equal(a, b):
+        raise ValueError(f"{name}: Add inputs have different sites")
+
+
 def _add(node: ScnNode, a: SparseTensor, b: SparseTensor) -> SparseTensor:
-    """Sum of two tensors on the same sites (the same coords object in a well-formed graph, so the
-    element-wise comparison, a GPU synchronisation, is only the fallback)."""
-    if a.coords is not b.coords and not get_array_module(a.coords).array_equal(a.coords, b.coords):
-        raise ValueError(f"{node.name}: Add inputs have different sites")
+    """Sum of two tensors on the same sites."""
+    _check_same_sites(node.name, a.coords, b.coords)
     return a.with_features(a.features + b.features)
 
 
@@ -215,6 +266,7 @@ class SparseEncoderRunner:
         self._convs = tuple(_Conv.from_node(node) if node.op_type == SPARSE_CONVOLUTION else None
                             for node in nodes)
         self._device_convs: Optional[tuple[Optional[_Conv], ...]] = None
+        self._fusions = _fusions(self.nodes)
         first = self._convs[0]
         assert first is not None        # _check_graph: the graph starts with a conv
         self._input_layer = first.layer
@@ -263,12 +315,20 @@ class SparseEncoderRunner:
         tensors: dict[str, Union[SparseTensor, Array]] = {self.nodes[0].inputs[0]: sparse_input(
             xp.asarray(features), xp.asarray(coords), sparse_shape, self.compute_dtype)}
         rulebooks: dict[str, Rulebook] = {}
-        for node, conv in zip(self.nodes, convs):
+        skipped: set[int] = set()
+        for index, (node, conv) in enumerate(zip(self.nodes, convs)):
+            if index in skipped:
+                continue
             inputs = [tensors[name] for name in _data_inputs(node)]
-            if conv is not None:
+            fusion = self._fusions.get(index)
+            if conv is None:
+                tensors[node.outputs[0]] = _TENSOR_OPS[node.op_type](node, *inputs)  # type: ignore[operator]
+            elif fusion is None:
                 tensors[node.outputs[0]] = conv(inputs[0], rulebooks)  # type: ignore[arg-type]
             else:
-                tensors[node.outputs[0]] = _TENSOR_OPS[node.op_type](node, *inputs)  # type: ignore[operator]
+                tensors[fusion.output] = conv(inputs[0], rulebooks,  # type: ignore[arg-type]
+                                              tensors[fusion.residual], fusion.relu)  # type: ignore[arg-type]
+                skipped.update(fusion.skipped)
         result = tensors[self.nodes[-1].outputs[0]]
         return xp.ascontiguousarray(result.features if isinstance(result, SparseTensor) else result,
                                     dtype=self.output_dtype)

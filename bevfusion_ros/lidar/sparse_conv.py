@@ -16,9 +16,11 @@ are one-to-one (a tap shifts every site by the same offset).
 Where it runs: every public function runs where its arrays live. NumPy: vectorised over the
 taps; the conv multiplies tap by tap over the real pairs only (``out[out_rows] += features[in_rows]
 @ W[tap]``, no repeated rows within a tap). CuPy: :mod:`bevfusion_ros.lidar._cuda` kernels build
-the rulebook (one launch per step), and a conv is an im2col gather [N_out, K * I] (zeros where a
-neighbour is missing) plus one cuBLAS GEMM with the weight as [K * I, O]: dense over the K taps,
-about twice the FLOPs of the real pairs on lidar data, but three launches per conv instead of 3 K.
+the rulebook (one launch per step). A float16 conv is one implicit-GEMM launch on tensor cores
+(gather, multiply, bias, residual and ReLU fused; taps without any neighbour in a 64-row tile
+skipped); a float32 conv is an im2col gather [N_out, K * I] (zeros where a neighbour is missing)
+plus one cuBLAS GEMM with the weight as [K * I, O]. Both are dense over the K taps within a
+tile, about twice the FLOPs of the real pairs on lidar data, in one to three launches per conv.
 Arithmetic is in the dtype of the features: float32 (fp16 weights widened) is the reference;
 float16 storage with float32 accumulation is the GPU fast path.
 """
@@ -224,13 +226,17 @@ def _gather_gemm_scatter(features: np.ndarray, tap_weights: np.ndarray, rulebook
     return out
 
 
-def sparse_conv(features: Array, weight: Array, rulebook: Rulebook,
-                bias: Optional[Array] = None) -> Array:
-    """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] (+ bias [O]) -> [N_out, O].
+def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Optional[Array] = None,
+                residual: Optional[Array] = None, relu: bool = False) -> Array:
+    """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] (+ bias [O])
+    (+ residual [N_out, O]) (then ReLU when ``relu``) -> [N_out, O].
 
-    Computes in the dtype of ``features`` (float32 on the deploy path; float16 on the GPU with
-    float32 accumulation in cuBLAS); ``weight`` and ``bias`` are cast to it (and uploaded when
-    the features are CuPy arrays and they are not). The result lives where the features do.
+    Computes in the dtype of ``features`` (float32 on the deploy path; float16 on the GPU);
+    ``weight``, ``bias`` and ``residual`` are cast to it (and uploaded when the features are CuPy
+    arrays and they are not). The result lives where the features do. float32: the GEMM result,
+    then + bias, + residual, ReLU, each in float32 (the order of the unfused graph ops). CuPy
+    float16 with a multiple of 16 (<= 128) outputs: one fused tensor-core kernel
+    (:func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`) that rounds to fp16 once, at the end.
     """
     kernel, channels_in, channels_out = weight.shape[:3], weight.shape[3], weight.shape[4]
     if tuple(kernel) != tuple(rulebook.geometry.kernel_size) or features.shape != (
@@ -244,9 +250,16 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook,
         out = _gather_gemm_scatter(features, tap_weights, rulebook)
     else:
         from bevfusion_ros.lidar import _cuda
+        if features.dtype == np.float16 and _cuda.fused_conv_supported(channels_out):
+            bias = xp.zeros(channels_out, dtype=np.float16) if bias is None else bias
+            return _cuda.sparse_conv_fp16(features, tap_weights, rulebook.neighbors, xp.asarray(bias),
+                                          None if residual is None else xp.asarray(residual), relu)
         out = _cuda.gather_columns(features, rulebook.neighbors) @ tap_weights.reshape(-1, channels_out)
-    if bias is not None:
-        out += xp.asarray(bias).astype(features.dtype, copy=False)
+    for term in (bias, residual):
+        if term is not None:
+            out += xp.asarray(term).astype(features.dtype, copy=False)
+    if relu:
+        xp.maximum(out, 0, out=out)
     return out
 
 

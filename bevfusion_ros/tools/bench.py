@@ -1,7 +1,7 @@
 """``bevfusion-bench``: per-stage and end-to-end latency of the pipeline on one frame.
 
     bevfusion-bench --model DIR --data EXAMPLE_DATA_DIR --backend {cpu,gpu,tensorrt,auto}
-                    [--iters N] [--warmup W] [--json OUT]
+                    [--precision {fp16,fp32}] [--iters N] [--warmup W] [--json OUT]
                     [--compare-cpu K] [--compare-reference K]
 
 Stage times come from the pipeline (CUDA events on the GPU, wall clock on the CPU); the
@@ -13,6 +13,7 @@ same device as the benchmarked backend (needs the ``model`` extra), in the same 
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 import time
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
+                        help="arithmetic of the gpu backend (default fp16)")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the full report here")
@@ -132,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-reference", type=int, default=0, metavar="K",
                         help="also time the eager float32 PyTorch reference K times")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # e.g. the backend choice
     frame = load_example_data(args.data)
-    pipeline = BEVFusionPipeline.from_model_dir(args.model, backend=args.backend)
-    report = {"backend": pipeline.backend, "model": str(args.model),
+    pipeline = BEVFusionPipeline.from_model_dir(args.model, backend=args.backend,
+                                                precision=args.precision)
+    report = {"backend": pipeline.backend, "precision": args.precision, "model": str(args.model),
               "pipeline": time_pipeline(pipeline, frame, args.iters, args.warmup)}
     report["memory"] = peak_gpu_memory_mib()
     if args.compare_cpu:

@@ -1,6 +1,6 @@
 """``bevfusion-infer``: run one frame of a CUDA-BEVFusion example-data folder through the pipeline.
 
-    bevfusion-infer --model DIR --data EXAMPLE_DATA_DIR [--out OUTDIR] [--backend cpu]
+    bevfusion-infer --model DIR --data EXAMPLE_DATA_DIR [--out OUTDIR] [--backend auto]
                     [--score-threshold S]
 
 Writes ``OUTDIR/detections.json`` (REP-103 boxes: label, score, centre, size [l, w, h], yaw,
@@ -10,6 +10,7 @@ bird's-eye view), and prints the time of every stage.
 from __future__ import annotations
 
 import argparse
+import logging
 import dataclasses
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from bevfusion_ros.config import ConfigError, load_config
 from bevfusion_ros.engines import EngineError
+from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.visualize import save_visualization
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipeline = BEVFusionPipeline.from_model_dir(
         args.model, load_config(args.config) if args.config else None, backend=args.backend)
+    args.backend = pipeline.backend
     config = pipeline.config
     if args.score_threshold is not None:
         config = pipeline.config = dataclasses.replace(config, head=dataclasses.replace(
@@ -62,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="CUDA-BEVFusion model folder")
     parser.add_argument("--data", type=Path, required=True, help="example-data folder")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder")
-    parser.add_argument("--backend", default="cpu", choices=("cpu",))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="engine backend; auto picks tensorrt > gpu > cpu and logs why")
     parser.add_argument("--config", type=Path, help="parameter YAML (default: MODEL/bevfusion.yaml)")
     parser.add_argument("--score-threshold", type=float, help="override head.score_threshold")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # e.g. the backend choice
     try:
         return run(args)
     except (ModelDirError, EngineError, ConfigError, FrameError, CalibrationError, TensorFileError,

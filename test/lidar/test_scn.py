@@ -167,6 +167,29 @@ def test_runner_matches_torch_graph_runner(tiny_nodes, tiny_voxels):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
+def test_residual_blocks_are_fused(tiny_nodes):
+    from bevfusion_ros.lidar.scn import _fusions
+    fusions = _fusions(tiny_nodes)
+    adds = [i for i, node in enumerate(tiny_nodes) if node.op_type == "Add"]
+    assert len(fusions) == len(adds) == 8                  # 4 encoder stages x 2 basic blocks
+    for conv, fusion in fusions.items():
+        add, relu = (tiny_nodes[i] for i in fusion.skipped)
+        assert (add.op_type, relu.op_type) == ("Add", "Relu") and fusion.relu
+        assert tiny_nodes[conv].outputs[0] in add.inputs and fusion.residual in add.inputs
+        assert fusion.output == relu.outputs[0]
+        assert tiny_nodes[conv].layer.activation == "None"
+
+
+def test_fused_residual_and_relu_follow_the_graph_order():
+    coords, features, weight, bias = conv_case(3, (3, 3, 3), channels=(4, 4))
+    rulebook = build_rulebook(coords, GRID, ConvGeometry((3, 3, 3), (1, 1, 1), (1, 1, 1), subm=True))
+    residual = np.random.default_rng(4).normal(size=(len(coords), 4)).astype(np.float32)
+    fused = sparse_conv(features, weight, rulebook, bias, residual, relu=True)
+    expected = np.maximum(sparse_conv(features, weight, rulebook, bias) + residual, 0)
+    np.testing.assert_array_equal(fused, expected)      # float32, same order of operations
+    assert (fused == 0).any() and (fused > 0).any()
+
+
 def test_runner_input_errors(tiny_nodes):
     runner = SparseEncoderRunner(tiny_nodes)
     grid = TINY.pipeline.voxelization.sparse_shape
