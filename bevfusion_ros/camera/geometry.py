@@ -35,8 +35,8 @@ Quirk choices (CUDA-BEVFusion vs mit-han-lab):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 
@@ -58,7 +58,11 @@ class CameraGeometry:
                    ends at ``keep_count`` or, with ``last_interval="cuda"``, ``keep_count - 1``;
     keep_count:    number of kept frustum points;
     bev_size:      ``(X, Y)`` cells of the camera BEV;
-    frustum_shape: ``(N, D, fH, fW)``, the shape of the depth weights this geometry pools.
+    frustum_shape: ``(N, D, fH, fW)``, the shape of the depth weights this geometry pools;
+    pool_tables:   None on the host; set by :meth:`to_device`: the CUDA kernel's device tables
+                   (:class:`~bevfusion_ros.camera.bevpool_cuda.PoolTables`: int32 feature row
+                   and point id per sorted point, intervals longest first plus the empty cells).
+                   The NumPy path ignores it.
     """
 
     indices: np.ndarray
@@ -66,15 +70,21 @@ class CameraGeometry:
     keep_count: int
     bev_size: tuple[int, int]
     frustum_shape: tuple[int, int, int, int]
+    pool_tables: Any = field(default=None, repr=False, compare=False)
 
     def to_device(self) -> CameraGeometry:
         """Copy whose ``indices`` and ``intervals`` are CuPy arrays on the current device.
 
         Upload once per calibration and pass the copy to :func:`bev_pool` with CuPy features;
-        dtypes and layouts stay the same (arrays already on that device are not copied).
+        dtypes and layouts stay the same (arrays already on that device are not copied). It also
+        builds ``pool_tables`` on the device (kept when already built from these arrays), so a
+        second ``to_device`` uploads and computes nothing.
         """
         import cupy
-        return replace(self, indices=cupy.asarray(self.indices), intervals=cupy.asarray(self.intervals))
+
+        from bevfusion_ros.camera.bevpool_cuda import geometry_tables
+        device = replace(self, indices=cupy.asarray(self.indices), intervals=cupy.asarray(self.intervals))
+        return replace(device, pool_tables=geometry_tables(device))
 
 
 def frustum(image: ImageConfig, geometry: CameraGeometryConfig) -> np.ndarray:

@@ -15,9 +15,11 @@ Semantics (identical to :func:`bevfusion_ros.model.reference.voxelize`, determin
 CUDA-BEVFusion's kernel numbers voxels and orders points by atomics (non-deterministic); this
 module follows mit-han-lab's deterministic hard voxelization instead (spec 5.1 step 3).
 
-Runs where the points live: the algorithm is written once with NumPy/CuPy array ops (sorts, scans,
-gathers and IEEE float32 element-wise arithmetic, no atomics), so CuPy points give bit-identical
-voxels on the GPU. A GPU call synchronises a few times (compactions and the final counts).
+Runs where the points live. This module is the reference, written with NumPy/CuPy array ops (sorts,
+scans, gathers and IEEE float32 element-wise arithmetic, no atomics); :func:`voxelize` hands CuPy
+points to :func:`bevfusion_ros.lidar.voxelize_cuda.voxelize_cuda` (three RawKernels and one sort
+instead of about 40 CuPy array ops, several host synchronisations and the
+[M, max_points_per_voxel, C] buffer), which gives bit-identical results.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.array_module import get_array_module, to_numpy
+from bevfusion_ros.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.config import VoxelizationConfig
 
 Array = Any                      # numpy.ndarray or cupy.ndarray
@@ -136,11 +138,15 @@ def _voxel_means(points: Array, groups: _VoxelGroups, num_voxels: int, point_cou
 def voxelize(points: Array, config: VoxelizationConfig) -> Voxels:
     """Points float32 [N, C] (C >= 3, x y z first; fp16 is widened) -> :class:`Voxels`.
 
-    NumPy or CuPy points; the voxels live in the same place. Work is O(N log N) (one sort) and
-    allocates a [M, max_points_per_voxel, C] float32 buffer.
+    NumPy or CuPy points; the voxels live in the same place. Work is O(N log N) (one sort); NumPy
+    allocates a [M, max_points_per_voxel, C] float32 buffer, CuPy points go to the CUDA kernels
+    of :mod:`bevfusion_ros.lidar.voxelize_cuda`.
     """
     if points.ndim != 2 or points.shape[1] < 3:
         raise ValueError(f"points must be [N, C] with C >= 3 (x, y, z first), got shape {points.shape}")
+    if is_cupy(points):
+        from bevfusion_ros.lidar.voxelize_cuda import voxelize_cuda
+        return voxelize_cuda(points, config)
     xp = get_array_module(points)
     points = points.astype(np.float32, copy=False)
     inside, index = voxel_indices(points, config)

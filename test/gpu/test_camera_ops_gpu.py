@@ -4,15 +4,20 @@ normalize and depth must match bit for bit. bevpool sums the same float32 terms 
 order (sequential FMA vs NumPy's rounded products + pairwise reduceat), so it is compared
 per cell within ``POOL_RTOL * sum |F * W|``: the worst-case float32 error of an n-term sum
 is about n * 2**-24 * sum |terms| and the typical one sqrt(n) * 2**-24 * sum |terms|,
-i.e. ~1e-6 for the largest (887-point) cells of the nuScenes geometry.
+i.e. ~1e-6 for the largest (887-point) cells of the nuScenes geometry. Every kernel path (fp16
+16-byte or scalar loads, channels-last 16-byte or scalar stores, channel-major stores) sums the
+same terms in the same order, so the paths and ``out`` layouts must agree bit for bit; ``out``
+buffers are NaN-poisoned first, so every element must be written.
 Timings (CUDA events, median of 50 after warm-up) are printed, never asserted.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from bevfusion_ros.camera.bevpool import bev_pool
+from bevfusion_ros.camera.bevpool import bev_pool, feature_rows
 from bevfusion_ros.camera.depth import depth_map, project_points
 from bevfusion_ros.camera.geometry import compute_geometry
 from bevfusion_ros.camera.normalize import normalize_images
@@ -192,6 +197,63 @@ def assert_pool_close(gpu, features, weights, geometry) -> None:
     assert not result.reshape(result.shape[1], -1)[:, ~occupied].any()
 
 
+def is_channels_last(array) -> bool:
+    """``array`` [1, C, X, Y] is a view of a C-contiguous [1, X, Y, C] (nhwc.transpose(0, 3, 1, 2))."""
+    return array.ndim == 4 and array.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def poisoned_out(shape, dtype, channels_last: bool, offset: int = 0):
+    """NaN-filled CuPy out ``[1, C, X, Y]``, C-contiguous or channels-last, ``offset`` elements into
+    its allocation (offset 1 breaks the 16-byte alignment: the kernel's scalar store path)."""
+    _, channels, nx, ny = shape
+    inner = (1, nx, ny, channels) if channels_last else tuple(shape)
+    flat = cupy.full(offset + int(np.prod(inner)), np.nan, dtype=dtype)
+    buffer = flat[offset:].reshape(inner)
+    out = buffer.transpose(0, 3, 1, 2) if channels_last else buffer
+    assert out.shape == tuple(shape) and (out.data.ptr % 16 == 0) == (offset == 0)
+    return out
+
+
+def misaligned(array):
+    """C-contiguous CuPy copy of ``array`` 2+ bytes off a 16-byte boundary (the scalar load path)."""
+    flat = cupy.empty(array.size + 1, dtype=array.dtype)
+    flat[1:] = cupy.asarray(array).ravel()
+    copy = flat[1:].reshape(array.shape)
+    assert copy.flags.c_contiguous and copy.data.ptr % 16 != 0
+    return copy
+
+
+def assert_every_out(feature_gpu, weight_gpu, device, reference: np.ndarray) -> None:
+    """bev_pool into NaN-poisoned float32/float16 outs, C-contiguous and channels-last, aligned or
+    not, returns ``out`` with every element written: float32 equal to ``reference`` (the default
+    result) bit for bit, float16 its round to nearest even."""
+    for dtype in (np.float32, np.float16):
+        expected = reference.astype(dtype)
+        for channels_last in (False, True):
+            for offset in (0, 1):
+                out = poisoned_out(reference.shape, dtype, channels_last, offset)
+                assert bev_pool(feature_gpu, weight_gpu, device, out=out) is out
+                assert_same_bits(out, expected)
+
+
+def assert_tables_match(geometry, tables) -> None:
+    """The kernel tables: int32 (feature row, point id) per sorted point; every cell once, intervals
+    longest first with their (start, end), empty cells as (0, 0)."""
+    points, slots = tables.points.get(), tables.slots.get()
+    assert points.dtype == np.int32 and points.shape == (geometry.keep_count, 2)
+    assert np.array_equal(points[:, 0], feature_rows(geometry.indices, geometry.frustum_shape))
+    assert np.array_equal(points[:, 1], geometry.indices)
+    cells = geometry.bev_size[0] * geometry.bev_size[1]
+    assert slots.dtype == np.int32 and slots.shape == (cells, 3) and slots.flags.c_contiguous
+    assert np.array_equal(np.sort(slots[:, 2]), np.arange(cells))
+    count = len(geometry.intervals)
+    lengths = slots[:count, 1] - slots[:count, 0]
+    assert np.all(np.diff(lengths) <= 0)
+    by_cell = geometry.intervals[np.argsort(geometry.intervals[:, 2])]
+    assert np.array_equal(slots[:count][np.argsort(slots[:count, 2])], by_cell)
+    assert not slots[count:, :2].any()
+
+
 def test_to_device_uploads_the_arrays_once(frame):
     geometry = compute_geometry(frame.calibration, TINY.pipeline)
     device = geometry.to_device()
@@ -201,39 +263,71 @@ def test_to_device_uploads_the_arrays_once(frame):
     assert np.array_equal(device.intervals.get(), geometry.intervals)
     assert (device.keep_count, device.bev_size, device.frustum_shape) == \
         (geometry.keep_count, geometry.bev_size, geometry.frustum_shape)
+    assert geometry.pool_tables is None                                 # the host copy has none
+    assert isinstance(device.pool_tables.points, cupy.ndarray)
+    assert_tables_match(geometry, device.pool_tables)
     again = device.to_device()                                          # no second upload
     assert again.indices.data.ptr == device.indices.data.ptr
     assert again.intervals.data.ptr == device.intervals.data.ptr
+    assert again.pool_tables is device.pool_tables                      # nor a second table build
     assert isinstance(geometry.indices, np.ndarray)                     # the host copy is untouched
 
 
 @pytest.mark.parametrize("last_interval", ["exclusive", "cuda"])
-@pytest.mark.parametrize("channels", [1, 13, 20])
+@pytest.mark.parametrize("channels", [1, 13, 16, 20])     # 16: fp16 16-byte loads and stores
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_bev_pool_matches_numpy_on_the_tiny_geometry(frame, last_interval, channels, dtype):
     geometry = compute_geometry(frame.calibration, TINY.pipeline, last_interval=last_interval)
     device = geometry.to_device()
     for seed in range(2):
         features, weights = pool_inputs(geometry, channels, seed, dtype)
-        assert_pool_close(bev_pool(cupy.asarray(features), cupy.asarray(weights), device),
-                          features, weights, geometry)
-    assert_pool_close(bev_pool(features, weights, device), features, weights, geometry)   # host inputs
+        feature_gpu, weight_gpu = cupy.asarray(features), cupy.asarray(weights)
+        bev = bev_pool(feature_gpu, weight_gpu, device)
+        assert bev.shape == (1, channels, *geometry.bev_size) and is_channels_last(bev)
+        assert_pool_close(bev, features, weights, geometry)
+        reference = bev.get()
+        assert_every_out(feature_gpu, weight_gpu, device, reference)
+        assert_same_bits(bev_pool(misaligned(features), weight_gpu, device), reference)   # scalar loads
+    assert_same_bits(bev_pool(features, weights, device), reference)                    # host inputs
+
+
+def test_bev_pool_builds_missing_or_stale_tables(frame):
+    exclusive = compute_geometry(frame.calibration, TINY.pipeline).to_device()
+    cuda_end = compute_geometry(frame.calibration, TINY.pipeline, last_interval="cuda").to_device()
+    features, weights = (cupy.asarray(a) for a in pool_inputs(exclusive, 16, seed=4, dtype=np.float16))
+    expected = bev_pool(features, weights, exclusive).get()
+    without = dataclasses.replace(exclusive, pool_tables=None)
+    assert_same_bits(bev_pool(features, weights, without), expected)
+    stale = dataclasses.replace(exclusive, intervals=cuda_end.intervals)    # tables of other intervals
+    assert_same_bits(bev_pool(features, weights, stale), bev_pool(features, weights, cuda_end).get())
 
 
 def test_bev_pool_matches_numpy_on_the_example_geometry(r50_geometry, capsys):
     device = r50_geometry.to_device()
+    assert_tables_match(r50_geometry, device.pool_tables)
     channels = R50.camera_geometry.camera_channels
     features, weights = pool_inputs(r50_geometry, channels, seed=3, dtype=np.float16)
     feature_gpu, weight_gpu = cupy.asarray(features), cupy.asarray(weights)
-    bev = bev_pool(feature_gpu, weight_gpu, device)
-    assert bev.shape == (1, 80, 360, 360)
+    bev = bev_pool(feature_gpu, weight_gpu, device)                     # fp16 16-byte loads and stores
+    assert bev.shape == (1, 80, 360, 360) and is_channels_last(bev)
     assert_pool_close(bev, features, weights, r50_geometry)
-    half = cupy.empty(bev.shape, cupy.float16)
-    assert bev_pool(feature_gpu, weight_gpu, device, out=half) is half
-    assert_same_bits(half, bev.get().astype(np.float16))               # fp16 store rounds to nearest even
-    report(capsys, f"bevpool fp16 in -> float32 [1,80,360,360] ({len(r50_geometry.intervals)} intervals): "
-                   f"{median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device)):.4f} ms; fp16 out: "
-                   f"{median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device, out=half)):.4f} ms")
+    reference = bev.get()
+    assert_every_out(feature_gpu, weight_gpu, device, reference)
+    # float32 features hold the same values: the generic load path sums the same terms in the same order
+    assert_same_bits(bev_pool(feature_gpu.astype(cupy.float32), weight_gpu, device), reference)
+    assert_same_bits(bev_pool(misaligned(features), weight_gpu, device), reference)
+    half_last = poisoned_out(bev.shape, np.float16, channels_last=True)
+    half = poisoned_out(bev.shape, np.float16, channels_last=False)
+    single = poisoned_out(bev.shape, np.float32, channels_last=False)
+    timings = {
+        "float32 channels-last (default)": median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device)),
+        "fp16 channels-last out": median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device, out=half_last)),
+        "fp16 C-contiguous out": median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device, out=half)),
+        "float32 C-contiguous out": median_ms(lambda: bev_pool(feature_gpu, weight_gpu, device, out=single)),
+    }
+    report(capsys, f"bevpool fp16 [6,32,88,80] x [6,118,32,88] -> [1,80,360,360] "
+                   f"({r50_geometry.keep_count} points, {len(r50_geometry.intervals)} intervals): "
+                   + "; ".join(f"{name}: {ms:.4f} ms" for name, ms in timings.items()))
 
 
 def test_bev_pool_requires_the_geometry_on_the_device(frame):
@@ -245,3 +339,16 @@ def test_bev_pool_requires_the_geometry_on_the_device(frame):
         bev_pool(features, weights, geometry.to_device(), out=cupy.empty((1, 4, 72, 72), cupy.float64))
     with pytest.raises(ValueError, match="depth_weights must be"):
         bev_pool(features, weights[:, 1:], geometry.to_device())
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda: cupy.empty((1, 4, 72, 71), cupy.float32),
+    lambda: cupy.empty((1, 4, 72, 144), cupy.float32)[..., ::2],          # neither layout
+    lambda: cupy.empty((1, 72, 4, 72), cupy.float32).transpose(0, 2, 1, 3),
+    lambda: np.empty((1, 4, 72, 72), np.float32),
+], ids=["shape", "strided", "other-layout", "numpy"])
+def test_bev_pool_rejects_other_outs(frame, make_out):
+    device = compute_geometry(frame.calibration, TINY.pipeline).to_device()
+    features, weights = (cupy.asarray(a) for a in pool_inputs(device, 4, seed=0, dtype=np.float16))
+    with pytest.raises(ValueError, match=r"out must be a CuPy float32/float16 array of shape \[1, 4, 72, 72\]"):
+        bev_pool(features, weights, device, out=make_out())
