@@ -94,8 +94,10 @@ def profile_layers(cases, cupy) -> None:
         f32 = x.features.astype(cupy.float32)
         w16, w32 = conv.weight.astype(cupy.float16), conv.weight.astype(cupy.float32)
         b16 = conv.bias.astype(cupy.float16)
-        fused = event_ms(lambda: sparse_conv(f16, w16, rulebook, b16), cupy) \
-            if _cuda.fused_conv_supported(w16.shape[4]) else float("nan")
+        fused = float("nan")
+        if _cuda.fused_conv_supported(w16.shape[4]):
+            packed = _cuda.pack_conv_weight(w16.reshape(-1, *w16.shape[3:]))
+            fused = event_ms(lambda: sparse_conv(f16, w16, rulebook, b16, packed_weight=packed), cupy)
         taps16 = w16.reshape(-1, w16.shape[4])
         im2col16 = event_ms(lambda: _cuda.gather_columns(f16, rulebook.neighbors) @ taps16, cupy)
         taps32 = w32.reshape(-1, w32.shape[4])

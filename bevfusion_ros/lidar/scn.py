@@ -99,6 +99,7 @@ class _Conv:
     geometry: ConvGeometry
     weight: Array
     bias: Array
+    packed_weight: Optional[Array] = None     # the fp16 GPU kernel's weight layout, when it applies
 
     @classmethod
     def from_node(cls, node: ScnNode) -> "_Conv":
@@ -110,9 +111,15 @@ class _Conv:
                    layer.bias.astype(np.float32))
 
     def to(self, xp: ModuleType, dtype: np.dtype) -> "_Conv":
-        """This conv with its weight and bias as ``dtype`` arrays of module ``xp`` (e.g. uploaded)."""
-        return replace(self, weight=xp.asarray(self.weight, dtype=dtype),
-                       bias=xp.asarray(self.bias, dtype=dtype))
+        """This conv with its weight and bias as ``dtype`` arrays of module ``xp`` (e.g. uploaded),
+        and for CuPy float16 the weight packed once for the fused kernel."""
+        weight = xp.asarray(self.weight, dtype=dtype)
+        packed = None
+        if xp is not np and dtype == np.float16:
+            from bevfusion_ros.lidar import _cuda
+            if _cuda.fused_conv_supported(self.layer.out_channels):
+                packed = _cuda.pack_conv_weight(weight.reshape(-1, *weight.shape[3:]))
+        return replace(self, weight=weight, bias=xp.asarray(self.bias, dtype=dtype), packed_weight=packed)
 
     def rulebook(self, x: SparseTensor, rulebooks: dict[str, Rulebook]) -> Rulebook:
         """The rulebook under this layer's key, built from ``x`` on first use (spconv indice_key)."""
@@ -141,7 +148,7 @@ class _Conv:
             _check_same_sites(self.name, rulebook.out_coords, residual.coords)
         out = sparse_conv(x.features, self.weight, rulebook, self.bias,
                           None if residual is None else residual.features,
-                          relu or self.layer.activation == "ReLU")
+                          relu or self.layer.activation == "ReLU", self.packed_weight)
         return SparseTensor(out, rulebook.out_coords, rulebook.output_shape)
 
 

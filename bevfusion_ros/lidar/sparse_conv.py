@@ -227,7 +227,8 @@ def _gather_gemm_scatter(features: np.ndarray, tap_weights: np.ndarray, rulebook
 
 
 def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Optional[Array] = None,
-                residual: Optional[Array] = None, relu: bool = False) -> Array:
+                residual: Optional[Array] = None, relu: bool = False,
+                packed_weight: Optional[Array] = None) -> Array:
     """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] (+ bias [O])
     (+ residual [N_out, O]) (then ReLU when ``relu``) -> [N_out, O].
 
@@ -236,7 +237,9 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
     arrays and they are not). The result lives where the features do. float32: the GEMM result,
     then + bias, + residual, ReLU, each in float32 (the order of the unfused graph ops). CuPy
     float16 with a multiple of 16 (<= 128) outputs: one fused tensor-core kernel
-    (:func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`) that rounds to fp16 once, at the end.
+    (:func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`) that rounds to fp16 once, at the end;
+    ``packed_weight`` is the weight in that kernel's layout (``_cuda.pack_conv_weight``), packed
+    here when not given.
     """
     kernel, channels_in, channels_out = weight.shape[:3], weight.shape[3], weight.shape[4]
     if tuple(kernel) != tuple(rulebook.geometry.kernel_size) or features.shape != (
@@ -252,7 +255,8 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
         from bevfusion_ros.lidar import _cuda
         if features.dtype == np.float16 and _cuda.fused_conv_supported(channels_out):
             bias = xp.zeros(channels_out, dtype=np.float16) if bias is None else bias
-            return _cuda.sparse_conv_fp16(features, tap_weights, rulebook.neighbors, xp.asarray(bias),
+            packed = _cuda.pack_conv_weight(tap_weights) if packed_weight is None else packed_weight
+            return _cuda.sparse_conv_fp16(features, packed, rulebook.neighbors, xp.asarray(bias),
                                           None if residual is None else xp.asarray(residual), relu)
         out = _cuda.gather_columns(features, rulebook.neighbors) @ tap_weights.reshape(-1, channels_out)
     for term in (bias, residual):

@@ -21,13 +21,13 @@ with C channels (float32, or float16 read as its bits and widened exactly in the
    group size and point count to two counters (one integer atomic per warp: exact in any order).
    One device-to-host copy of the three counters ends the call (host sync).
 
-Why the bits match: the voxel index is ``floorf(__fdiv_rn(__fsub_rn(p, low), size))`` with the
+Why the bits match: the voxel index is ``floorf(div_rn(sub_rn(p, low), size))`` (PTX ``sub.rn``/``div.rn`` without ``.ftz``) with the
 float32 constants NumPy uses (IEEE round-to-nearest float32 subtraction and division, as NumPy's
 float32 arrays compute them; no fast-math), the range test is the same half-open float32
 comparison, and the index bound is compared exactly (in double). The mean replays NumPy's
-[M, capacity, C] zero-padded buffer summed slot by slot: sum = point 0, then ``__fadd_rn`` of
+[M, capacity, C] zero-padded buffer summed slot by slot: sum = point 0, then ``add.rn.f32`` of
 each next point in input order, or of +0.0 for each empty slot up to capacity (so a -0.0 sum
-in a voxel below capacity becomes +0.0, as in NumPy), then ``__fdiv_rn`` by the float32 count and ``cvt.rn.f16.f32``
+in a voxel below capacity becomes +0.0, as in NumPy), then ``div.rn.f32`` by the float32 count and ``cvt.rn.f16.f32``
 (round to nearest even, like NumPy's float32 -> float16). Integer outputs come from the same
 keys and the same first-appearance order.
 
@@ -73,6 +73,26 @@ __device__ __forceinline__ unsigned short to_half(float value) {          // rou
     return bits;
 }
 
+/* IEEE float32 add, subtract and divide with subnormals kept, as NumPy computes them: CuPy
+   compiles every kernel with -ftz=true (and a user's -ftz=false is overridden), which would
+   flush subnormal operands and results (e.g. -1e-45 + 0 -> +0 instead of NumPy's -1e-45 and
+   a -0.0 mean); explicit PTX without .ftz is immune to that flag. */
+__device__ __forceinline__ float add_rn(float a, float b) {
+    float value;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(value) : "f"(a), "f"(b));
+    return value;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+    float value;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(value) : "f"(a), "f"(b));
+    return value;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+    float value;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(value) : "f"(a), "f"(b));
+    return value;
+}
+
 __device__ __forceinline__ bool is_finite(float value) {                  // exponent not all ones
     return (__float_as_uint(value) & 0x7f800000u) != 0x7f800000u;
 }
@@ -82,7 +102,7 @@ __device__ __forceinline__ bool is_finite(float value) {                  // exp
 __device__ __forceinline__ bool axis_index(float p, float low, float high, float size,
                                            long long cells, long long* index) {
     if (!(p >= low && p < high)) return false;
-    const float floored = floorf(__fdiv_rn(__fsub_rn(p, low), size));
+    const float floored = floorf(div_rn(sub_rn(p, low), size));
     if (!((double)floored < (double)cells)) return false;
     *index = (long long)floored;
     return true;
@@ -182,9 +202,9 @@ extern "C" __global__ void voxel_means(
             for (int slot = 1; slot < capacity; ++slot) {
                 const float value = slot < count
                     ? load(points + (packed[start + slot] - base) * channels + c) : 0.0f;
-                sum = __fadd_rn(sum, value);
+                sum = add_rn(sum, value);
             }
-            features[v * channels + c] = to_half(__fdiv_rn(sum, (float)count));
+            features[v * channels + c] = to_half(div_rn(sum, (float)count));
         }
         voxel_points += size;
         used_points += count;
