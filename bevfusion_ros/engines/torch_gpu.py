@@ -660,14 +660,20 @@ class _CudaGraphRunner:
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark() -> Iterator[None]:
-    """cuDNN autotuning on (static shapes: each conv is tuned once), restored afterwards."""
-    previous = torch.backends.cudnn.benchmark
+def _cudnn_benchmark(dtype: torch.dtype) -> Iterator[None]:
+    """cuDNN autotuning on (static shapes: each conv is tuned once) and, for float32 engines,
+    TF32 off in cuDNN and cuBLAS (PyTorch allows TF32 convolutions by default: a relative error
+    near 1e-3, which would make float32 no more exact than float16); restored afterwards."""
+    previous = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.benchmark = True
+    if dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = previous
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = previous
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -743,7 +749,7 @@ class TorchEngine(Engine):
             raise EngineError(f"{self.name}: CUDA graphs need static input shapes ({dynamic} are dynamic)")
         inputs = [(tuple(int(dim or 0) for dim in spec.shape), self._feed_dtypes[name])
                   for name, spec in self._inputs.items()]
-        with _cudnn_benchmark():
+        with _cudnn_benchmark(self.dtype):
             return _CudaGraphRunner(self.module, inputs)
 
     @property
@@ -767,7 +773,7 @@ class TorchEngine(Engine):
         """Feeds by name (NumPy, torch or CuPy) -> outputs by name, of the same kind."""
         self.check_feeds(feeds)
         kind = _array_kind(feeds)
-        with self._stream(kind), torch.no_grad(), _cudnn_benchmark():
+        with self._stream(kind), torch.no_grad(), _cudnn_benchmark(self.dtype):
             tensors = [self._tensor(feeds[name], dtype) for name, dtype in self._feed_dtypes.items()]
             outputs = self._graph(tensors) if self._graph is not None else self.module(*tensors)
             return {name: _export(value, kind) for name, value in zip(self._outputs, outputs)}

@@ -5,10 +5,13 @@ Tolerances (boxes = x y z l w h yaw vx vy label score):
   (cuDNN/cuBLAS vs ONNX Runtime/NumPy): every box equal within FP32_ATOL (metres, radians, m/s,
   score), same labels, same count.
 - ``precision="fp16"`` (the fast path): dense networks, BEV features and the sparse encoder in
-  float16 with float32 accumulation. Relative error of the heatmap is about 1e-3, so boxes whose
-  scores differ by less than that may swap places in the top-K; compared as sets: at least
-  FP16_MATCHED of the CPU boxes have a GPU box of the same label within FP16_CENTRE metres, whose
-  score is within FP16_SCORE and size/yaw within FP16_ATOL. Measured values are printed.
+  float16 with float32 accumulation. Every stage up to the fuser output agrees with the CPU
+  stage within FP16_STAGE_RTOL relative L2 (measured on the H100, tiny: camera_feature 1.8e-3,
+  depth weights 3.0e-3, bevpool 2.1e-3, vtransform 2.1e-3, lidar BEV 1.1e-3, middle 2.3e-3).
+  The boxes themselves are not comparable with untrained weights: their heatmap is nearly flat,
+  so a 2e-3 perturbation of ``middle`` changes which 200 proposals the head's TopK keeps (the
+  same holds for TF32 arithmetic); the head engine's fp16 parity on fixed inputs is tested in
+  test_engines_gpu.py with proposals matched by content.
 """
 from __future__ import annotations
 
@@ -28,10 +31,9 @@ from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 
 FP32_ATOL = 2e-3
-FP16_MATCHED = 0.9
-FP16_CENTRE = 0.05
-FP16_SCORE = 0.02
-FP16_ATOL = 0.05
+FP16_STAGE_RTOL = 1e-2
+FP16_STAGES = ("normalize", "depth", "backbone.camera_feature", "backbone.camera_depth_weights",
+               "bevpool", "vtransform", "voxels", "lidar_bev", "middle")
 STAGES = {"upload", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
           "lidar_backbone", "fuser", "head", "decode"}
 
@@ -89,32 +91,14 @@ def compare_fp32(gpu: np.ndarray, cpu: np.ndarray) -> float:
     return error
 
 
-def compare_fp16(gpu: np.ndarray, cpu: np.ndarray) -> dict:
-    """Fraction of CPU boxes matched by the GPU and the worst differences among the matched."""
-    pairs = [(box, gpu[index]) for box, (index, distance) in zip(cpu, one_to_one(gpu, cpu))
-             if distance <= FP16_CENTRE]
-    stats = {"matched": len(pairs) / len(cpu), "boxes": (len(gpu), len(cpu))}
-    if pairs:
-        a, b = (np.stack(side) for side in zip(*pairs))
-        stats["score"] = float(np.abs(a[:, 10] - b[:, 10]).max())
-        stats["size"] = float(np.abs(a[:, 3:6] - b[:, 3:6]).max())
-        stats["yaw"] = float(np.abs(np.angle(np.exp(1j * (a[:, 6] - b[:, 6])))).max())
-        stats["centre"] = float(np.linalg.norm(a[:, :3] - b[:, :3], axis=1).max())
-    print(f"fp16 GPU vs CPU: {stats}")
-    return stats
-
-
-def assert_fp16_close(stats: dict) -> None:
-    assert stats["matched"] >= FP16_MATCHED
-    assert stats["score"] <= FP16_SCORE and stats["size"] <= FP16_ATOL and stats["yaw"] <= FP16_ATOL
-
-
 def run_both(model_dir: Path, frame, precision: str):
+    """Boxes of the CPU pipeline and of the GPU pipeline (run twice: graphs, streams and buffers
+    reused give the same boxes)."""
     cpu = BEVFusionPipeline.from_model_dir(model_dir, backend="cpu").forward(frame)
     gpu_pipeline = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu", precision=precision)
     assert gpu_pipeline.device == "cuda"
     first = gpu_pipeline.forward(frame)
-    second = gpu_pipeline.forward(frame)            # graphs, streams and buffers reused
+    second = gpu_pipeline.forward(frame)
     np.testing.assert_array_equal(first.boxes, second.boxes)
     assert set(second.stage_ms) == STAGES and all(value >= 0 for value in second.stage_ms.values())
     return cpu.boxes, first.boxes
@@ -127,11 +111,39 @@ def test_fp32_gpu_boxes_equal_cpu_boxes(preset, tiny_dir, frame, request):
     assert compare_fp32(gpu, cpu) < FP32_ATOL
 
 
+def stage_chain():
+    """benchmarks/pipeline_parity.py's ``chain``: every stage of a pipeline run by hand."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline_parity.py"
+    spec = importlib.util.spec_from_file_location("pipeline_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.chain
+
+
 @pytest.mark.parametrize("preset", ["tiny", "r50"])
-def test_fp16_gpu_boxes_match_cpu_boxes(preset, tiny_dir, frame, request):
+def test_fp16_gpu_stages_match_cpu_stages(preset, tiny_dir, frame, request):
+    import cupy
+    from bevfusion_ros.pipeline import prepare_points
     model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
-    cpu, gpu = run_both(model_dir, frame, "fp16")
-    assert_fp16_close(compare_fp16(gpu, cpu))
+    cpu = BEVFusionPipeline.from_model_dir(model_dir, backend="cpu")
+    gpu = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu", precision="fp16")
+    cpu.update(frame.calibration)
+    gpu.update(frame.calibration)
+    points = prepare_points(frame.points, cpu.config).points
+    images = np.stack(frame.images)
+    chain = stage_chain()
+    expected = chain(cpu, images, points, np)
+    got = chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy)
+    errors = {name: float(np.linalg.norm(got[name] - expected[name]) / np.linalg.norm(expected[name]))
+              for name in FP16_STAGES}
+    print(f"fp16 GPU vs CPU stages ({preset}), relative L2: "
+          + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
+    assert max(errors.values()) <= FP16_STAGE_RTOL
+    assert np.isfinite(got["boxes"]).all() and len(got["boxes"]) == len(expected["boxes"])
+    first, second = gpu.forward(frame), gpu.forward(frame)
+    np.testing.assert_array_equal(first.boxes, second.boxes)
+    np.testing.assert_allclose(first.boxes, got["boxes"], atol=1e-4)   # branch streams = one stream
 
 
 def test_empty_cloud_and_bad_images_on_the_gpu(tiny_dir, frame):
