@@ -4,10 +4,11 @@
 # example data carried in .device/ (the device tool's carry: [".device"]):
 #   bash benchmarks/device_run.sh [pytest -k expression]
 # Writes logs and JSON under $OUT (or ./out/device when OUT is unset). Steps are independent:
-# a failing test does not stop the benchmark. STEPS (default "tests profile bench") selects.
+# a failing test does not stop the benchmark. STEPS (default "tests parity profile bench")
+# selects; ITERS, CPU_ITERS and REF_ITERS set the benchmark's repetitions.
 set -uo pipefail
 OUT="${OUT:-out/device}"
-STEPS="${STEPS:-tests profile bench}"
+STEPS="${STEPS:-tests parity profile bench}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=8
 export BEVFUSION_EXAMPLE_DATA="$PWD/.device/data/cuda-bevfusion-example"
@@ -32,6 +33,10 @@ if [[ " $STEPS " == *" tests "* ]]; then
     > "$OUT/gpu_tests_r50.log" 2>&1
   echo "GPU tests (r50): $(tail -1 "$OUT/gpu_tests_r50.log")"
   grep -h "FAILED\|Error\|GPU vs CPU\|median\| ms" "$OUT/gpu_tests.log" "$OUT/gpu_tests_r50.log" | head -60
+fi
+if [[ " $STEPS " == *" parity "* ]]; then
+  MODEL_DIR="$model" bash benchmarks/debug_tiny_parity.sh > "$OUT/parity.log" 2>&1
+  grep -v "rel L2 [0-9.]*e-0[5-9]" "$OUT/parity.log"
 fi
 if [[ " $STEPS " == *" profile "* ]]; then
   python3 benchmarks/lidar_profile.py "$model" "$BEVFUSION_EXAMPLE_DATA" --gpu --dtype float16 \

@@ -1,6 +1,7 @@
 """Engine interface: one network file, tensors bound by name (spec 2.1-2.5, 9 "Engine bindings").
 
-Every backend (ONNX Runtime now; PyTorch-GPU and TensorRT later) implements :class:`Engine`.
+Every backend (ONNX Runtime, PyTorch-GPU, TensorRT) implements :class:`Engine` through
+:class:`FileEngine`, which holds the file's path and binding specs.
 The pipeline never looks inside an engine; it only reads :attr:`Engine.inputs` /
 :attr:`Engine.outputs` and calls :meth:`Engine.run`. :func:`expected_interfaces` derives the
 shape every dense file must have from a :class:`PipelineConfig`, and :func:`check_interface`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -104,6 +106,32 @@ class Engine(ABC):
             return ", ".join(f"{spec.name} {format_shape(spec.shape)}" for spec in specs.values())
         return f"<{type(self).__name__} {self.name} on {self.backend}: ({describe(self.inputs)}) " \
                f"-> ({describe(self.outputs)})>"
+
+
+class FileEngine(Engine):
+    """An :class:`Engine` over one network file whose bindings are fixed when it is loaded.
+
+    The backends' common part: a subclass sets :attr:`path` and, once it has read the file,
+    ``_inputs`` / ``_outputs`` (name -> :class:`TensorSpec` in the file's order); this class
+    provides :attr:`name` (the file name) and :attr:`inputs` / :attr:`outputs` (copies, so a
+    caller cannot change the engine's own specs).
+    """
+
+    path: Path
+    _inputs: dict[str, TensorSpec]
+    _outputs: dict[str, TensorSpec]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def inputs(self) -> dict[str, TensorSpec]:
+        return dict(self._inputs)
+
+    @property
+    def outputs(self) -> dict[str, TensorSpec]:
+        return dict(self._outputs)
 
 
 def shape_matches(actual: Shape, expected: Shape) -> bool:

@@ -12,9 +12,8 @@ import numpy as np
 import onnxruntime
 
 from bevfusion_ros.config import PipelineConfig
-from bevfusion_ros.engines.base import (DENSE_MODEL_FILES, FUSER, HEAD, Engine, EngineError,
-                                        EngineInterfaceError, TensorSpec, check_interface,
-                                        expected_interfaces, format_shape)
+from bevfusion_ros.engines.base import (DENSE_MODEL_FILES, Engine, EngineError, FileEngine, TensorSpec,
+                                        check_dense_engines)
 
 # ONNX Runtime type strings of the element types our graphs use.
 _ORT_DTYPES: dict[str, np.dtype] = {
@@ -33,7 +32,7 @@ def _tensor_spec(node: Any, file_name: str) -> TensorSpec:
     return TensorSpec(node.name, shape, _ORT_DTYPES[node.type])
 
 
-class OnnxRuntimeEngine(Engine):
+class OnnxRuntimeEngine(FileEngine):
     """One ``.onnx`` file in an ``onnxruntime.InferenceSession``.
 
     ``providers`` are ORT execution providers in priority order; ``threads`` sets the
@@ -53,26 +52,13 @@ class OnnxRuntimeEngine(Engine):
                                                          providers=list(providers))
         except Exception as error:  # ORT raises its own classes derived from Exception only
             raise EngineError(f"cannot load model file {self.path}: {error}") from error
-        self._name = self.path.name
-        self._inputs = {node.name: _tensor_spec(node, self._name) for node in self._session.get_inputs()}
-        self._outputs = {node.name: _tensor_spec(node, self._name)
+        self._inputs = {node.name: _tensor_spec(node, self.name) for node in self._session.get_inputs()}
+        self._outputs = {node.name: _tensor_spec(node, self.name)
                          for node in self._session.get_outputs()}
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     @property
     def backend(self) -> str:
         return f"onnxruntime:{self._session.get_providers()[0]}"
-
-    @property
-    def inputs(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    @property
-    def outputs(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Feeds (any float dtype, shapes as :attr:`inputs`) -> float32 outputs by name."""
@@ -102,10 +88,5 @@ def load_dense_engines(model_dir: str | Path, config: PipelineConfig, backend: s
     engines: dict[str, Engine] = {
         name: OnnxRuntimeEngine(model_dir / name, BACKEND_PROVIDERS[backend], threads)
         for name in DENSE_MODEL_FILES}
-    for name, (inputs, outputs) in expected_interfaces(config).items():
-        check_interface(engines[name], inputs, outputs)
-    middle_out, middle_in = engines[FUSER].outputs["middle"].shape, engines[HEAD].inputs["middle"].shape
-    if middle_out != middle_in:
-        raise EngineInterfaceError([f"{FUSER} output 'middle' {format_shape(middle_out)} does not "
-                                    f"match {HEAD} input 'middle' {format_shape(middle_in)}"])
+    check_dense_engines(engines, config)
     return engines

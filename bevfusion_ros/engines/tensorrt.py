@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import onnx
 
-from bevfusion_ros.engines.base import Engine, EngineError, TensorSpec
+from bevfusion_ros.engines.base import EngineError, FileEngine, TensorSpec
 from bevfusion_ros.engines.plan_cache import PlanCache, PlanKey, atomic_write, default_cache_dir, sha256_hex
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def cached_plan(onnx_path: Path, onnx_bytes: bytes, settings: BuildSettings, cac
     return plan, key
 
 
-class TensorRTEngine(Engine):
+class TensorRTEngine(FileEngine):
     """One ``.onnx`` file as a TensorRT engine (built once, then loaded from ``cache``).
 
     ``precision``: ``auto`` (int8 if the file has Q/DQ, else fp16), ``fp16`` or ``int8``
@@ -256,20 +256,8 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{self.name}: TensorRT rejected the address of tensor '{name}'")
 
     @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
     def backend(self) -> str:
         return f"tensorrt:{self.key.tensorrt_version}:{self.key.precision}"
-
-    @property
-    def inputs(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    @property
-    def outputs(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Bind the feeds by name, enqueue on CuPy's current stream -> output buffers by name."""

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from bevfusion_ros.array_module import is_cupy
-from bevfusion_ros.engines.base import Engine, EngineError, Shape, TensorSpec
+from bevfusion_ros.engines.base import EngineError, FileEngine, Shape, TensorSpec
 
 SUPPORTED_OPSETS = range(13, 18)
 """Default-domain opset versions whose op semantics the interpreter implements."""
@@ -688,7 +688,7 @@ def _array_kind(feeds: Mapping[str, Any]) -> str:
     return "torch" if any(isinstance(value, torch.Tensor) for value in values) else "numpy"
 
 
-class TorchEngine(Engine):
+class TorchEngine(FileEngine):
     """One ``.onnx`` file run by :class:`OnnxModule` on ``device`` in ``dtype``.
 
     ``cuda_graph`` (CUDA only) captures the module once at construction, after warm-up,
@@ -753,21 +753,9 @@ class TorchEngine(Engine):
             return _CudaGraphRunner(self.module, inputs)
 
     @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
     def backend(self) -> str:
         graph = ":cudagraph" if self._graph is not None else ""
         return f"torch:{self.device}:{str(self.dtype).removeprefix('torch.')}{graph}"
-
-    @property
-    def inputs(self) -> dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    @property
-    def outputs(self) -> dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Feeds by name (NumPy, torch or CuPy) -> outputs by name, of the same kind."""

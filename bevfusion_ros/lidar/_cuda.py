@@ -4,7 +4,8 @@ Imported only for CuPy inputs (``cupy`` itself is imported inside the functions,
 module on a CPU machine is harmless). Each function is the GPU twin of a NumPy step in
 :mod:`bevfusion_ros.lidar.sparse_conv` with identical integer results:
 
-- :func:`reached_keys`: the output sites a strided conv reaches (NumPy: ``_reached_keys``);
+- :class:`SiteHash`: key -> row of a set of sites, a hash table (NumPy: ``SiteTable``, sorted);
+- :func:`reached_sites`: the output sites a strided conv reaches (NumPy: ``_reached_sites``);
 - :func:`neighbor_map`: the rulebook's input row per (tap, output site) (NumPy: ``_neighbor_map``);
 - :func:`gather_columns`: the im2col matrix that turns a sparse conv into one GEMM;
 - :func:`sparse_conv_fp16`: the whole fp16 sparse conv in one launch (implicit GEMM on tensor
@@ -71,22 +72,52 @@ extern "C" __global__ void mark_reached(
 }
 """
 
-_NEIGHBORS = _COMMON + r"""
-/* First position in sorted keys[0, n) whose key is >= key (n if none). */
-__device__ __forceinline__ long long lower_bound(const long long* keys, long long n, long long key) {
-    long long low = 0, high = n;
-    while (low < high) {
-        const long long middle = low + (high - low) / 2;
-        if (keys[middle] < key) low = middle + 1; else high = middle;
-    }
-    return low;
+_HASH = r"""
+/* Site table: open addressing with linear probing over 2**log2_capacity slots (at least twice
+   the sites, so a probe always meets an empty slot); slot_keys holds a site's key or EMPTY_KEY,
+   slot_rows its row. Keys are >= 0, so all-ones bits mark an empty slot. */
+#define EMPTY_KEY 0xffffffffffffffffull
+
+__device__ __forceinline__ unsigned long long first_slot(long long key, int log2_capacity) {
+    return ((unsigned long long)key * 0x9E3779B97F4A7C15ull) >> (64 - log2_capacity);   /* Fibonacci */
 }
 
+/* Row of the site with ``key``, or ``missing`` when no site has it. */
+__device__ __forceinline__ int find_row(const unsigned long long* __restrict__ slot_keys,
+                                        const int* __restrict__ slot_rows, int log2_capacity,
+                                        long long key, int missing) {
+    const unsigned long long mask = (1ull << log2_capacity) - 1;
+    for (unsigned long long slot = first_slot(key, log2_capacity);; slot = (slot + 1) & mask) {
+        const unsigned long long stored = slot_keys[slot];
+        if (stored == (unsigned long long)key) return slot_rows[slot];
+        if (stored == EMPTY_KEY) return missing;
+    }
+}
+"""
+
+_INSERT = _COMMON + _HASH + r"""
+/* Insert the sites coords[i] (unique) with row i: thread per site, atomicCAS claims a slot. */
+extern "C" __global__ void insert_sites(
+        const int* coords, const long long n, const int size_y, const int size_z,
+        unsigned long long* slot_keys, int* slot_rows, const int log2_capacity) {
+    const unsigned long long mask = (1ull << log2_capacity) - 1;
+    GRID_STRIDE_LOOP(i, n) {
+        const long long key = ((long long)coords[3 * i] * size_y + coords[3 * i + 1]) * size_z + coords[3 * i + 2];
+        for (unsigned long long slot = first_slot(key, log2_capacity);; slot = (slot + 1) & mask) {
+            const unsigned long long stored = atomicCAS(slot_keys + slot, EMPTY_KEY, (unsigned long long)key);
+            if (stored == EMPTY_KEY) { slot_rows[slot] = (int)i; break; }
+        }
+    }
+}
+"""
+
+_NEIGHBORS = _COMMON + _HASH + r"""
 /* neighbors[t, o] = row of input site out_coords[o] * s - p + tap t (per axis), n_in if inactive.
    Thread = (tap, output row), so the [K, n_out] stores are coalesced. */
 extern "C" __global__ void neighbor_map(
         const int* out_coords, const long long n_out,
-        const long long* sorted_keys, const long long* rows, const long long n_in,
+        const unsigned long long* slot_keys, const int* slot_rows, const int log2_capacity,
+        const int n_in,
         const int kx, const int ky, const int kz,
         const int sx, const int sy, const int sz,
         const int px, const int py, const int pz,
@@ -100,13 +131,23 @@ extern "C" __global__ void neighbor_map(
         const long long x = (long long)out_coords[3 * o] * sx - px + tx;
         const long long y = (long long)out_coords[3 * o + 1] * sy - py + ty;
         const long long z = (long long)out_coords[3 * o + 2] * sz - pz + tz;
-        int row = (int)n_in;
-        if (x >= 0 && x < in_x && y >= 0 && y < in_y && z >= 0 && z < in_z) {
-            const long long key = (x * in_y + y) * in_z + z;
-            const long long at = lower_bound(sorted_keys, n_in, key);
-            if (at < n_in && sorted_keys[at] == key) row = (int)rows[at];
-        }
+        int row = n_in;
+        if (x >= 0 && x < in_x && y >= 0 && y < in_y && z >= 0 && z < in_z)
+            row = find_row(slot_keys, slot_rows, log2_capacity, (x * in_y + y) * in_z + z, n_in);
         neighbors[index] = row;
+    }
+}
+"""
+
+_DECODE_KEYS = _COMMON + r"""
+/* coords[i] = (x, y, z) of key (x * size_y + y) * size_z + z. */
+extern "C" __global__ void coords_from_keys(const long long* keys, const long long n,
+                                            const int size_y, const int size_z, int* coords) {
+    GRID_STRIDE_LOOP(i, n) {
+        const long long key = keys[i];
+        coords[3 * i] = (int)(key / ((long long)size_y * size_z));
+        coords[3 * i + 1] = (int)((key / size_z) % size_y);
+        coords[3 * i + 2] = (int)(key % size_z);
     }
 }
 """
@@ -285,41 +326,67 @@ def _launch(kernel: Any, threads: int, args: tuple, block: int = _BLOCK) -> None
         kernel((min(-(-threads // block), _MAX_BLOCKS),), (block,), args)
 
 
-def _int32s(*triples: Triple) -> tuple[np.int32, ...]:
-    return tuple(np.int32(value) for triple in triples for value in triple)
+class SiteHash:
+    """GPU table of N unique sites int32 [N, 3] on ``spatial_shape``: key -> row in one probe or
+    two (open addressing, linear probing, at least twice as many slots as sites).
+
+    The GPU counterpart of the NumPy ``SiteTable`` (sorted keys + binary search): same answers,
+    built in one launch without a sort, so the rulebooks of a frame need no host round trip
+    except the count of a strided conv's output sites. ``slot_keys`` int64 [S] (-1 = empty),
+    ``slot_rows`` int32 [S], S = 2**``log2_capacity``.
+    """
+
+    def __init__(self, coords: Any, spatial_shape: Triple):
+        import cupy
+        coords = cupy.ascontiguousarray(coords, dtype=cupy.int32)
+        self.size = int(coords.shape[0])
+        if self.size >= np.iinfo(np.int32).max:
+            raise ValueError(f"{self.size} sites do not fit the int32 rows of the site table")
+        self.spatial_shape = tuple(spatial_shape)
+        self.log2_capacity = max(6, (2 * self.size - 1).bit_length())
+        self.slot_keys = cupy.full(1 << self.log2_capacity, -1, dtype=cupy.int64)
+        self.slot_rows = cupy.empty(1 << self.log2_capacity, dtype=cupy.int32)
+        _launch(_kernel(_INSERT, "insert_sites"), self.size,
+                (coords, np.int64(self.size), *_int32s(spatial_shape[1:]), self.slot_keys,
+                 self.slot_rows, np.int32(self.log2_capacity)))
 
 
-def reached_keys(coords: Any, kernel_size: Triple, stride: Triple, padding: Triple,
-                 output_shape: Triple) -> Any:
-    """Keys int64 [M] (ascending, unique) of the output sites that the input sites ``coords``
-    int32 [N, 3] reach through some tap. Uses an occupancy byte per output cell
-    (prod(output_shape) bytes, e.g. 10.9 MB for 720 x 720 x 21) instead of a sort."""
+def _int32s(*values: tuple[int, ...]) -> tuple[np.int32, ...]:
+    return tuple(np.int32(value) for group in values for value in group)
+
+
+def reached_sites(coords: Any, kernel_size: Triple, stride: Triple, padding: Triple,
+                  output_shape: Triple) -> Any:
+    """The output sites int32 [M, 3] (ascending key order) that the input sites ``coords`` int32
+    [N, 3] reach through some tap. Uses an occupancy byte per output cell (prod(output_shape)
+    bytes, e.g. 10.9 MB for 720 x 720 x 21) instead of a sort; reading M back is the one host
+    synchronisation of a strided rulebook."""
     import cupy
     coords = cupy.ascontiguousarray(coords, dtype=cupy.int32)
     occupied = cupy.zeros(math.prod(output_shape), dtype=cupy.uint8)
     n_in = int(coords.shape[0])
     _launch(_kernel(_REACHED, "mark_reached"), math.prod(kernel_size) * n_in,
             (coords, np.int64(n_in), *_int32s(kernel_size, stride, padding, output_shape), occupied))
-    return cupy.flatnonzero(occupied)
+    keys = cupy.flatnonzero(occupied)
+    sites = cupy.empty((keys.shape[0], 3), dtype=cupy.int32)
+    _launch(_kernel(_DECODE_KEYS, "coords_from_keys"), int(keys.shape[0]),
+            (keys, np.int64(keys.shape[0]), *_int32s(output_shape[1:]), sites))
+    return sites
 
 
-def neighbor_map(out_coords: Any, sorted_keys: Any, rows: Any, kernel_size: Triple, stride: Triple,
-                 padding: Triple, input_shape: Triple) -> Any:
+def neighbor_map(out_coords: Any, table: SiteHash, kernel_size: Triple, stride: Triple,
+                 padding: Triple) -> Any:
     """Neighbour map int32 [K, N_out] of the output sites ``out_coords`` int32 [N_out, 3] over the
-    input sites given by their ascending keys ``sorted_keys`` int64 [N_in] and rows int64 [N_in]
-    (N_in where a neighbour is inactive or off the grid ``input_shape``)."""
+    input sites of ``table`` (``table.size`` where a neighbour is inactive or off its grid)."""
     import cupy
     out_coords = cupy.ascontiguousarray(out_coords, dtype=cupy.int32)
-    sorted_keys = cupy.ascontiguousarray(sorted_keys, dtype=cupy.int64)
-    rows = cupy.ascontiguousarray(rows, dtype=cupy.int64)
-    n_out, n_in = int(out_coords.shape[0]), int(sorted_keys.shape[0])
-    if n_in >= np.iinfo(np.int32).max:
-        raise ValueError(f"{n_in} input sites do not fit the int32 neighbour map")
+    n_out = int(out_coords.shape[0])
     taps = math.prod(kernel_size)
     neighbors = cupy.empty((taps, n_out), dtype=cupy.int32)
     _launch(_kernel(_NEIGHBORS, "neighbor_map"), taps * n_out,
-            (out_coords, np.int64(n_out), sorted_keys, rows, np.int64(n_in),
-             *_int32s(kernel_size, stride, padding, input_shape), neighbors))
+            (out_coords, np.int64(n_out), table.slot_keys, table.slot_rows,
+             np.int32(table.log2_capacity), np.int32(table.size),
+             *_int32s(kernel_size, stride, padding, table.spatial_shape), neighbors))
     return neighbors
 
 

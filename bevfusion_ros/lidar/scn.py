@@ -34,7 +34,7 @@ from numpy.typing import DTypeLike
 from bevfusion_ros.array_module import get_array_module, to_numpy
 from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, ScnLayer, ScnNode, read_scn_onnx
 from bevfusion_ros.lidar.sparse_conv import (ConvGeometry, Rulebook, Triple, build_rulebook,
-                                             linear_keys, scatter_dense, sparse_conv)
+                                             linear_keys, scatter_dense, site_table, sparse_conv)
 
 Array = Any                      # numpy.ndarray or cupy.ndarray
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -89,6 +89,23 @@ def sparse_input(features: Array, coords: Array, spatial_shape: Triple,
                         tuple(spatial_shape))  # type: ignore[arg-type]
 
 
+class SiteTables:
+    """The site tables of one run, one per set of sites (identified by its coordinate array): the
+    subm convs of a level and the strided conv leaving it look up the same sites."""
+
+    def __init__(self) -> None:
+        self._tables: list[tuple[Array, Any]] = []
+
+    def get(self, x: SparseTensor) -> Any:
+        """The table of ``x``'s sites, built on first use."""
+        for coords, table in self._tables:
+            if coords is x.coords:
+                return table
+        table = site_table(x.coords, x.spatial_shape)
+        self._tables.append((x.coords, table))
+        return table
+
+
 @dataclass(frozen=True, eq=False)
 class _Conv:
     """A ``SparseConvolution`` node ready to run: weight [kx, ky, kz, I, O] and bias [O] (NumPy
@@ -121,15 +138,19 @@ class _Conv:
                 packed = _cuda.pack_conv_weight(weight.reshape(-1, *weight.shape[3:]))
         return replace(self, weight=weight, bias=xp.asarray(self.bias, dtype=dtype), packed_weight=packed)
 
-    def rulebook(self, x: SparseTensor, rulebooks: dict[str, Rulebook]) -> Rulebook:
-        """The rulebook under this layer's key, built from ``x`` on first use (spconv indice_key)."""
+    def rulebook(self, x: SparseTensor, rulebooks: dict[str, Rulebook],
+                 tables: Optional["SiteTables"] = None) -> Rulebook:
+        """The rulebook under this layer's key, built from ``x`` on first use (spconv indice_key),
+        with the site table of ``x`` from ``tables`` when given (shared by the convs on x's sites)."""
         layer = self.layer
         if tuple(x.spatial_shape) != tuple(layer.input_spatial_shape):
             raise ValueError(f"{self.name}: input grid {x.spatial_shape}, "
                              f"layer expects {layer.input_spatial_shape}")
         rulebook = rulebooks.get(layer.rulebook)
         if rulebook is None:
-            rulebook = rulebooks[layer.rulebook] = build_rulebook(x.coords, x.spatial_shape, self.geometry)
+            table = None if tables is None else tables.get(x)
+            rulebook = rulebooks[layer.rulebook] = build_rulebook(x.coords, x.spatial_shape,
+                                                                  self.geometry, table)
         elif rulebook.geometry != self.geometry or rulebook.num_inputs != x.coords.shape[0]:
             raise ValueError(f"{self.name}: rulebook {layer.rulebook!r} was built for "
                              f"{rulebook.geometry} on {rulebook.num_inputs} sites, this layer has "
@@ -140,10 +161,11 @@ class _Conv:
         return rulebook
 
     def __call__(self, x: SparseTensor, rulebooks: dict[str, Rulebook],
-                 residual: Optional[SparseTensor] = None, relu: bool = False) -> SparseTensor:
+                 residual: Optional[SparseTensor] = None, relu: bool = False,
+                 tables: Optional["SiteTables"] = None) -> SparseTensor:
         """act(conv(x) + bias (+ residual)); act is this layer's ReLU, or ``relu`` after a fused
         residual add (see :class:`_Fusion`)."""
-        rulebook = self.rulebook(x, rulebooks)
+        rulebook = self.rulebook(x, rulebooks, tables)
         if residual is not None:
             _check_same_sites(self.name, rulebook.out_coords, residual.coords)
         out = sparse_conv(x.features, self.weight, rulebook, self.bias,
@@ -322,6 +344,7 @@ class SparseEncoderRunner:
         tensors: dict[str, Union[SparseTensor, Array]] = {self.nodes[0].inputs[0]: sparse_input(
             xp.asarray(features), xp.asarray(coords), sparse_shape, self.compute_dtype)}
         rulebooks: dict[str, Rulebook] = {}
+        tables = SiteTables()
         skipped: set[int] = set()
         for index, (node, conv) in enumerate(zip(self.nodes, convs)):
             if index in skipped:
@@ -331,10 +354,12 @@ class SparseEncoderRunner:
             if conv is None:
                 tensors[node.outputs[0]] = _TENSOR_OPS[node.op_type](node, *inputs)  # type: ignore[operator]
             elif fusion is None:
-                tensors[node.outputs[0]] = conv(inputs[0], rulebooks)  # type: ignore[arg-type]
+                tensors[node.outputs[0]] = conv(inputs[0], rulebooks,  # type: ignore[arg-type]
+                                                tables=tables)
             else:
                 tensors[fusion.output] = conv(inputs[0], rulebooks,  # type: ignore[arg-type]
-                                              tensors[fusion.residual], fusion.relu)  # type: ignore[arg-type]
+                                              tensors[fusion.residual], fusion.relu,  # type: ignore[arg-type]
+                                              tables)
                 skipped.update(fusion.skipped)
         result = tensors[self.nodes[-1].outputs[0]]
         return xp.ascontiguousarray(result.features if isinstance(result, SparseTensor) else result,

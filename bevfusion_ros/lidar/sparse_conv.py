@@ -8,17 +8,18 @@ convolution outputs every site of the grid floor((n + 2p - k) / s) + 1 that some
 in ascending key order.
 
 Sites are integer coordinates (x, y, z) on a spatial shape (X, Y, Z); a site's linear key is
-(x * Y + y) * Z + z (int64). Neighbours are found by binary search in the sorted key table, never
-through a dense grid. A :class:`Rulebook` stores them as a neighbour map: per tap and output
+(x * Y + y) * Z + z (int64). Neighbours are found in a site table, never through a dense grid:
+binary search in the sorted keys on the CPU, a hash table on the GPU. A :class:`Rulebook` stores them as a neighbour map: per tap and output
 row the input row, or ``num_inputs`` where that input site is inactive. Within one tap the pairs
 are one-to-one (a tap shifts every site by the same offset).
 
 Where it runs: every public function runs where its arrays live. NumPy: vectorised over the
 taps; the conv multiplies tap by tap over the real pairs only (``out[out_rows] += features[in_rows]
 @ W[tap]``, no repeated rows within a tap). CuPy: :mod:`bevfusion_ros.lidar._cuda` kernels build
-the rulebook (one launch per step). A float16 conv is one implicit-GEMM launch on tensor cores
-(gather, multiply, bias, residual and ReLU fused; taps without any neighbour in a 64-row tile
-skipped); a float32 conv is an im2col gather [N_out, K * I] (zeros where a neighbour is missing)
+the rulebook (one launch per step: hash-table inserts, neighbour look-ups; a strided conv also
+marks and compacts its output sites, whose count is the one value read back to the host). A
+float16 conv is one implicit-GEMM launch on tensor cores (gather, multiply, bias, residual and
+ReLU fused; taps without any neighbour in a 64-row tile skipped); a float32 conv is an im2col gather [N_out, K * I] (zeros where a neighbour is missing)
 plus one cuBLAS GEMM with the weight as [K * I, O]. Both are dense over the K taps within a
 tile, about twice the FLOPs of the real pairs on lidar data, in one to three launches per conv.
 Arithmetic is in the dtype of the features: float32 (fp16 weights widened) is the reference;
@@ -161,13 +162,23 @@ def _combine_axes(per_axis: Sequence[tuple[np.ndarray, np.ndarray]], shape: Trip
     return valid.reshape(n, taps), key.reshape(n, taps)
 
 
-def _reached_keys(coords: Array, geometry: ConvGeometry, output_shape: Triple) -> Array:
-    """Keys int64 [M] (ascending, unique) of the output sites that the input sites ``coords`` int32
-    [N, 3] reach: o = (i + p - k) / s per axis when the division is exact and 0 <= o < size."""
+def site_table(coords: Array, spatial_shape: Triple) -> Any:
+    """Key -> row lookup over the unique sites ``coords`` int [N, 3] on ``spatial_shape``: a
+    :class:`SiteTable` (sorted keys) for NumPy, a GPU hash table (``_cuda.SiteHash``) for CuPy.
+    Both have ``size``; the rulebook builders below accept either where its coordinates live."""
     if is_cupy(coords):
         from bevfusion_ros.lidar import _cuda
-        return _cuda.reached_keys(coords, geometry.kernel_size, geometry.stride, geometry.padding,
-                                  output_shape)
+        return _cuda.SiteHash(coords, spatial_shape)
+    return SiteTable(linear_keys(coords, spatial_shape))
+
+
+def _reached_sites(coords: Array, geometry: ConvGeometry, output_shape: Triple) -> Array:
+    """Output sites int32 [M, 3] (ascending key order, unique) that the input sites ``coords``
+    int32 [N, 3] reach: o = (i + p - k) / s per axis when the division is exact and 0 <= o < size."""
+    if is_cupy(coords):
+        from bevfusion_ros.lidar import _cuda
+        return _cuda.reached_sites(coords, geometry.kernel_size, geometry.stride, geometry.padding,
+                                   output_shape)
     per_axis = []
     for axis in range(3):
         stride = geometry.stride[axis]
@@ -176,17 +187,17 @@ def _reached_keys(coords: Array, geometry: ConvGeometry, output_shape: Triple) -
         out = shifted // stride
         per_axis.append(((shifted >= 0) & (shifted % stride == 0) & (out < output_shape[axis]), out))
     valid, keys = _combine_axes(per_axis, output_shape)
-    return np.unique(keys[valid])
+    return coords_from_keys(np.unique(keys[valid]), output_shape)
 
 
-def _neighbor_map(out_coords: Array, table: SiteTable, geometry: ConvGeometry,
-                  input_shape: Triple) -> Array:
-    """Neighbour map int32 [K, N_out]: the row in ``table`` of input site o * s - p + tap (per
-    axis) for every output site o of ``out_coords`` int32 [N_out, 3], or ``table.size`` where none."""
+def _neighbor_map(out_coords: Array, table: Any, geometry: ConvGeometry, input_shape: Triple) -> Array:
+    """Neighbour map int32 [K, N_out]: the row in ``table`` (from :func:`site_table`) of input site
+    o * s - p + tap (per axis) for every output site o of ``out_coords`` int32 [N_out, 3], or
+    ``table.size`` where none."""
     if is_cupy(out_coords):
         from bevfusion_ros.lidar import _cuda
-        return _cuda.neighbor_map(out_coords, table.sorted_keys, table.rows, geometry.kernel_size,
-                                  geometry.stride, geometry.padding, input_shape)
+        return _cuda.neighbor_map(out_coords, table, geometry.kernel_size, geometry.stride,
+                                  geometry.padding)
     per_axis = []
     for axis in range(3):
         coordinate = (out_coords[:, axis, None].astype(np.int64) * geometry.stride[axis]
@@ -197,19 +208,21 @@ def _neighbor_map(out_coords: Array, table: SiteTable, geometry: ConvGeometry,
     return np.ascontiguousarray(np.where(found, rows, table.size), dtype=np.int32)
 
 
-def build_rulebook(coords: Array, spatial_shape: Triple, geometry: ConvGeometry) -> Rulebook:
+def build_rulebook(coords: Array, spatial_shape: Triple, geometry: ConvGeometry,
+                   table: Any = None) -> Rulebook:
     """Rulebook of a conv over the unique sites ``coords`` int [N, 3] (x, y, z) on ``spatial_shape``.
 
-    NumPy or CuPy coordinates; the rulebook's arrays live in the same place. For subm the output
-    coordinates are ``coords`` itself when it is int32 already (no copy).
+    NumPy or CuPy coordinates; the rulebook's arrays live in the same place. ``table``: the
+    :func:`site_table` of these sites when the caller already has it (convs on the same sites
+    share one), else built here. For subm the output coordinates are ``coords`` itself when it is
+    int32 already (no copy).
     """
     output_shape = geometry.output_shape(spatial_shape)
     coords = coords.astype(np.int32, copy=False)
-    table = SiteTable(linear_keys(coords, spatial_shape))
-    if geometry.subm:
-        out_coords = coords
-    else:
-        out_coords = coords_from_keys(_reached_keys(coords, geometry, output_shape), output_shape)
+    table = site_table(coords, spatial_shape) if table is None else table
+    if table.size != coords.shape[0]:
+        raise ValueError(f"site table of {table.size} sites given for {coords.shape[0]} sites")
+    out_coords = coords if geometry.subm else _reached_sites(coords, geometry, output_shape)
     neighbors = _neighbor_map(out_coords, table, geometry, spatial_shape)
     return Rulebook(geometry, tuple(spatial_shape), output_shape,  # type: ignore[arg-type]
                     int(coords.shape[0]), out_coords, neighbors)

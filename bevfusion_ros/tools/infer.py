@@ -23,8 +23,9 @@ from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load
 from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.visualize import save_visualization
 
-STAGE_ORDER = ("camera_geometry", "upload", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
-               "lidar_backbone", "fuser", "head", "decode")
+STAGE_ORDER = ("camera_geometry", "upload_points", "upload_images", "normalize", "depth",
+               "camera_backbone", "bevpool", "vtransform", "voxelize", "lidar_backbone", "fuser", "head",
+               "decode")
 
 
 def format_timings(stage_ms: dict[str, float]) -> str:

@@ -25,6 +25,8 @@ from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
 
+from gpu_timing import median_ms, report
+
 cupy = pytest.importorskip("cupy")
 
 R50 = NUSCENES_R50.pipeline
@@ -42,27 +44,6 @@ def frame(example_data_dir):
 @pytest.fixture(scope="module")
 def r50_geometry(frame):
     return compute_geometry(frame.calibration, R50)
-
-
-def median_ms(function, repeats: int = 50, warmup: int = 5) -> float:
-    """Median GPU time of ``function()`` in ms between CUDA events on the current stream."""
-    for _ in range(warmup):
-        function()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        function()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
-
-
-def report(capsys, message: str) -> None:
-    """Print ``message`` into the test log even when pytest captures output."""
-    with capsys.disabled():
-        print(f"\n[gpu timing] {message}")
 
 
 def assert_same_bits(gpu, expected: np.ndarray) -> None:

@@ -32,6 +32,8 @@ from bevfusion_ros.lidar.sparse_conv import ConvGeometry, build_rulebook, scatte
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
 
+import gpu_timing
+
 cupy = pytest.importorskip("cupy")
 
 R50 = NUSCENES_R50.pipeline.voxelization
@@ -55,25 +57,13 @@ EXAMPLE_SITE_COUNTS = [44224, 57461, 36921, 17366, 14246]    # test/lidar/test_s
 
 
 def median_ms(function, repeats: int = 20, warmup: int = 3) -> float:
-    """Median time of ``function()`` in ms between CUDA events on the current stream (the run's
-    own synchronisations make this its latency, host overhead included)."""
-    for _ in range(warmup):
-        function()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        function()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    """:func:`gpu_timing.median_ms` with this module's counts: 20 timed runs after 3 warm-up runs."""
+    return gpu_timing.median_ms(function, repeats, warmup)
 
 
 def report(capsys, message: str) -> None:
-    """Print ``message`` into the test log even when pytest captures output."""
-    with capsys.disabled():
-        print(f"\n[gpu lidar] {message}")
+    """Print ``message`` into the test log, tagged ``gpu lidar``, even when pytest captures output."""
+    gpu_timing.report(capsys, message, tag="gpu lidar")
 
 
 # --- voxelize -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 
 from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline
+from bevfusion_ros.tools.parity import match_boxes, relative_l2, stage_chain
 
 pytest.importorskip("cupy")
 torch = pytest.importorskip("torch")
@@ -34,8 +35,8 @@ FP32_ATOL = 2e-3
 FP16_STAGE_RTOL = 1e-2
 FP16_STAGES = ("normalize", "depth", "backbone.camera_feature", "backbone.camera_depth_weights",
                "bevpool", "vtransform", "voxels", "lidar_bev", "middle")
-STAGES = {"upload", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
-          "lidar_backbone", "fuser", "head", "decode"}
+STAGES = {"upload_points", "upload_images", "normalize", "depth", "camera_backbone", "bevpool",
+          "vtransform", "voxelize", "lidar_backbone", "fuser", "head", "decode"}
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +59,12 @@ def r50_dir(tmp_path_factory):
     return folder
 
 
-def nearest_same_label(boxes: np.ndarray, box: np.ndarray, used=frozenset()) -> tuple[int, float]:
-    """Index of the box of ``box``'s label nearest to its centre among those not ``used``, and
-    that distance (inf: none). Untrained weights give near-duplicate boxes, hence ``used``."""
-    same = np.array([index for index in np.flatnonzero(boxes[:, 9] == box[9]) if index not in used])
-    if same.size == 0:
-        return -1, float("inf")
-    distance = np.linalg.norm(boxes[same, :3] - box[:3], axis=1)
-    return int(same[np.argmin(distance)]), float(distance.min())
-
-
-def one_to_one(gpu: np.ndarray, cpu: np.ndarray) -> list[tuple[int, float]]:
-    """Greedy one-to-one matching of every CPU box (in score order) to a GPU box."""
-    used: set[int] = set()
-    pairs = []
-    for box in cpu:
-        index, distance = nearest_same_label(gpu, box, used)
-        used.add(index)
-        pairs.append((index, distance))
-    return pairs
-
-
 def compare_fp32(gpu: np.ndarray, cpu: np.ndarray) -> float:
     assert gpu.shape == cpu.shape and len(cpu) > 10
-    order = [index for index, _ in one_to_one(gpu, cpu)]
-    assert -1 not in order
-    matched = gpu[order]
-    yaw = np.angle(np.exp(1j * (matched[:, 6] - cpu[:, 6])))
-    error = max(np.abs(matched[:, [0, 1, 2, 3, 4, 5, 7, 8, 10]] - cpu[:, [0, 1, 2, 3, 4, 5, 7, 8, 10]]).max(),
-                np.abs(yaw).max())
-    print(f"fp32 GPU vs CPU: {len(cpu)} boxes, max abs difference {error:.2e}")
+    match = match_boxes(gpu, cpu)
+    error = match.max_difference(gpu, cpu)
+    print(f"fp32 GPU vs CPU: {len(cpu)} boxes, paired within 1e-3 m: {match.fraction_within(1e-3):.0%}, "
+          f"max abs difference {error:.2e}")
     return error
 
 
@@ -111,16 +88,6 @@ def test_fp32_gpu_boxes_equal_cpu_boxes(preset, tiny_dir, frame, request):
     assert compare_fp32(gpu, cpu) < FP32_ATOL
 
 
-def stage_chain():
-    """benchmarks/pipeline_parity.py's ``chain``: every stage of a pipeline run by hand."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline_parity.py"
-    spec = importlib.util.spec_from_file_location("pipeline_parity", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.chain
-
-
 @pytest.mark.parametrize("preset", ["tiny", "r50"])
 def test_fp16_gpu_stages_match_cpu_stages(preset, tiny_dir, frame, request):
     import cupy
@@ -132,11 +99,9 @@ def test_fp16_gpu_stages_match_cpu_stages(preset, tiny_dir, frame, request):
     gpu.update(frame.calibration)
     points = prepare_points(frame.points, cpu.config).points
     images = np.stack(frame.images)
-    chain = stage_chain()
-    expected = chain(cpu, images, points, np)
-    got = chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy)
-    errors = {name: float(np.linalg.norm(got[name] - expected[name]) / np.linalg.norm(expected[name]))
-              for name in FP16_STAGES}
+    expected = stage_chain(cpu, images, points, np)
+    got = stage_chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy)
+    errors = {name: relative_l2(got[name], expected[name]) for name in FP16_STAGES}
     print(f"fp16 GPU vs CPU stages ({preset}), relative L2: "
           + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
     assert max(errors.values()) <= FP16_STAGE_RTOL
