@@ -172,7 +172,8 @@ class BEVFusionPipeline:
         backend = resolve_backend(backend)
         engines = load_dense_engines(model_dir, config, backend, precision=precision)
         sparse_dtype = np.float16 if backend in GPU_BACKENDS and precision == "fp16" else np.float32
-        lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx", sparse_dtype)
+        lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx",
+                                                       sparse_dtype, output_dtype=sparse_dtype)
         if backend in GPU_BACKENDS:                  # engines built on torch's stream: let them land
             import cupy
             cupy.cuda.Device().synchronize()

@@ -1,9 +1,10 @@
 """Tiled, software-pipelined fp16 sparse convolution on tensor cores (CuPy RawModule, sm_80+).
 
-:func:`sparse_conv_fp16_tiled` computes exactly what :func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`
-computes (same arguments, same packed weight from ``_cuda.pack_conv_weight``, same fp16 result
-bits: the same m16n8k16 float32 accumulations in the same order, one rounding at the end) with
-a faster schedule:
+:func:`sparse_conv_fp16_tiled` computes what :func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`
+computes (same arguments, same packed weight from ``_cuda.pack_conv_weight``, same zero handling,
+float32 epilogue and single cvt.rn rounding; with 64-row tiles the same sequence of m16n8k16
+float32 accumulations per output element, so the same fp16 bits are expected, which the GPU tests
+check to within 1 ulp) with a faster schedule:
 
 - warps split the block's output tile along rows *and* columns (e.g. 2 x 4 warps of 32 x 32
   accumulators each for O = 128), so a block has more warps and each warp's shared-memory
@@ -17,6 +18,9 @@ a faster schedule:
   the next ``stages - 1`` stages are in flight while the current one multiplies;
 - the block's neighbour indices for all taps are read once, up front, into shared memory, where
   the set of active taps is compacted with warp ballots.
+
+Shared memory is dynamic (:meth:`TileConfig.shared_bytes`; 53 KB for O = 128, 27 taps with the
+default tiling): above 48 KB the launcher raises the kernel's limit (the sm_80+ opt-in).
 
 Like ``_cuda``, ``cupy`` is imported inside the functions only: this module imports on machines
 without CuPy.
@@ -56,7 +60,8 @@ import numpy as np
 # Reduction: k-step q (0 <= q < active_count * cpt, cpt = channels_pad / 16) is tap active[q / cpt],
 # channels 16 (q % cpt) + [0, 16); stage s holds k-steps s * KSTEPS + [0, KSTEPS). The order of
 # k-steps per output element is the order of _cuda.sparse_conv_fp16 (taps ascending, channel
-# slices ascending; a skipped tap adds nothing there either), so both give the same bits.
+# slices ascending; with TILE_ROWS = 64 the same taps skipped), so both are expected to give the
+# same bits; other tile sizes only add or drop k-steps whose A row is zero for that element.
 #
 # Pipeline (STAGES-deep ring, one cp.async group per stage, empty groups keep the count uniform):
 #   prologue: stages 0 .. STAGES-2 issued;
@@ -164,18 +169,24 @@ __device__ __forceinline__ void load_stage(
         const unsigned int b_base = shared_address(b_ring + slot * B_STAGE + step * 16 + half);
         const unsigned short* w = weight + (long long)tap * OUT_CHANNELS * channels_pad + channel;
 #pragma unroll
-        for (int n = first; n < OUT_CHANNELS; n += ROW_STEP)
-            copy_async_16(b_base + n * (STRIDE * 2), w + (long long)n * channels_pad, 16);
+        for (int p = 0; p < (OUT_CHANNELS + ROW_STEP - 1) / ROW_STEP; ++p) {
+            const int n = first + p * ROW_STEP;
+            if (OUT_CHANNELS % ROW_STEP == 0 || n < OUT_CHANNELS)
+                copy_async_16(b_base + n * (STRIDE * 2), w + (long long)n * channels_pad, 16);
+        }
 #if VECTOR
         const unsigned int a_base = shared_address(a_ring + slot * A_STAGE + step * 16 + half);
         const int* rows = sources + tap * TILE_ROWS;
         const bool channel_ok = channel < channels_in;
 #pragma unroll
-        for (int r = first; r < TILE_ROWS; r += ROW_STEP) {
-            const int source = rows[r];
-            const bool ok = channel_ok && source < n_in;
-            const unsigned short* from = ok ? features + (long long)source * channels_in + channel : features;
-            copy_async_16(a_base + r * (STRIDE * 2), from, ok ? 16 : 0);
+        for (int p = 0; p < (TILE_ROWS + ROW_STEP - 1) / ROW_STEP; ++p) {
+            const int r = first + p * ROW_STEP;
+            if (TILE_ROWS % ROW_STEP == 0 || r < TILE_ROWS) {
+                const int source = rows[r];
+                const bool ok = channel_ok && source < n_in;
+                const unsigned short* from = ok ? features + (long long)source * channels_in + channel : features;
+                copy_async_16(a_base + r * (STRIDE * 2), from, ok ? 16 : 0);
+            }
         }
 #endif
     }
@@ -219,14 +230,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) sparse_conv_fp
     const int warp_row = (warp / WARPS_N) * WARP_ROWS, warp_col = (warp % WARPS_N) * WARP_COLS;
     const long long row0 = (long long)blockIdx.x * TILE_ROWS;
 
-    /* Neighbour rows of the tile for every tap; per 32-row chunk whether any is present. The
-       bound is a multiple of 32, so every warp runs whole iterations (full ballots). */
+    /* Neighbour rows of the tile for every tap (independent loads, unrolled so several are in
+       flight), then per 32-row chunk whether any is present: the bound is a multiple of 32, so
+       every warp runs whole iterations (full ballots). */
+#pragma unroll 4
     for (int i = tid; i < taps * TILE_ROWS; i += THREADS) {
         const int t = i / TILE_ROWS;
         const long long o = row0 + (i - t * TILE_ROWS);
-        const int source = o < n_out ? neighbors[(long long)t * n_out + o] : n_in;
-        sources[i] = source;
-        const unsigned int present = __ballot_sync(0xffffffffu, source < n_in);
+        sources[i] = o < n_out ? neighbors[(long long)t * n_out + o] : n_in;
+    }
+    __syncthreads();
+    for (int i = tid; i < taps * TILE_ROWS; i += THREADS) {
+        const unsigned int present = __ballot_sync(0xffffffffu, sources[i] < n_in);
         if (lane == 0) chunk_any[i >> 5] = present != 0u;
     }
     __syncthreads();
@@ -367,6 +382,12 @@ class TileConfig:
     def fits(self, channels_out: int) -> bool:
         """Whether the columns split evenly into warp sub-tiles of a multiple of 16 columns."""
         return channels_out > 0 and channels_out % (16 * self.warps_cols) == 0
+
+    def accumulators(self, channels_out: int) -> int:
+        """float32 accumulators per thread: (rows / warps_rows) x (O / warps_cols) / 32. ptxas
+        (sm_80 / sm_90, no spills): 32 of them take about 70-80 registers, 64 about 105-127, 128
+        about 190 (a register-starved SM: keep it at 64 or below)."""
+        return self.rows // self.warps_rows * (channels_out // self.warps_cols) // 32
 
     def shared_bytes(self, channels_out: int, taps: int) -> int:
         """Dynamic shared memory of one block: the A and B rings (rows padded to stage_channels + 8

@@ -416,7 +416,14 @@ def fused_conv_supported(channels_out: int) -> bool:
     ``mma.sync`` m16n8k16 needs compute capability 8.0 or newer)."""
     import cupy
     return (channels_out % 16 == 0 and 16 <= channels_out <= 128
-            and int(cupy.cuda.Device().compute_capability) >= 80)
+            and _compute_capability(cupy.cuda.Device().id) >= 80)
+
+
+@lru_cache(maxsize=None)
+def _compute_capability(device: int) -> int:
+    """e.g. 90 for an H100 (cached: the query costs a driver call per conv otherwise)."""
+    import cupy
+    return int(cupy.cuda.Device(device).compute_capability)
 
 
 def pack_conv_weight(tap_weights: Any) -> Any:
