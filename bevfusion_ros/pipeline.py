@@ -11,7 +11,8 @@ Stages, in the spec's order (each timed, milliseconds in ``detections.stage_ms``
 depends only on the calibration: :meth:`update` computes it once, and :meth:`forward`
 recomputes it only when the frame brings a different calibration. On the GPU the camera and
 lidar branches run on two streams and overlap until the fuser joins them; the camera branch is
-queued first because the lidar branch reads a few sizes back to the host (voxel and site counts).
+queued from its own thread, because the lidar branch's host thread waits for a few sizes read
+back from the GPU (voxel and site counts).
 
 Input handling: images of the wrong count, size or dtype raise :class:`InputError`; point
 rows with NaN/inf are dropped and counted; more than ``lidar.max_points`` points are
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import yaml
@@ -148,6 +150,8 @@ class BEVFusionPipeline:
         self._streams = _branch_streams(self.device)
         self._uploader = None if self.device == "cpu" else FrameUploader(
             config.image, config.num_cameras, config.lidar.max_points, config.lidar.num_features)
+        self._camera_thread = None if self.device == "cpu" else ThreadPoolExecutor(
+            1, thread_name_prefix="bevfusion-camera")
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
         self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
@@ -241,14 +245,14 @@ class BEVFusionPipeline:
             with timer.stage("upload_points"):
                 points = self._upload_points(prepared.points)
             points_uploaded = _record_event(self.device)
-        with camera_stream:                  # queued first: it has no host synchronisation
-            with timer.stage("upload_images"):
-                images = self._upload_images(frame.images)
-            _wait_event(camera_stream, points_uploaded)
-            camera_bev = self._camera_branch(images, points, timer)
-        with lidar_stream:                   # overlaps the camera branch on the GPU
-            lidar_bev = self._lidar_branch(points, timer)
-            lidar_done = _record_event(self.device)
+        submit = _run_now if self._camera_thread is None else self._camera_thread.submit
+        camera = submit(self._camera_side, frame.images, points, points_uploaded, timer)
+        try:
+            with lidar_stream:               # overlaps the camera branch on the GPU
+                lidar_bev = self._lidar_branch(points, timer)
+                lidar_done = _record_event(self.device)
+        finally:                             # never leave the camera side running on error
+            camera_bev = camera.result()
         with camera_stream:
             _wait_event(camera_stream, lidar_done)
             with timer.stage("fuser"):
@@ -262,6 +266,16 @@ class BEVFusionPipeline:
         return Detections(boxes=boxes, class_names=self.config.head.class_names,
                           stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
                           cameras_used=self.config.camera_names, warnings=tuple(prepared.warnings))
+
+    def _camera_side(self, raw_images, points, points_uploaded, timer: StageTimer):
+        """Upload the images and run the camera branch on the camera stream (on the GPU in the
+        camera thread, so that its host work overlaps the lidar branch's host work)."""
+        camera_stream = self._streams[0]
+        with camera_stream:
+            with timer.stage("upload_images"):
+                images = self._upload_images(raw_images)
+            _wait_event(camera_stream, points_uploaded)
+            return self._camera_branch(images, points, timer)
 
     def _camera_branch(self, raw_images, points, timer: StageTimer):
         """raw_images [N, H, W, 3] uint8, points [P, C] -> camera BEV [1, C, X/2, Y/2]."""
@@ -284,6 +298,16 @@ class BEVFusionPipeline:
         with timer.stage("lidar_backbone"):          # an empty frame gives a zero BEV
             return self.lidar_backbone.run(voxels.features, voxels.coords,
                                            self.config.voxelization.sparse_shape)
+
+
+def _run_now(function: Callable[..., Any], *args: Any) -> Future:
+    """``function(*args)`` run here, as a finished Future (or one holding its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except BaseException as error:          # re-raised by future.result(), like a thread's
+        future.set_exception(error)
+    return future
 
 
 def _branch_streams(device: str) -> tuple:

@@ -342,7 +342,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) sparse_conv_fp
 """
 _KERNEL_NAME = "sparse_conv_fp16_tiled"
 _DEFAULT_SHARED_LIMIT = 48 * 1024          # dynamic shared memory without the opt-in attribute
-_MAX_DYNAMIC_SHARED_ATTRIBUTE = 8          # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _SHARED_OPTIN_ATTRIBUTE = 97               # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
@@ -442,9 +441,9 @@ def _allow_shared(kernel: Any, nbytes: int) -> None:
     if nbytes > limit:
         raise ValueError(f"sparse_conv_fp16_tiled: {nbytes} bytes of shared memory exceed the "
                          f"device limit {limit} (too many taps for this tile config)")
-    key = (int(kernel.ptr), device)
+    key = (id(kernel), device)
     if _shared_limits_set.get(key, 0) < nbytes:
-        cupy.cuda.driver.funcSetAttribute(kernel.ptr, _MAX_DYNAMIC_SHARED_ATTRIBUTE, nbytes)
+        kernel.max_dynamic_shared_size_bytes = nbytes      # cuFuncSetAttribute on this device
         _shared_limits_set[key] = nbytes
 
 

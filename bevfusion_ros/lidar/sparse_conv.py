@@ -265,12 +265,13 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
     if xp is np:
         out = _gather_gemm_scatter(features, tap_weights, rulebook)
     else:
-        from bevfusion_ros.lidar import _cuda
+        from bevfusion_ros.lidar import _conv_fp16, _cuda
         if features.dtype == np.float16 and _cuda.fused_conv_supported(channels_out):
             bias = xp.zeros(channels_out, dtype=np.float16) if bias is None else bias
             packed = _cuda.pack_conv_weight(tap_weights) if packed_weight is None else packed_weight
-            return _cuda.sparse_conv_fp16(features, packed, rulebook.neighbors, xp.asarray(bias),
-                                          None if residual is None else xp.asarray(residual), relu)
+            return _conv_fp16.sparse_conv_fp16_tiled(
+                features, packed, rulebook.neighbors, xp.asarray(bias),
+                None if residual is None else xp.asarray(residual), relu)
         out = _cuda.gather_columns(features, rulebook.neighbors) @ tap_weights.reshape(-1, channels_out)
     for term in (bias, residual):
         if term is not None:

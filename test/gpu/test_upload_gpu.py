@@ -43,3 +43,29 @@ def test_uploaded_points_and_capacity():
         uploader.points(np.zeros((1001, 5), np.float32), stream)
     with pytest.raises(ValueError, match="staging buffer"):
         uploader.points(np.zeros((10, 4), np.float32), stream)
+
+
+def test_upload_timing(capsys):
+    """Prints host wall time of the staging calls and the device time of the copies (no assert)."""
+    import time
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (900, 1600, 3), dtype=np.uint8) for _ in range(6)]
+    points = rng.normal(size=(242180, 5)).astype(np.float32)
+    uploader = FrameUploader(NUSCENES, 6, 300000, 5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    samples = {"images": [], "points": []}
+    for _ in range(20):
+        for name, call in (("images", lambda: uploader.images(images, stream)),
+                           ("points", lambda: uploader.points(points, stream))):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            begin = time.perf_counter()
+            start.record(stream)
+            call()
+            end.record(stream)
+            host = (time.perf_counter() - begin) * 1e3
+            end.synchronize()
+            samples[name].append((host, cupy.cuda.get_elapsed_time(start, end)))
+    with capsys.disabled():
+        for name, values in samples.items():
+            host, device = np.median(np.asarray(values[5:]), axis=0)
+            print(f"\n[gpu timing] upload {name}: host {host:.3f} ms, stream span {device:.3f} ms")
