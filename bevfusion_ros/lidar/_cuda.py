@@ -139,18 +139,111 @@ extern "C" __global__ void neighbor_map(
 }
 """
 
-_DECODE_KEYS = _COMMON + r"""
-/* coords[i] = (x, y, z) of key (x * size_y + y) * size_z + z. */
-extern "C" __global__ void coords_from_keys(const long long* keys, const long long n,
-                                            const int size_y, const int size_z, int* coords) {
+# Stream compaction of an occupancy grid in ascending cell order, in two launches and without a
+# scan library: block b owns CELLS_PER_BLOCK consecutive cells, thread t 16 of them; the first
+# launch counts each block's occupied cells, the second re-counts, adds the counts of blocks
+# 0..b-1 (a few thousand integers, summed by each block) and writes the cells' coordinates.
+_COMPACT = r"""
+#define CELLS_PER_THREAD 16
+#define COMPACT_THREADS 256
+#define CELLS_PER_BLOCK (CELLS_PER_THREAD * COMPACT_THREADS)
+
+/* flags[i] = occupied[first + i] (0 past the grid); returns their sum. */
+__device__ __forceinline__ int thread_cells(const unsigned char* occupied, long long cells,
+                                            long long first, unsigned char* flags) {
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < CELLS_PER_THREAD; ++i) {
+        flags[i] = first + i < cells ? occupied[first + i] : (unsigned char)0;
+        count += flags[i];
+    }
+    return count;
+}
+
+/* Exclusive prefix sum of ``value`` over the block's threads (Hillis-Steele in shared memory);
+   *total = the block's sum. Every thread of the block must call it. */
+__device__ int block_exclusive_scan(int value, int* total) {
+    __shared__ int scratch[COMPACT_THREADS];
+    scratch[threadIdx.x] = value;
+    __syncthreads();
+    for (int offset = 1; offset < COMPACT_THREADS; offset <<= 1) {
+        const int add = threadIdx.x >= offset ? scratch[threadIdx.x - offset] : 0;
+        __syncthreads();
+        scratch[threadIdx.x] += add;
+        __syncthreads();
+    }
+    *total = scratch[COMPACT_THREADS - 1];
+    const int inclusive = scratch[threadIdx.x];
+    __syncthreads();
+    return inclusive - value;
+}
+
+extern "C" __global__ void __launch_bounds__(COMPACT_THREADS) count_occupied(
+        const unsigned char* occupied, const long long cells, int* block_counts) {
+    unsigned char flags[CELLS_PER_THREAD];
+    const long long first = (long long)blockIdx.x * CELLS_PER_BLOCK + (long long)threadIdx.x * CELLS_PER_THREAD;
+    int total;
+    block_exclusive_scan(thread_cells(occupied, cells, first, flags), &total);
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = total;
+}
+
+/* sites[k] = (x, y, z) of the k-th occupied cell (cell = (x * size_y + y) * size_z + z);
+   *site_count = the number of occupied cells (written by the last block). */
+extern "C" __global__ void __launch_bounds__(COMPACT_THREADS) write_occupied(
+        const unsigned char* occupied, const long long cells, const int* block_counts,
+        const int size_y, const int size_z, int* sites, long long* site_count) {
+    int before = 0;
+    for (int b = threadIdx.x; b < (int)blockIdx.x; b += COMPACT_THREADS) before += block_counts[b];
+    int base;
+    block_exclusive_scan(before, &base);
+    unsigned char flags[CELLS_PER_THREAD];
+    const long long first = (long long)blockIdx.x * CELLS_PER_BLOCK + (long long)threadIdx.x * CELLS_PER_THREAD;
+    int block_total;
+    long long out = (long long)base + block_exclusive_scan(thread_cells(occupied, cells, first, flags), &block_total);
+#pragma unroll
+    for (int i = 0; i < CELLS_PER_THREAD; ++i) {
+        if (!flags[i]) continue;
+        const long long cell = first + i;
+        sites[3 * out] = (int)(cell / ((long long)size_y * size_z));
+        sites[3 * out + 1] = (int)((cell / size_z) % size_y);
+        sites[3 * out + 2] = (int)(cell % size_z);
+        ++out;
+    }
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) *site_count = (long long)base + block_total;
+}
+"""
+_CELLS_PER_BLOCK = 16 * 256
+_COMPACT_THREADS = 256
+
+# The GPU half of scn.sparse_input: keys and range checks of voxel coordinates (0, x, y, z), then,
+# after an argsort of the keys, the sites gathered in key order with duplicates counted.
+_SITES = _COMMON + r"""
+/* keys[i] = (x * size_y + y) * size_z + z of coords[i] = (batch, x, y, z); counts[0] += rows with
+   batch != 0, counts[1] += rows outside the grid (their key is not used). */
+extern "C" __global__ void site_keys(const int* coords, const long long n, const int size_x,
+                                     const int size_y, const int size_z, long long* keys,
+                                     unsigned long long* counts) {
     GRID_STRIDE_LOOP(i, n) {
-        const long long key = keys[i];
-        coords[3 * i] = (int)(key / ((long long)size_y * size_z));
-        coords[3 * i + 1] = (int)((key / size_z) % size_y);
-        coords[3 * i + 2] = (int)(key % size_z);
+        const int x = coords[4 * i + 1], y = coords[4 * i + 2], z = coords[4 * i + 3];
+        if (coords[4 * i] != 0) atomicAdd(counts, 1ull);
+        if (x < 0 || x >= size_x || y < 0 || y >= size_y || z < 0 || z >= size_z) atomicAdd(counts + 1, 1ull);
+        keys[i] = ((long long)x * size_y + y) * size_z + z;
+    }
+}
+
+/* xyz[j] = coords[order[j]][1:4]; counts[2] += j with keys[order[j]] == keys[order[j - 1]]. */
+extern "C" __global__ void gather_sites(const long long* order, const long long* keys, const int* coords,
+                                        const long long n, int* xyz, unsigned long long* counts) {
+    GRID_STRIDE_LOOP(j, n) {
+        const long long row = order[j];
+        xyz[3 * j] = coords[4 * row + 1];
+        xyz[3 * j + 1] = coords[4 * row + 2];
+        xyz[3 * j + 2] = coords[4 * row + 3];
+        if (j > 0 && keys[row] == keys[order[j - 1]]) atomicAdd(counts + 2, 1ull);
     }
 }
 """
+
 
 # Copies raw elements (ELEMENT = an unsigned integer of the feature itemsize), so one kernel
 # serves float16 and float32 features; a missing neighbour gives all-zero bits = +0.0.
@@ -358,20 +451,43 @@ def _int32s(*values: tuple[int, ...]) -> tuple[np.int32, ...]:
 def reached_sites(coords: Any, kernel_size: Triple, stride: Triple, padding: Triple,
                   output_shape: Triple) -> Any:
     """The output sites int32 [M, 3] (ascending key order) that the input sites ``coords`` int32
-    [N, 3] reach through some tap. Uses an occupancy byte per output cell (prod(output_shape)
-    bytes, e.g. 10.9 MB for 720 x 720 x 21) instead of a sort; reading M back is the one host
-    synchronisation of a strided rulebook."""
+    [N, 3] reach through some tap: an occupancy byte per output cell (prod(output_shape) bytes,
+    e.g. 10.9 MB for 720 x 720 x 21) marked, then compacted in cell order (no sort). Reading M
+    back is the one host synchronisation of a strided rulebook."""
     import cupy
     coords = cupy.ascontiguousarray(coords, dtype=cupy.int32)
-    occupied = cupy.zeros(math.prod(output_shape), dtype=cupy.uint8)
+    cells = math.prod(output_shape)
+    if cells >= np.iinfo(np.int32).max:
+        raise ValueError(f"output grid {output_shape} has too many cells for the occupancy grid")
+    occupied = cupy.zeros(cells, dtype=cupy.uint8)
     n_in = int(coords.shape[0])
     _launch(_kernel(_REACHED, "mark_reached"), math.prod(kernel_size) * n_in,
             (coords, np.int64(n_in), *_int32s(kernel_size, stride, padding, output_shape), occupied))
-    keys = cupy.flatnonzero(occupied)
-    sites = cupy.empty((keys.shape[0], 3), dtype=cupy.int32)
-    _launch(_kernel(_DECODE_KEYS, "coords_from_keys"), int(keys.shape[0]),
-            (keys, np.int64(keys.shape[0]), *_int32s(output_shape[1:]), sites))
-    return sites
+    blocks = -(-cells // _CELLS_PER_BLOCK)
+    block_counts = cupy.empty(blocks, dtype=cupy.int32)
+    sites = cupy.empty((min(cells, math.prod(kernel_size) * n_in), 3), dtype=cupy.int32)
+    site_count = cupy.empty(1, dtype=cupy.int64)
+    _kernel(_COMPACT, "count_occupied")((blocks,), (_COMPACT_THREADS,), (occupied, np.int64(cells), block_counts))
+    _kernel(_COMPACT, "write_occupied")((blocks,), (_COMPACT_THREADS,), (
+        occupied, np.int64(cells), block_counts, *_int32s(output_shape[1:]), sites, site_count))
+    return sites[:int(site_count.get()[0])]
+
+
+def sorted_sites(features: Any, coords: Any, spatial_shape: Triple) -> tuple[Any, Any, np.ndarray]:
+    """Voxel features [M, C] and coords int [M, 4] (batch, x, y, z) -> (features [M, C], xyz
+    int32 [M, 3]) in ascending key order, and host int64 [3]: rows with batch != 0, rows outside
+    ``spatial_shape``, duplicate sites (one device-to-host copy)."""
+    import cupy
+    coords = cupy.ascontiguousarray(coords, dtype=cupy.int32)
+    count = int(coords.shape[0])
+    counts = cupy.zeros(3, dtype=cupy.uint64)
+    keys = cupy.empty(count, dtype=cupy.int64)
+    _launch(_kernel(_SITES, "site_keys"), count,
+            (coords, np.int64(count), *_int32s(spatial_shape), keys, counts))
+    order = keys.argsort()
+    xyz = cupy.empty((count, 3), dtype=cupy.int32)
+    _launch(_kernel(_SITES, "gather_sites"), count, (order, keys, coords, np.int64(count), xyz, counts))
+    return features[order], xyz, counts.get().astype(np.int64)
 
 
 def neighbor_map(out_coords: Any, table: SiteHash, kernel_size: Triple, stride: Triple,

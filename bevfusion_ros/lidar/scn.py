@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from numpy.typing import DTypeLike
 
-from bevfusion_ros.array_module import get_array_module, to_numpy
+from bevfusion_ros.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, ScnLayer, ScnNode, read_scn_onnx
 from bevfusion_ros.lidar.sparse_conv import (ConvGeometry, Rulebook, Triple, build_rulebook,
                                              linear_keys, scatter_dense, site_table, sparse_conv)
@@ -58,9 +58,9 @@ def sparse_input(features: Array, coords: Array, spatial_shape: Triple,
     """Validate voxelizer output (features [M, C], coords int [M, 4] = (0, x, y, z), unique sites
     inside ``spatial_shape``; ValueError on any violation) -> ``dtype`` sites in ascending key order.
 
-    The key order (row-major x, y, z) gives the gathers and binary searches memory locality; the
-    dense output does not depend on the site order. On the GPU the checks cost one device-to-host
-    copy of three counts.
+    The key order (row-major x, y, z) gives the gathers and table look-ups memory locality; the
+    dense output does not depend on the site order. On the GPU (``_cuda.sorted_sites``: two
+    kernels around an argsort) the checks cost one device-to-host copy of three counts.
     """
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 4 or \
             features.shape[0] != coords.shape[0]:
@@ -68,25 +68,35 @@ def sparse_input(features: Array, coords: Array, spatial_shape: Triple,
                          f"got {features.shape} and {coords.shape}")
     if not np.issubdtype(coords.dtype, np.integer):
         raise ValueError(f"coords must be integers, got {coords.dtype}")
-    xp = get_array_module(features, coords)
-    xyz = coords[:, 1:]
-    outside = xp.any((xyz < 0) | (xyz >= xp.asarray(spatial_shape)), axis=1)
-    keys = linear_keys(xyz, spatial_shape)
-    order = keys.argsort()
-    sorted_keys = keys[order]
-    other_batch, outside_count, duplicates = (int(count) for count in to_numpy(xp.stack((
-        xp.count_nonzero(coords[:, 0] != 0), xp.count_nonzero(outside),
-        xp.count_nonzero(sorted_keys[1:] == sorted_keys[:-1])))))
+    if is_cupy(features) or is_cupy(coords):
+        from bevfusion_ros.lidar import _cuda
+        features, xyz, (other_batch, outside_count, duplicates) = _cuda.sorted_sites(
+            features, coords, spatial_shape)
+    else:
+        xyz = coords[:, 1:]
+        keys = linear_keys(xyz, spatial_shape)
+        order = keys.argsort()
+        sorted_keys = keys[order]
+        other_batch = np.count_nonzero(coords[:, 0] != 0)
+        outside_count = np.count_nonzero(_outside(xyz, spatial_shape))
+        duplicates = np.count_nonzero(sorted_keys[1:] == sorted_keys[:-1])
+        features, xyz = features[order], xyz[order].astype(np.int32)
     if other_batch:
         raise ValueError("coords[:, 0] is the batch index and must be 0 (one frame per call)")
     if outside_count:
-        example = tuple(to_numpy(xyz[outside][0]).tolist())
+        example = tuple(to_numpy(xyz[_outside(xyz, spatial_shape)][0]).tolist())
         raise ValueError(f"{outside_count} voxel coordinate(s) outside the sparse grid "
                          f"{tuple(spatial_shape)}, e.g. (x, y, z) = {example}")
     if duplicates:
         raise ValueError(f"voxel coordinates are not unique: {duplicates} duplicate site(s)")
-    return SparseTensor(features[order].astype(dtype), xyz[order].astype(np.int32),
+    return SparseTensor(features.astype(dtype, copy=False), xyz,
                         tuple(spatial_shape))  # type: ignore[arg-type]
+
+
+def _outside(xyz: Array, spatial_shape: Triple) -> Array:
+    """bool [N]: sites xyz [N, 3] outside the grid ``spatial_shape``."""
+    xp = get_array_module(xyz)
+    return xp.any((xyz < 0) | (xyz >= xp.asarray(spatial_shape)), axis=1)
 
 
 class SiteTables:
