@@ -83,31 +83,26 @@ def event_ms(function, cupy, repeats: int = 20) -> float:
 
 
 def profile_layers(cases, cupy) -> None:
-    """Per conv: rulebook build, and the conv itself as fused fp16 kernel (through sparse_conv), the
-    tiled fp16 kernel (``_conv_fp16.sparse_conv_fp16_tiled``, default tiling, called directly),
-    im2col fp16 and float32."""
-    from bevfusion_ros.lidar import _conv_fp16, _cuda
-    from bevfusion_ros.lidar.sparse_conv import sparse_conv
-    print(f"{'layer':<10}{'rulebook':>10}{'fused16':>10}{'tiled16':>10}{'im2col16':>10}{'im2col32':>10}"
-          f"  ms (CUDA events)")
-    totals = np.zeros(5)
+    """Per conv: rulebook build, and the conv itself as the tiled fp16 tensor-core kernel (what
+    ``sparse_conv`` runs for fp16), im2col + cuBLAS fp16 and float32."""
+    from bevfusion_ros.lidar import _cuda
+    from bevfusion_ros.lidar.sparse_conv import prepare_fp16_conv
+    print(f"{'layer':<10}{'rulebook':>10}{'tiled16':>10}{'im2col16':>10}{'im2col32':>10}  ms (CUDA events)")
+    totals = np.zeros(4)
     for conv, x, rulebook, fresh in cases:
         build = event_ms(lambda: build_rulebook(x.coords, x.spatial_shape, conv.geometry), cupy) if fresh else 0.0
         f16 = x.features.astype(cupy.float16)
         f32 = x.features.astype(cupy.float32)
         w16, w32 = conv.weight.astype(cupy.float16), conv.weight.astype(cupy.float32)
-        b16 = conv.bias.astype(cupy.float16)
-        fused = tiled = float("nan")
-        if _cuda.fused_conv_supported(w16.shape[4]):
-            packed = _cuda.pack_conv_weight(w16.reshape(-1, *w16.shape[3:]))
-            fused = event_ms(lambda: sparse_conv(f16, w16, rulebook, b16, packed_weight=packed), cupy)
-            tiled = event_ms(lambda: _conv_fp16.sparse_conv_fp16_tiled(f16, packed, rulebook.neighbors, b16),
-                             cupy)
+        tiled = float("nan")
+        prepared = prepare_fp16_conv(w16, conv.bias)
+        if prepared is not None:
+            tiled = event_ms(lambda: prepared(f16, rulebook.neighbors), cupy)
         taps16 = w16.reshape(-1, w16.shape[4])
         im2col16 = event_ms(lambda: _cuda.gather_columns(f16, rulebook.neighbors) @ taps16, cupy)
         taps32 = w32.reshape(-1, w32.shape[4])
         im2col32 = event_ms(lambda: _cuda.gather_columns(f32, rulebook.neighbors) @ taps32, cupy)
-        row = np.array([build, fused, tiled, im2col16, im2col32])
+        row = np.array([build, tiled, im2col16, im2col32])
         totals += np.nan_to_num(row)
         print(f"{conv.name[-9:]:<10}" + "".join(f"{value:10.3f}" for value in row))
     print(f"{'sum':<10}" + "".join(f"{value:10.3f}" for value in totals))

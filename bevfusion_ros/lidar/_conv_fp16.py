@@ -447,6 +447,63 @@ def _allow_shared(kernel: Any, nbytes: int) -> None:
         _shared_limits_set[key] = nbytes
 
 
+class TiledConv:
+    """One layer's fp16 sparse convolution, prepared once for :meth:`__call__`: packed weight
+    fp16 [K, O, I_pad] (``_cuda.pack_conv_weight``), bias fp16 [O], the compiled kernel of its
+    tiling (default :func:`default_tile_config`) and its shared-memory size. A call then costs one
+    output allocation and one launch: the sparse encoder's host time is mostly launch overhead.
+
+    ValueError for a packed weight that does not fit ``channels_in`` or O unsupported by
+    ``_cuda.fused_conv_supported`` or not split by the tiling.
+    """
+
+    def __init__(self, packed_weight: Any, bias: Any, channels_in: int,
+                 config: Optional[TileConfig] = None):
+        import cupy
+
+        from bevfusion_ros.lidar._cuda import fused_conv_supported
+        taps, channels_out, channels_pad = (int(size) for size in packed_weight.shape)
+        if (not fused_conv_supported(channels_out) or packed_weight.dtype != cupy.float16
+                or not packed_weight.flags.c_contiguous or channels_pad != -(-channels_in // 16) * 16):
+            raise ValueError(f"sparse_conv_fp16_tiled: packed weight {packed_weight.shape} "
+                             f"{packed_weight.dtype} does not fit {taps} taps x {channels_in} channels")
+        self.config = default_tile_config(channels_out) if config is None else config
+        if not self.config.fits(channels_out):
+            raise ValueError(f"sparse_conv_fp16_tiled: {self.config} does not split {channels_out} columns")
+        self.packed_weight, self.taps, self.channels_in, self.channels_out = packed_weight, taps, channels_in, channels_out
+        self.bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
+        self._kernel = _tiled_kernel(channels_out, self.config, channels_in % 8 == 0)
+        self._shared = self.config.shared_bytes(channels_out, taps)
+        self._static_args = (np.int32(channels_in), np.int32(channels_pad), np.int32(taps))
+
+    def __call__(self, features: Any, neighbors: Any, residual: Any = None, relu: bool = False) -> Any:
+        """features fp16 [N_in, I], neighbors int32 [K, N_out] (N_in = none: that row reads
+        zeros), residual fp16 [N_out, O] or None; ``relu`` applies max(., 0) last -> a new fp16
+        [N_out, O]. ValueError for arrays that do not fit."""
+        import cupy
+        features = cupy.ascontiguousarray(features, dtype=cupy.float16)
+        neighbors = cupy.ascontiguousarray(neighbors, dtype=cupy.int32)
+        (n_in, channels_in), (taps, n_out) = features.shape, neighbors.shape
+        if channels_in != self.channels_in or taps != self.taps:
+            raise ValueError(f"sparse_conv_fp16_tiled: packed weight {self.packed_weight.shape} "
+                             f"does not fit {taps} taps x {channels_in} channels")
+        out = cupy.empty((n_out, self.channels_out), dtype=cupy.float16)
+        if residual is not None:
+            residual = cupy.ascontiguousarray(residual, dtype=cupy.float16)
+            if residual.shape != out.shape:
+                raise ValueError(f"sparse_conv_fp16_tiled: residual {residual.shape} != output {out.shape}")
+        if n_out == 0:
+            return out
+        _allow_shared(self._kernel, self._shared)
+        self._kernel((-(-n_out // self.config.rows),), (self.config.threads,),
+                     (features, self.packed_weight, neighbors, self.bias,
+                      residual if residual is not None else np.uint64(0), out,   # uint64 0: null
+                      np.int32(n_in), np.int32(n_out), self._static_args[0], self._static_args[1],
+                      self._static_args[2], np.int32(relu)),
+                     shared_mem=self._shared)
+        return out
+
+
 def sparse_conv_fp16_tiled(features: Any, packed_weight: Any, neighbors: Any, bias: Any,
                            residual: Any = None, relu: bool = False,
                            config: Optional[TileConfig] = None) -> Any:
@@ -461,36 +518,4 @@ def sparse_conv_fp16_tiled(features: Any, packed_weight: Any, neighbors: Any, bi
     :func:`default_tile_config`); ValueError for a packed weight or residual that does not fit,
     for O unsupported by ``_cuda.fused_conv_supported`` or not split by ``config``.
     """
-    import cupy
-
-    from bevfusion_ros.lidar._cuda import fused_conv_supported
-    features = cupy.ascontiguousarray(features, dtype=cupy.float16)
-    neighbors = cupy.ascontiguousarray(neighbors, dtype=cupy.int32)
-    bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
-    (n_in, channels_in), (taps, n_out) = features.shape, neighbors.shape
-    channels_out, channels_pad = int(packed_weight.shape[1]), int(packed_weight.shape[2])
-    if (not fused_conv_supported(channels_out) or packed_weight.dtype != cupy.float16
-            or not packed_weight.flags.c_contiguous or packed_weight.shape[0] != taps
-            or channels_pad != -(-channels_in // 16) * 16):
-        raise ValueError(f"sparse_conv_fp16_tiled: packed weight {packed_weight.shape} "
-                         f"{packed_weight.dtype} does not fit {taps} taps x {channels_in} channels")
-    config = default_tile_config(channels_out) if config is None else config
-    if not config.fits(channels_out):
-        raise ValueError(f"sparse_conv_fp16_tiled: {config} does not split {channels_out} columns")
-    out = cupy.empty((n_out, channels_out), dtype=cupy.float16)
-    if residual is not None:
-        residual = cupy.ascontiguousarray(residual, dtype=cupy.float16)
-        if residual.shape != out.shape:
-            raise ValueError(f"sparse_conv_fp16_tiled: residual {residual.shape} != output {out.shape}")
-    if n_out == 0:
-        return out
-    kernel = _tiled_kernel(channels_out, config, channels_in % 8 == 0)
-    shared = config.shared_bytes(channels_out, taps)
-    _allow_shared(kernel, shared)
-    kernel((-(-n_out // config.rows),), (config.threads,),
-           (features, packed_weight, neighbors, bias,
-            residual if residual is not None else np.uint64(0), out,      # uint64 0: a null pointer
-            np.int32(n_in), np.int32(n_out), np.int32(channels_in), np.int32(channels_pad),
-            np.int32(taps), np.int32(relu)),
-           shared_mem=shared)
-    return out
+    return TiledConv(packed_weight, bias, int(features.shape[1]), config)(features, neighbors, residual, relu)

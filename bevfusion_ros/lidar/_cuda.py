@@ -8,8 +8,8 @@ module on a CPU machine is harmless). Each function is the GPU twin of a NumPy s
 - :func:`reached_sites`: the output sites a strided conv reaches (NumPy: ``_reached_sites``);
 - :func:`neighbor_map`: the rulebook's input row per (tap, output site) (NumPy: ``_neighbor_map``);
 - :func:`gather_columns`: the im2col matrix that turns a sparse conv into one GEMM;
-- :func:`sparse_conv_fp16`: the whole fp16 sparse conv in one launch (implicit GEMM on tensor
-  cores, bias, optional residual and ReLU fused), the GPU fast path of ``sparse_conv``.
+- :func:`pack_conv_weight`: a conv weight in the layout of the fp16 tensor-core kernel
+  (:mod:`bevfusion_ros.lidar._conv_fp16`, the GPU fast path of ``sparse_conv``).
 
 Coordinates are int32 (x, y, z) rows, keys int64 (x * Y + y) * Z + z, taps in the C order of
 weight[kx, ky, kz]; flat thread indices are 64-bit (grid-stride loops), so sizes are only bounded
@@ -268,133 +268,6 @@ extern "C" __global__ void gather_columns(
 """
 _ELEMENT_TYPES = {2: "unsigned short", 4: "unsigned int", 8: "unsigned long long"}
 
-# Implicit-GEMM sparse convolution on tensor cores, written in PTX (mma.sync m16n8k16, fp16 in,
-# float32 accumulate; sm_80 or newer) so it needs no CUDA headers: pip-installed CUDA runtimes
-# lack crt/mma.h, which <mma.h> needs. A block owns TILE_ROWS = 16 * WARPS consecutive output
-# rows and all OUT_CHANNELS columns; warp w the rows 16w..16w+15 as OUT_CHANNELS / 8 accumulator
-# tiles of 16 x 8. Per tap it reads the rows' neighbour indices and skips a tap without any
-# neighbour in the tile. Per 16-channel slice it stages the gathered feature rows A [TILE_ROWS,
-# 16] (zeros for a missing neighbour or a channel past channels_in) and the weight slice, stored
-# transposed as [OUT_CHANNELS, 16], in shared memory (rows padded to 24 halves: no bank
-# conflicts on the fragment loads). Epilogue straight from the accumulators: + bias
-# (+ residual) (ReLU) in float32, one round to fp16, stored as fp16 pairs. VECTOR = 1
-# (channels_in % 16 == 0) gathers A in 16-byte loads; VECTOR = 0 element by element.
-_SPARSE_CONV_FP16 = r"""
-#define TILE_ROWS (16 * WARPS)
-#define THREADS (32 * WARPS)
-#define N_TILES (OUT_CHANNELS / 8)
-#define STRIDE 24
-
-__device__ __forceinline__ float half_to_float(unsigned short bits) {
-    float value;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(bits));
-    return value;
-}
-
-/* Two floats -> fp16 pair (round to nearest even), ``low`` in the low 16 bits. */
-__device__ __forceinline__ unsigned int pack_half2(float low, float high) {
-    unsigned int bits;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(bits) : "f"(high), "f"(low));
-    return bits;
-}
-
-__device__ __forceinline__ void mma_16x8x16(float* c, unsigned int a0, unsigned int a1,
-                                            unsigned int a2, unsigned int a3,
-                                            unsigned int b0, unsigned int b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) sparse_conv_fp16(
-        const unsigned short* __restrict__ features,   /* fp16 [n_in, channels_in] */
-        const unsigned short* __restrict__ weight,     /* fp16 [taps, OUT_CHANNELS, channels_pad] */
-        const int* __restrict__ neighbors,             /* [taps, n_out], n_in = no neighbour */
-        const unsigned short* __restrict__ bias,       /* fp16 [OUT_CHANNELS] */
-        const unsigned short* __restrict__ residual,   /* fp16 [n_out, OUT_CHANNELS] or null */
-        unsigned short* __restrict__ out,              /* fp16 [n_out, OUT_CHANNELS] */
-        const int n_in, const int n_out, const int channels_in, const int channels_pad,
-        const int taps, const int relu) {
-    __shared__ __align__(16) unsigned short a_tile[TILE_ROWS * STRIDE];
-    __shared__ __align__(16) unsigned short b_tile[OUT_CHANNELS * STRIDE];
-    __shared__ int source_rows[TILE_ROWS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int group = lane >> 2, pair = (lane & 3) * 2;
-    const long long row0 = (long long)blockIdx.x * TILE_ROWS;
-
-    float acc[N_TILES][4];
-#pragma unroll
-    for (int j = 0; j < N_TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-
-    for (int t = 0; t < taps; ++t) {
-        int has_neighbor = 0;
-        if (threadIdx.x < TILE_ROWS) {
-            const long long o = row0 + threadIdx.x;
-            const int source = o < n_out ? neighbors[(long long)t * n_out + o] : n_in;
-            source_rows[threadIdx.x] = source;
-            has_neighbor = source < n_in;
-        }
-        if (!__syncthreads_or(has_neighbor)) continue;          /* uniform across the block */
-        for (int c0 = 0; c0 < channels_pad; c0 += 16) {
-#if VECTOR
-            for (int i = threadIdx.x; i < TILE_ROWS * 2; i += THREADS) {
-                const int r = i >> 1, part = (i & 1) * 8;
-                const int source = source_rows[r];
-                uint4 value = make_uint4(0u, 0u, 0u, 0u);
-                if (source < n_in)
-                    value = *reinterpret_cast<const uint4*>(features + (long long)source * channels_in + c0 + part);
-                *reinterpret_cast<uint4*>(a_tile + r * STRIDE + part) = value;
-            }
-#else
-            for (int i = threadIdx.x; i < TILE_ROWS * 16; i += THREADS) {
-                const int r = i >> 4, c = c0 + (i & 15);
-                const int source = source_rows[r];
-                a_tile[r * STRIDE + (i & 15)] = (source < n_in && c < channels_in)
-                    ? features[(long long)source * channels_in + c] : (unsigned short)0;
-            }
-#endif
-            for (int i = threadIdx.x; i < OUT_CHANNELS * 2; i += THREADS) {
-                const int n = i >> 1, part = (i & 1) * 8;
-                *reinterpret_cast<uint4*>(b_tile + n * STRIDE + part) = *reinterpret_cast<const uint4*>(
-                    weight + ((long long)t * OUT_CHANNELS + n) * channels_pad + c0 + part);
-            }
-            __syncthreads();
-            const unsigned short* a_rows = a_tile + (warp * 16 + group) * STRIDE + pair;
-            const unsigned int a0 = *reinterpret_cast<const unsigned int*>(a_rows);
-            const unsigned int a1 = *reinterpret_cast<const unsigned int*>(a_rows + 8 * STRIDE);
-            const unsigned int a2 = *reinterpret_cast<const unsigned int*>(a_rows + 8);
-            const unsigned int a3 = *reinterpret_cast<const unsigned int*>(a_rows + 8 * STRIDE + 8);
-#pragma unroll
-            for (int j = 0; j < N_TILES; ++j) {
-                const unsigned short* b_row = b_tile + (j * 8 + group) * STRIDE + pair;
-                mma_16x8x16(acc[j], a0, a1, a2, a3, *reinterpret_cast<const unsigned int*>(b_row),
-                            *reinterpret_cast<const unsigned int*>(b_row + 8));
-            }
-            __syncthreads();
-        }
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const long long row = row0 + warp * 16 + group + half * 8;
-        if (row >= n_out) continue;
-#pragma unroll
-        for (int j = 0; j < N_TILES; ++j) {
-            const int column = j * 8 + pair;
-            float low = acc[j][2 * half] + half_to_float(bias[column]);
-            float high = acc[j][2 * half + 1] + half_to_float(bias[column + 1]);
-            if (residual != 0) {
-                const unsigned int skip = *reinterpret_cast<const unsigned int*>(residual + row * OUT_CHANNELS + column);
-                low += half_to_float((unsigned short)(skip & 0xffffu));
-                high += half_to_float((unsigned short)(skip >> 16));
-            }
-            if (relu) { low = fmaxf(low, 0.0f); high = fmaxf(high, 0.0f); }
-            *reinterpret_cast<unsigned int*>(out + row * OUT_CHANNELS + column) = pack_half2(low, high);
-        }
-    }
-}
-"""
-_CONV_WARPS = 4
 
 
 @lru_cache(maxsize=None)
@@ -402,14 +275,6 @@ def _kernel(source: str, name: str) -> Any:
     """Compiled (on first launch, cached by CuPy per device) RawKernel ``name`` of ``source``."""
     import cupy
     return cupy.RawKernel(source, name)
-
-
-@lru_cache(maxsize=None)
-def _sparse_conv_kernel(out_channels: int, vector: bool) -> Any:
-    """The compiled fp16 implicit-GEMM conv for ``out_channels`` (a multiple of 16)."""
-    import cupy
-    options = (f"-DOUT_CHANNELS={out_channels}", f"-DWARPS={_CONV_WARPS}", f"-DVECTOR={int(vector)}")
-    return cupy.RawModule(code=_SPARSE_CONV_FP16, options=options).get_function("sparse_conv_fp16")
 
 
 def _launch(kernel: Any, threads: int, args: tuple, block: int = _BLOCK) -> None:
@@ -527,7 +392,7 @@ def gather_columns(features: Any, neighbors: Any) -> Any:
 
 
 def fused_conv_supported(channels_out: int) -> bool:
-    """Whether :func:`sparse_conv_fp16` handles ``channels_out`` output channels on this GPU
+    """Whether the fp16 kernel (:mod:`bevfusion_ros.lidar._conv_fp16`) handles ``channels_out`` output channels on this GPU
     (multiples of 16 up to 128: 128 columns of accumulators fill a warp's registers; tensor-core
     ``mma.sync`` m16n8k16 needs compute capability 8.0 or newer)."""
     import cupy
@@ -550,39 +415,3 @@ def pack_conv_weight(tap_weights: Any) -> Any:
     packed = cupy.zeros((taps, channels_out, -(-channels_in // 16) * 16), dtype=cupy.float16)
     packed[:, :, :channels_in] = cupy.asarray(tap_weights, dtype=cupy.float16).transpose(0, 2, 1)
     return packed
-
-
-def sparse_conv_fp16(features: Any, packed_weight: Any, neighbors: Any, bias: Any,
-                     residual: Any = None, relu: bool = False) -> Any:
-    """One fp16 sparse convolution: act(sum over taps of features[nb] @ W[tap] + bias (+ residual)).
-
-    features fp16 [N_in, I]; packed_weight from :func:`pack_conv_weight` [K, O, I_pad] (O: see
-    :func:`fused_conv_supported`); neighbors int32 [K, N_out] (N_in = none); bias fp16 [O];
-    residual fp16 [N_out, O] or None; ``relu`` applies max(., 0) last. Products exact, sums in
-    float32 on tensor cores, one rounding to fp16 at the end. Returns fp16 [N_out, O].
-    """
-    import cupy
-    features = cupy.ascontiguousarray(features, dtype=cupy.float16)
-    neighbors = cupy.ascontiguousarray(neighbors, dtype=cupy.int32)
-    bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
-    (n_in, channels_in), (taps, n_out) = features.shape, neighbors.shape
-    channels_out, channels_pad = int(packed_weight.shape[1]), int(packed_weight.shape[2])
-    if (not fused_conv_supported(channels_out) or packed_weight.dtype != cupy.float16
-            or not packed_weight.flags.c_contiguous or packed_weight.shape[0] != taps
-            or channels_pad != -(-channels_in // 16) * 16):
-        raise ValueError(f"sparse_conv_fp16: packed weight {packed_weight.shape} {packed_weight.dtype} "
-                         f"does not fit {taps} taps x {channels_in} channels")
-    out = cupy.empty((n_out, channels_out), dtype=cupy.float16)
-    if residual is not None:
-        residual = cupy.ascontiguousarray(residual, dtype=cupy.float16)
-        if residual.shape != out.shape:
-            raise ValueError(f"sparse_conv_fp16: residual {residual.shape} != output {out.shape}")
-    if n_out == 0:
-        return out
-    kernel = _sparse_conv_kernel(channels_out, channels_in % 16 == 0)
-    kernel((-(-n_out // (16 * _CONV_WARPS)),), (32 * _CONV_WARPS,),
-           (features, packed_weight, neighbors, bias,
-            residual if residual is not None else np.uint64(0), out,      # uint64 0: a null pointer
-            np.int32(n_in), np.int32(n_out), np.int32(channels_in), np.int32(channels_pad),
-            np.int32(taps), np.int32(relu)))
-    return out

@@ -34,7 +34,8 @@ from numpy.typing import DTypeLike
 from bevfusion_ros.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, ScnLayer, ScnNode, read_scn_onnx
 from bevfusion_ros.lidar.sparse_conv import (ConvGeometry, Rulebook, Triple, build_rulebook,
-                                             linear_keys, scatter_dense, site_table, sparse_conv)
+                                             linear_keys, prepare_fp16_conv, scatter_dense,
+                                             site_table, sparse_conv)
 
 Array = Any                      # numpy.ndarray or cupy.ndarray
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -126,7 +127,7 @@ class _Conv:
     geometry: ConvGeometry
     weight: Array
     bias: Array
-    packed_weight: Optional[Array] = None     # the fp16 GPU kernel's weight layout, when it applies
+    prepared: Any = None        # the fp16 GPU kernel set up for this layer (``prepare_fp16_conv``)
 
     @classmethod
     def from_node(cls, node: ScnNode) -> "_Conv":
@@ -139,14 +140,10 @@ class _Conv:
 
     def to(self, xp: ModuleType, dtype: np.dtype) -> "_Conv":
         """This conv with its weight and bias as ``dtype`` arrays of module ``xp`` (e.g. uploaded),
-        and for CuPy float16 the weight packed once for the fused kernel."""
-        weight = xp.asarray(self.weight, dtype=dtype)
-        packed = None
-        if xp is not np and dtype == np.float16:
-            from bevfusion_ros.lidar import _cuda
-            if _cuda.fused_conv_supported(self.layer.out_channels):
-                packed = _cuda.pack_conv_weight(weight.reshape(-1, *weight.shape[3:]))
-        return replace(self, weight=weight, bias=xp.asarray(self.bias, dtype=dtype), packed_weight=packed)
+        and for CuPy float16 the tensor-core kernel set up once."""
+        weight, bias = xp.asarray(self.weight, dtype=dtype), xp.asarray(self.bias, dtype=dtype)
+        prepared = prepare_fp16_conv(weight, bias) if xp is not np and dtype == np.float16 else None
+        return replace(self, weight=weight, bias=bias, prepared=prepared)
 
     def rulebook(self, x: SparseTensor, rulebooks: dict[str, Rulebook],
                  tables: Optional["SiteTables"] = None) -> Rulebook:
@@ -180,7 +177,7 @@ class _Conv:
             _check_same_sites(self.name, rulebook.out_coords, residual.coords)
         out = sparse_conv(x.features, self.weight, rulebook, self.bias,
                           None if residual is None else residual.features,
-                          relu or self.layer.activation == "ReLU", self.packed_weight)
+                          relu or self.layer.activation == "ReLU", self.prepared)
         return SparseTensor(out, rulebook.out_coords, rulebook.output_shape)
 
 

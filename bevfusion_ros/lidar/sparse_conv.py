@@ -241,7 +241,7 @@ def _gather_gemm_scatter(features: np.ndarray, tap_weights: np.ndarray, rulebook
 
 def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Optional[Array] = None,
                 residual: Optional[Array] = None, relu: bool = False,
-                packed_weight: Optional[Array] = None) -> Array:
+                prepared: Any = None) -> Array:
     """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] (+ bias [O])
     (+ residual [N_out, O]) (then ReLU when ``relu``) -> [N_out, O].
 
@@ -249,10 +249,10 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
     ``weight``, ``bias`` and ``residual`` are cast to it (and uploaded when the features are CuPy
     arrays and they are not). The result lives where the features do. float32: the GEMM result,
     then + bias, + residual, ReLU, each in float32 (the order of the unfused graph ops). CuPy
-    float16 with a multiple of 16 (<= 128) outputs: one fused tensor-core kernel
-    (:func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`) that rounds to fp16 once, at the end;
-    ``packed_weight`` is the weight in that kernel's layout (``_cuda.pack_conv_weight``), packed
-    here when not given.
+    float16 with a multiple of 16 (<= 128) outputs: one tensor-core kernel
+    (:class:`bevfusion_ros.lidar._conv_fp16.TiledConv`) that rounds to fp16 once, at the end;
+    ``prepared`` is that kernel already set up for this weight and bias (a layer runner keeps
+    one), else it is set up here.
     """
     kernel, channels_in, channels_out = weight.shape[:3], weight.shape[3], weight.shape[4]
     if tuple(kernel) != tuple(rulebook.geometry.kernel_size) or features.shape != (
@@ -260,18 +260,17 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
         raise ValueError(f"rulebook (kernel {rulebook.geometry.kernel_size}, {rulebook.num_inputs} "
                          f"inputs) does not fit weight {weight.shape} / features {features.shape}")
     xp = get_array_module(features)
+    if xp is not np and features.dtype == np.float16:
+        prepared = prepared or prepare_fp16_conv(weight, bias)
+        if prepared is not None:
+            return prepared(features, rulebook.neighbors,
+                            None if residual is None else xp.asarray(residual), relu)
     tap_weights = xp.asarray(weight).reshape(-1, channels_in, channels_out).astype(
         features.dtype, copy=False)
     if xp is np:
         out = _gather_gemm_scatter(features, tap_weights, rulebook)
     else:
-        from bevfusion_ros.lidar import _conv_fp16, _cuda
-        if features.dtype == np.float16 and _cuda.fused_conv_supported(channels_out):
-            bias = xp.zeros(channels_out, dtype=np.float16) if bias is None else bias
-            packed = _cuda.pack_conv_weight(tap_weights) if packed_weight is None else packed_weight
-            return _conv_fp16.sparse_conv_fp16_tiled(
-                features, packed, rulebook.neighbors, xp.asarray(bias),
-                None if residual is None else xp.asarray(residual), relu)
+        from bevfusion_ros.lidar import _cuda
         out = _cuda.gather_columns(features, rulebook.neighbors) @ tap_weights.reshape(-1, channels_out)
     for term in (bias, residual):
         if term is not None:
@@ -279,6 +278,22 @@ def sparse_conv(features: Array, weight: Array, rulebook: Rulebook, bias: Option
     if relu:
         xp.maximum(out, 0, out=out)
     return out
+
+
+def prepare_fp16_conv(weight: Array, bias: Optional[Array]) -> Any:
+    """The GPU fp16 tensor-core conv (``_conv_fp16.TiledConv``) for weight [kx, ky, kz, I, O] and
+    bias [O] (zeros when None), or None where that kernel does not apply (O not a multiple of 16
+    up to 128, or a GPU older than sm_80: then ``sparse_conv`` uses im2col + GEMM)."""
+    import cupy
+
+    from bevfusion_ros.lidar import _conv_fp16, _cuda
+    channels_in, channels_out = weight.shape[3], weight.shape[4]
+    if not _cuda.fused_conv_supported(channels_out):
+        return None
+    tap_weights = cupy.asarray(weight, dtype=cupy.float16).reshape(-1, channels_in, channels_out)
+    bias = (cupy.zeros(channels_out, dtype=cupy.float16) if bias is None
+            else cupy.asarray(bias, dtype=cupy.float16))
+    return _conv_fp16.TiledConv(_cuda.pack_conv_weight(tap_weights), bias, channels_in)
 
 
 def scatter_dense(features: Array, coords: Array, spatial_shape: Triple) -> Array:

@@ -72,9 +72,10 @@ class BoxMatch:
     def fraction_within(self, metres: float) -> float:
         return float(np.mean(self.distance <= metres)) if self.distance.size else 1.0
 
-    def max_difference(self, boxes: np.ndarray, reference: np.ndarray) -> float:
-        """Largest |difference| over x..vy and score of the paired boxes (yaw wrapped)."""
-        paired = self.index >= 0
+    def max_difference(self, boxes: np.ndarray, reference: np.ndarray, within: float = np.inf) -> float:
+        """Largest |difference| over x..vy and score of the boxes paired with centres at most
+        ``within`` metres apart (yaw wrapped)."""
+        paired = (self.index >= 0) & (self.distance <= within)
         if not paired.any():
             return 0.0
         a, b = boxes[self.index[paired]], reference[paired]
