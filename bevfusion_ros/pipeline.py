@@ -55,6 +55,7 @@ MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "
                "lidar.backbone.xyz.onnx")
 CONFIG_FILE = "bevfusion.yaml"
 GIL_SWITCH_INTERVAL_S = 2e-4          # see _short_gil_switches
+HIGHEST_STREAM_PRIORITY = -100        # CUDA clamps it to the device's highest (e.g. -5 on sm_90)
 
 
 class InputError(ValueError):
@@ -341,9 +342,8 @@ def _branch_streams(device: str) -> tuple:
     if device == "cpu":
         return nullcontext(), nullcontext()
     import cupy
-    _, highest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
     return (cupy.cuda.Stream(non_blocking=True),
-            cupy.cuda.Stream(non_blocking=True, priority=highest))
+            cupy.cuda.Stream(non_blocking=True, priority=HIGHEST_STREAM_PRIORITY))
 
 
 def _record_event(device: str):
