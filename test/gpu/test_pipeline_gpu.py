@@ -10,7 +10,8 @@ Tolerances, as measured on the H100 (``python -m bevfusion_ros.tools.parity``):
   relative L2 (measured: tiny <= 1.5e-6, r50 <= 1.3e-5). Boxes: at least FP32_PAIRED of the CPU
   boxes have a GPU box of the same label within 1 mm (measured: tiny 48 of 50 = 96 %, r50 167 of
   200 = 83.5 %), and paired boxes agree within FP32_ATOL on every attribute (metres, radians,
-  m/s, score; measured r50 1.9e-3). The rest are proposals swapped by the head's TopK:
+  m/s, score; measured tiny 6.1e-5, r50 1.9e-3: the decoder's self-attention over the 200
+  proposals also sees the swapped ones). The rest are proposals swapped by the head's TopK:
   untrained weights give a nearly flat heatmap, whose 200th and 201st values differ by less than
   the float32 rounding of the two backends (the head outputs, in TopK order, then differ by
   0.1-0.3 relative L2 although 96 % of the boxes are the same).
@@ -42,7 +43,7 @@ torch = pytest.importorskip("torch")
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 
-FP32_ATOL = 2e-3
+FP32_ATOL = 5e-3
 FP32_PAIRED = 0.8
 FP32_STAGE_RTOL = 1e-4
 FP16_STAGE_RTOL = 1.5e-2
