@@ -9,6 +9,7 @@ GPU path's gather writes and the GEMM reads (N_out * K * I elements, twice).
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import time
 
 import numpy as np
@@ -20,6 +21,9 @@ from bevfusion_ros.lidar.scn import SparseEncoderRunner, sparse_input
 from bevfusion_ros.lidar.sparse_conv import build_rulebook
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.pipeline import prepare_points
+from bevfusion_ros.tools.cuda_timing import median_ms
+
+layer_ms = partial(median_ms, repeats=20, warmup=3)      # one layer's CUDA-event median
 
 
 def main() -> None:
@@ -67,21 +71,6 @@ def main() -> None:
         profile_gpu(runner, voxels, xp)
 
 
-def event_ms(function, cupy, repeats: int = 20) -> float:
-    """Median CUDA-event time of ``function()`` on the current stream after 3 warm-up calls."""
-    for _ in range(3):
-        function()
-    samples = []
-    for _ in range(repeats):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, end))
-    return float(np.median(samples))
-
-
 def profile_layers(cases, cupy) -> None:
     """Per conv: rulebook build, and the conv itself as the tiled fp16 tensor-core kernel (what
     ``sparse_conv`` runs for fp16), im2col + cuBLAS fp16 and float32."""
@@ -90,18 +79,18 @@ def profile_layers(cases, cupy) -> None:
     print(f"{'layer':<10}{'rulebook':>10}{'tiled16':>10}{'im2col16':>10}{'im2col32':>10}  ms (CUDA events)")
     totals = np.zeros(4)
     for conv, x, rulebook, fresh in cases:
-        build = event_ms(lambda: build_rulebook(x.coords, x.spatial_shape, conv.geometry), cupy) if fresh else 0.0
+        build = layer_ms(lambda: build_rulebook(x.coords, x.spatial_shape, conv.geometry)) if fresh else 0.0
         f16 = x.features.astype(cupy.float16)
         f32 = x.features.astype(cupy.float32)
         w16, w32 = conv.weight.astype(cupy.float16), conv.weight.astype(cupy.float32)
         tiled = float("nan")
         prepared = prepare_fp16_conv(w16, conv.bias)
         if prepared is not None:
-            tiled = event_ms(lambda: prepared(f16, rulebook.neighbors), cupy)
+            tiled = layer_ms(lambda: prepared(f16, rulebook.neighbors))
         taps16 = w16.reshape(-1, w16.shape[4])
-        im2col16 = event_ms(lambda: _cuda.gather_columns(f16, rulebook.neighbors) @ taps16, cupy)
+        im2col16 = layer_ms(lambda: _cuda.gather_columns(f16, rulebook.neighbors) @ taps16)
         taps32 = w32.reshape(-1, w32.shape[4])
-        im2col32 = event_ms(lambda: _cuda.gather_columns(f32, rulebook.neighbors) @ taps32, cupy)
+        im2col32 = layer_ms(lambda: _cuda.gather_columns(f32, rulebook.neighbors) @ taps32)
         row = np.array([build, tiled, im2col16, im2col32])
         totals += np.nan_to_num(row)
         print(f"{conv.name[-9:]:<10}" + "".join(f"{value:10.3f}" for value in row))

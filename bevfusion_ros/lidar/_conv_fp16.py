@@ -474,6 +474,7 @@ class TiledConv:
         self.bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
         self._kernel = _tiled_kernel(channels_out, self.config, channels_in % 8 == 0)
         self._shared = self.config.shared_bytes(channels_out, taps)
+        _allow_shared(self._kernel, self._shared)      # on this device, where the weight lives
         self._static_args = (np.int32(channels_in), np.int32(channels_pad), np.int32(taps))
 
     def __call__(self, features: Any, neighbors: Any, residual: Any = None, relu: bool = False) -> Any:
@@ -494,7 +495,6 @@ class TiledConv:
                 raise ValueError(f"sparse_conv_fp16_tiled: residual {residual.shape} != output {out.shape}")
         if n_out == 0:
             return out
-        _allow_shared(self._kernel, self._shared)
         self._kernel((-(-n_out // self.config.rows),), (self.config.threads,),
                      (features, self.packed_weight, neighbors, self.bias,
                       residual if residual is not None else np.uint64(0), out,   # uint64 0: null

@@ -143,9 +143,13 @@ extern "C" __global__ void neighbor_map(
 # scan library: block b owns CELLS_PER_BLOCK consecutive cells, thread t 16 of them; the first
 # launch counts each block's occupied cells, the second re-counts, adds the counts of blocks
 # 0..b-1 (a few thousand integers, summed by each block) and writes the cells' coordinates.
-_COMPACT = r"""
-#define CELLS_PER_THREAD 16
-#define COMPACT_THREADS 256
+_CELLS_PER_THREAD = 16
+_COMPACT_THREADS = 256
+_CELLS_PER_BLOCK = _CELLS_PER_THREAD * _COMPACT_THREADS
+_COMPACT = f"""
+#define CELLS_PER_THREAD {_CELLS_PER_THREAD}
+#define COMPACT_THREADS {_COMPACT_THREADS}
+""" + r"""
 #define CELLS_PER_BLOCK (CELLS_PER_THREAD * COMPACT_THREADS)
 
 /* flags[i] = occupied[first + i] (0 past the grid); returns their sum. */
@@ -212,8 +216,6 @@ extern "C" __global__ void __launch_bounds__(COMPACT_THREADS) write_occupied(
     if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) *site_count = (long long)base + block_total;
 }
 """
-_CELLS_PER_BLOCK = 16 * 256
-_COMPACT_THREADS = 256
 
 # The GPU half of scn.sparse_input: keys and range checks of voxel coordinates (0, x, y, z), then,
 # after an argsort of the keys, the sites gathered in key order with duplicates counted.

@@ -22,6 +22,7 @@ from bevfusion_ros.camera.normalize import normalize_images
 from bevfusion_ros.detections import H, L, LABEL, SCORE, VX, VY, W, X, Y, YAW, Z
 from bevfusion_ros.head.decode import decode_boxes
 from bevfusion_ros.io import load_example_data
+from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.pipeline import BEVFusionPipeline, prepare_points
 
@@ -99,18 +100,24 @@ def match_boxes(boxes: np.ndarray, reference: np.ndarray) -> BoxMatch:
     return BoxMatch(index, distance)
 
 
-def compare(model_dir: str, data_dir: str, precision: str) -> dict[str, Any]:
-    """Stage errors and box statistics of the GPU pipeline against the CPU pipeline."""
+def both_chains(cpu: BEVFusionPipeline, gpu: BEVFusionPipeline, frame: Frame
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(CPU, GPU) :func:`stage_chain` of ``frame`` (its calibration set on both pipelines first)."""
     import cupy
-    frame = load_example_data(data_dir)
-    cpu = BEVFusionPipeline.from_model_dir(model_dir, backend="cpu")
-    gpu = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu", precision=precision)
     cpu.update(frame.calibration)
     gpu.update(frame.calibration)
     points = prepare_points(frame.points, cpu.config).points
     images = np.stack(frame.images)
-    expected = stage_chain(cpu, images, points, np)
-    got = stage_chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy)
+    return (stage_chain(cpu, images, points, np),
+            stage_chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy))
+
+
+def compare(model_dir: str, data_dir: str, precision: str) -> dict[str, Any]:
+    """Stage errors and box statistics of the GPU pipeline against the CPU pipeline."""
+    frame = load_example_data(data_dir)
+    cpu = BEVFusionPipeline.from_model_dir(model_dir, backend="cpu")
+    gpu = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu", precision=precision)
+    expected, got = both_chains(cpu, gpu, frame)
     match = match_boxes(got["boxes"], expected["boxes"])
     forward = gpu.forward(frame).boxes
     return {"stages": {name: relative_l2(got[name], value) for name, value in expected.items()

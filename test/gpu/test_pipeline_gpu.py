@@ -35,7 +35,7 @@ import pytest
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline
-from bevfusion_ros.tools.parity import match_boxes, relative_l2, stage_chain
+from bevfusion_ros.tools.parity import both_chains, match_boxes, relative_l2
 
 pytest.importorskip("cupy")
 torch = pytest.importorskip("torch")
@@ -108,18 +108,11 @@ def test_fp32_gpu_boxes_equal_cpu_boxes(preset, tiny_dir, frame, request):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("preset", ["tiny", "r50"])
 def test_gpu_stages_match_cpu_stages(preset, precision, tiny_dir, frame, request):
-    import cupy
-    from bevfusion_ros.pipeline import prepare_points
     model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
     config = all_proposals(model_dir)
     cpu = BEVFusionPipeline.from_model_dir(model_dir, config, backend="cpu")
     gpu = BEVFusionPipeline.from_model_dir(model_dir, config, backend="gpu", precision=precision)
-    cpu.update(frame.calibration)
-    gpu.update(frame.calibration)
-    points = prepare_points(frame.points, cpu.config).points
-    images = np.stack(frame.images)
-    expected = stage_chain(cpu, images, points, np)
-    got = stage_chain(gpu, cupy.asarray(images), cupy.asarray(points), cupy)
+    expected, got = both_chains(cpu, gpu, frame)
     errors = {name: relative_l2(got[name], expected[name]) for name in STAGES_TO_MIDDLE}
     print(f"{precision} GPU vs CPU stages ({preset}), relative L2: "
           + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
