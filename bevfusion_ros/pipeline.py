@@ -237,28 +237,38 @@ class BEVFusionPipeline:
                 self.update(calibration)
 
     def forward(self, frame: Frame) -> Detections:
-        """Run the whole chain on ``frame``; raises :class:`InputError` on unusable input."""
+        """Run the whole chain on ``frame``; raises :class:`InputError` on unusable input.
+
+        On the GPU the camera side starts first, in the camera thread (image upload and
+        normalization need no points), while this thread cleans and uploads the points, hands
+        them over through ``points_ready`` and queues the lidar branch; the fuser joins both.
+        On the CPU the branches run one after the other in this thread.
+        """
         timer = StageTimer(cuda=self.device == "cuda")
         self._ensure_geometry(frame.calibration, timer)
-        prepared = prepare_points(frame.points, self.config)
         try:
             check_images(frame.images, self.config.image, self.config.num_cameras)
         except ValueError as error:
             raise InputError(str(error)) from error
         camera_stream, lidar_stream = self._streams
-        with lidar_stream:
-            with timer.stage("upload_points"):
-                points = self._upload_points(prepared.points)
-            points_uploaded = _record_event(self.device)
+        points_ready: Future = Future()     # (device points, event recorded after their upload)
         with _short_gil_switches(self._camera_thread is not None):
-            submit = _run_now if self._camera_thread is None else self._camera_thread.submit
-            camera = submit(self._camera_side, frame.images, points, points_uploaded, timer)
+            start = _Deferred if self._camera_thread is None else self._camera_thread.submit
+            camera = start(self._camera_side, frame.images, points_ready, timer)
             try:
+                prepared = prepare_points(frame.points, self.config)
                 with lidar_stream:           # overlaps the camera branch on the GPU
+                    with timer.stage("upload_points"):
+                        points = self._upload_points(prepared.points)
+                    points_ready.set_result((points, _record_event(self.device)))
                     lidar_bev = self._lidar_branch(points, timer)
                     lidar_done = _record_event(self.device)
-            finally:                         # never leave the camera side running on error
-                camera_bev = camera.result()
+            except BaseException as error:   # release the camera side, never leave it running
+                if not points_ready.done():
+                    points_ready.set_exception(error)
+                camera.exception()
+                raise
+            camera_bev = camera.result()
         with camera_stream:
             _wait_event(camera_stream, lidar_done)
             with timer.stage("fuser"):
@@ -273,29 +283,27 @@ class BEVFusionPipeline:
                           stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
                           cameras_used=self.config.camera_names, warnings=tuple(prepared.warnings))
 
-    def _camera_side(self, raw_images, points, points_uploaded, timer: StageTimer):
-        """Upload the images and run the camera branch on the camera stream (on the GPU in the
-        camera thread, so that its host work overlaps the lidar branch's host work)."""
+    def _camera_side(self, raw_images, points_ready: Future, timer: StageTimer):
+        """Camera branch on the camera stream: raw images [N, H, W, 3] uint8 -> camera BEV
+        [1, C, X/2, Y/2]. Upload and normalization run at once; the depth map waits for the
+        points [P, C] and their upload event from ``points_ready``."""
+        image = self.config.image
         camera_stream = self._streams[0]
         with camera_stream:
             with timer.stage("upload_images"):
-                images = self._upload_images(raw_images)
+                uploaded = self._upload_images(raw_images)
+            with timer.stage("normalize"):
+                images = normalize_images(uploaded, image, self.config.num_cameras)
+            points, points_uploaded = points_ready.result()
             _wait_event(camera_stream, points_uploaded)
-            return self._camera_branch(images, points, timer)
-
-    def _camera_branch(self, raw_images, points, timer: StageTimer):
-        """raw_images [N, H, W, 3] uint8, points [P, C] -> camera BEV [1, C, X/2, Y/2]."""
-        image = self.config.image
-        with timer.stage("normalize"):
-            images = normalize_images(raw_images, image, self.config.num_cameras)
-        with timer.stage("depth"):
-            depth = depth_map(points, *self._projection, image.output_height, image.output_width)
-        with timer.stage("camera_backbone"):
-            features = self.engines["camera.backbone.onnx"].run({"img": images[None], "depth": depth[None]})
-        with timer.stage("bevpool"):
-            pooled = bev_pool(features["camera_feature"], features["camera_depth_weights"], self.geometry)
-        with timer.stage("vtransform"):
-            return self.engines["camera.vtransform.onnx"].run({"feat_in": pooled})["feat_out"]
+            with timer.stage("depth"):
+                depth = depth_map(points, *self._projection, image.output_height, image.output_width)
+            with timer.stage("camera_backbone"):
+                features = self.engines["camera.backbone.onnx"].run({"img": images[None], "depth": depth[None]})
+            with timer.stage("bevpool"):
+                pooled = bev_pool(features["camera_feature"], features["camera_depth_weights"], self.geometry)
+            with timer.stage("vtransform"):
+                return self.engines["camera.vtransform.onnx"].run({"feat_in": pooled})["feat_out"]
 
     def _lidar_branch(self, points, timer: StageTimer):
         """points [P, C] -> lidar BEV [1, 2C, X, Y]."""
@@ -323,14 +331,19 @@ def _short_gil_switches(active: bool) -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
-def _run_now(function: Callable[..., Any], *args: Any) -> Future:
-    """``function(*args)`` run here, as a finished Future (or one holding its exception)."""
-    future: Future = Future()
-    try:
-        future.set_result(function(*args))
-    except BaseException as error:          # re-raised by future.result(), like a thread's
-        future.set_exception(error)
-    return future
+class _Deferred:
+    """A call run by the first :meth:`result` (the CPU path's camera branch, after the lidar
+    branch has handed over its points); the thread path's ``Future`` has the same two methods."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self._function, self._args = function, args
+
+    def result(self) -> Any:
+        return self._function(*self._args)
+
+    def exception(self) -> None:
+        """Never started: nothing to wait for."""
+        return None
 
 
 def _branch_streams(device: str) -> tuple:
