@@ -5,7 +5,7 @@
 #   bash benchmarks/device_run.sh [pytest -k expression]
 # Writes logs and JSON under $OUT (or ./out/device when OUT is unset). Steps are independent:
 # a failing test does not stop the benchmark. STEPS (default "tests parity profile bench";
-# "timeline" adds benchmarks/timeline.py) selects; ITERS, CPU_ITERS and REF_ITERS set the benchmark's repetitions.
+# "timeline" and "engines" add benchmarks/timeline.py and engine_profile.py) selects; ITERS, CPU_ITERS and REF_ITERS set the benchmark's repetitions.
 set -uo pipefail
 OUT="${OUT:-out/device}"
 STEPS="${STEPS:-tests parity profile bench}"
@@ -42,6 +42,10 @@ if [[ " $STEPS " == *" profile "* ]]; then
   python3 benchmarks/lidar_profile.py "$model" "$BEVFUSION_EXAMPLE_DATA" --gpu --dtype float16 \
     > "$OUT/lidar_profile.log" 2>&1
   tail -28 "$OUT/lidar_profile.log"
+fi
+if [[ " $STEPS " == *" engines "* ]]; then
+  python3 benchmarks/engine_profile.py "$model" > "$OUT/engine_profile.log" 2>&1
+  grep -v Warning "$OUT/engine_profile.log" | tail -60
 fi
 if [[ " $STEPS " == *" timeline "* ]]; then
   python3 benchmarks/timeline.py "$model" "$BEVFUSION_EXAMPLE_DATA" --frames "${TIMELINE_FRAMES:-20}" \
