@@ -1,5 +1,5 @@
-"""Each dense engine of a model folder on its own: CUDA-graph replay time (channels-last weights on
-and off) and the kernels of one replay (CUPTI, via torch.profiler), with the ONNX ops behind them.
+"""Each dense engine of a model folder on its own: CUDA-graph replay time (channels-last weights,
+with and without the fused cuDNN conv+bias(+residual)+ReLU calls, and NCHW) and the kernels of one replay (CUPTI, via torch.profiler), with the ONNX ops behind them.
 
     python benchmarks/engine_profile.py MODEL_DIR [--precision fp16] [--top 12]
 
@@ -18,6 +18,10 @@ import torch
 from bevfusion_ros.engines.select import DENSE_MODEL_FILES
 from bevfusion_ros.engines.torch_gpu import TorchEngine
 from bevfusion_ros.tools.cuda_timing import median_ms
+
+
+VARIANTS = {"fused": {}, "unfused": {"fuse_conv_activations": False},
+            "NCHW": {"channels_last": False, "fuse_conv_activations": False}}
 
 
 def random_feeds(engine: TorchEngine) -> dict:
@@ -56,14 +60,15 @@ def main() -> None:
     for file_name in DENSE_MODEL_FILES:
         path = f"{args.model}/{file_name}"
         times = {}
-        for channels_last in (True, False):
-            engine = TorchEngine(path, dtype=dtype, channels_last=channels_last)
+        for variant, options in VARIANTS.items():
+            engine = TorchEngine(path, dtype=dtype, **options)
             feeds = random_feeds(engine)
-            times[channels_last] = median_ms(lambda: engine.run(feeds), repeats=50, warmup=5)
-            if channels_last:
+            times[variant] = median_ms(lambda: engine.run(feeds), repeats=50, warmup=5)
+            if variant == "fused":
                 table = kernel_table(lambda: engine.run(feeds), args.top)
                 ops = dict(engine.module.runtime_ops)
-        print(f"\n{file_name}: channels-last {times[True]:.3f} ms, NCHW {times[False]:.3f} ms; ops {ops}")
+        print(f"\n{file_name}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items())
+              + f"; ops {ops}")
         for name, ms, count in table:
             print(f"  {ms:7.3f} ms {count:4d}x  {name[:200]}")
 

@@ -6,18 +6,20 @@ interpreter runs on CPU float32 tensors, where it must reproduce ONNX semantics.
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from bevfusion_ros.engines import (DENSE_MODEL_FILES, EngineError, OnnxRuntimeEngine,  # noqa: E402
                                    check_interface, expected_interfaces)
-from bevfusion_ros.engines.torch_gpu import OnnxModule, TorchEngine  # noqa: E402
+from bevfusion_ros.engines.torch_gpu import (OnnxModule, TorchEngine, _fuse_conv_activations,  # noqa: E402
+                                             _static_shapes)
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import TINY  # noqa: E402
 
@@ -248,3 +250,44 @@ def test_errors_name_the_file_or_node(model_dirs, tmp_path):
                       [x, shape], [y])
     with pytest.raises(EngineError, match=r"Reshape node 'r': input 1 \('shape'\) must be a constant"):
         cpu_engine(path)
+
+
+def conv_chain_probe(tmp_path):
+    """Conv chains around ReLUs: c1 -> Relu; c2 -> Add(d) -> Relu with d a conv after c2 in file
+    order; c3 with two consumers; c5 -> Add(constant) -> Relu. Input x [1, 4, 8, 8]."""
+    rng = np.random.default_rng(0)
+
+    def tensor(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    conv = functools.partial(helper.make_node, "Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [conv(["x", "w1", "b1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             conv(["r1", "w2", "b2"], ["c2"]),
+             helper.make_node("Conv", ["x", "w3"], ["d"], kernel_shape=[1, 1]),
+             helper.make_node("Add", ["c2", "d"], ["a2"]), helper.make_node("Relu", ["a2"], ["r2"]),
+             conv(["r2", "w4", "b4"], ["c3"]), helper.make_node("Relu", ["c3"], ["r3"]),
+             conv(["r2", "w5", "b5"], ["c5"]), helper.make_node("Add", ["c5", "shift"], ["a5"]),
+             helper.make_node("Relu", ["a5"], ["r5"])]
+    initializers = [tensor("w1", 4, 4, 3, 3), tensor("b1", 4), tensor("w2", 4, 4, 3, 3), tensor("b2", 4),
+                    tensor("w3", 4, 4, 1, 1), tensor("w4", 4, 4, 3, 3), tensor("b4", 4),
+                    tensor("w5", 4, 4, 3, 3), tensor("b5", 4), tensor("shift", 1, 4, 1, 1)]
+    value = functools.partial(helper.make_tensor_value_info, elem_type=TensorProto.FLOAT, shape=[1, 4, 8, 8])
+    return save_graph(tmp_path, nodes, [value("x")], [value("r3"), value("c3"), value("r5")], initializers)
+
+
+CONV_CHAIN_FUSED = ["Conv+Relu", "Conv", "Conv+Add+Relu", "Conv", "Relu", "Conv", "Add", "Relu"]
+
+
+def test_conv_activation_fusion_picks_only_private_chains(tmp_path):
+    """The CUDA-only fusion pass (pattern choice checked here, cuDNN numerics in the GPU tests):
+    Conv->Relu and Conv->Add(same-shape tensor)->Relu fuse, a conv read elsewhere or an Add with a
+    constant does not, and the residual conv computed later in file order stays before its use."""
+    model = onnx.load(str(conv_chain_probe(tmp_path)))
+    module = OnnxModule(model)
+    fused = _fuse_conv_activations(module._steps, module.output_names, _static_shapes(model))
+    assert [step.op_type for step in fused] == CONV_CHAIN_FUSED
+    produced = set(module.input_names)
+    for step in fused:                               # every value exists before it is read
+        assert all(kind != "env" or name in produced for kind, name in step.args), step.op_type
+        produced.update(step.outputs)
+    assert fused[2].args[-1] == ("env", "d") and fused[2].outputs == ("r2",)

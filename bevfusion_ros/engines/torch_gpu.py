@@ -17,6 +17,11 @@ Numerics:
 * Conv/ConvTranspose weights are stored in the module's dtype and, with ``channels_last``,
   in channels-last layout, so cuDNN picks NHWC kernels and conv outputs stay channels-last.
   Graph outputs are returned C-contiguous.
+* on CUDA (``fuse_conv_activations``), a 2-D Conv whose only consumer is a Relu, or an Add
+  (with a same-shape tensor) whose only consumer is a Relu, runs as one cuDNN call with bias,
+  residual and ReLU in the conv's epilogue (``torch.cudnn_convolution_relu`` /
+  ``cudnn_convolution_add_relu``): the same sum, rounded once to ``dtype`` instead of after
+  each of the three ops, and three passes over the activation saved.
 
 Supported ops (exactly those in the graphs ``bevfusion-export`` writes, fp16 and int8 sets):
 Add, Cast, Concat, Constant, ConstantOfShape, Conv, ConvTranspose, DequantizeLinear, Div,
@@ -487,7 +492,7 @@ class OnnxModule(torch.nn.Module):
 
     def __init__(self, model: onnx.ModelProto, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 file_name: str = "model.onnx"):
+                 file_name: str = "model.onnx", fuse_conv_activations: bool = True):
         super().__init__()
         check_opset(model, file_name)
         self.dtype, self.device, self.channels_last = dtype, torch.device(device), channels_last
@@ -499,6 +504,8 @@ class OnnxModule(torch.nn.Module):
         self._buffer_names: dict[tuple[str, str], str] = {}
         steps = [self._compile(node, constants) for node in graph.node
                  if not _fold(node, constants, shapes)]
+        if fuse_conv_activations and self.device.type == "cuda":
+            steps = _fuse_conv_activations(steps, self.output_names, shapes)
         constant_outputs = [name for name in self.output_names if name in constants]
         if constant_outputs:
             raise EngineError(f"{file_name}: outputs {constant_outputs} are constants")
@@ -607,6 +614,74 @@ def _fold(node: onnx.NodeProto, constants: dict[str, np.ndarray],
     return True
 
 
+def _conv2d_keywords(step: _Step) -> dict[str, Any] | None:
+    """stride/padding/dilation/groups of a 2-D Conv step with constant weight (and bias), else None."""
+    fn = step.fn
+    if step.op_type != "Conv" or not isinstance(fn, functools.partial) or fn.func is not F.conv2d:
+        return None
+    if step.args[0][0] != "env" or any(kind != "buffer" for kind, _ in step.args[1:]):
+        return None
+    return dict(fn.keywords)
+
+
+def _conv_relu(stride: tuple, padding: tuple, dilation: tuple, groups: int) -> OpFunction:
+    def conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+    return conv_relu
+
+
+def _conv_add_relu(stride: tuple, padding: tuple, dilation: tuple, groups: int) -> OpFunction:
+    def conv_add_relu(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *bias, residual = rest
+        return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias[0] if bias else None,
+                                                stride, padding, dilation, groups)
+    return conv_add_relu
+
+
+def _fuse_conv_activations(steps: Sequence[_Step], outputs: Sequence[str],
+                           shapes: Mapping[str, tuple[int, ...]]) -> list[_Step]:
+    """Replace Conv -> Relu and Conv -> Add(residual) -> Relu chains, whose intermediate values
+    have no other consumer, by one fused step placed where the Relu was (the residual is
+    computed by then)."""
+    consumers: dict[str, list[int]] = collections.defaultdict(list)
+    for index, step in enumerate(steps):
+        for kind, name in step.args:
+            if kind == "env":
+                consumers[name].append(index)
+    for name in outputs:
+        consumers[name].append(-1)
+
+    def only_consumer(name: str, op_type: str) -> int | None:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0] >= 0 and steps[users[0]].op_type == op_type else None
+
+    replaced: dict[int, _Step] = {}
+    removed: set[int] = set()
+    for index, step in enumerate(steps):
+        keywords = _conv2d_keywords(step)
+        if keywords is None or len(step.outputs) != 1:
+            continue
+        conv_out = step.outputs[0]
+        relu = only_consumer(conv_out, "Relu")
+        if relu is not None:
+            fused = _Step("Conv+Relu", _conv_relu(**keywords), step.args, steps[relu].outputs)
+        else:
+            add = only_consumer(conv_out, "Add")
+            relu = None if add is None else only_consumer(steps[add].outputs[0], "Relu")
+            if add is None or relu is None or add in removed:   # its other operand claimed it
+                continue
+            residual = [arg for arg in steps[add].args if arg != ("env", conv_out)]
+            if len(residual) != 1 or residual[0][0] != "env" or \
+                    shapes.get(residual[0][1]) != shapes.get(conv_out) or shapes.get(conv_out) is None:
+                continue
+            fused = _Step("Conv+Add+Relu", _conv_add_relu(**keywords), step.args + tuple(residual),
+                          steps[relu].outputs)
+            removed.add(add)
+        removed.add(index)
+        replaced[relu] = fused
+    return [replaced.get(index, step) for index, step in enumerate(steps) if index not in removed]
+
+
 def _with_releases(steps: Sequence[_Step], inputs: Sequence[str],
                    outputs: Sequence[str]) -> list[_Step]:
     """Attach to each step the values to drop after it (their last use), keeping outputs."""
@@ -641,7 +716,7 @@ class _CudaGraphRunner:
 
     def __init__(self, module: OnnxModule, inputs: Sequence[tuple[tuple[int, ...], torch.dtype]]):
         device = module.device
-        self.inputs = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in inputs]
+        self.inputs = [_static_input(shape, dtype, device, module.channels_last) for shape, dtype in inputs]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -657,6 +732,16 @@ class _CudaGraphRunner:
             static.copy_(feed)
         self.graph.replay()
         return self.outputs
+
+
+def _static_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  channels_last: bool) -> torch.Tensor:
+    """A graph's static input; 4-D ones channels-last in a channels-last module, so that a
+    channels-last feed (another engine's output) is copied in without a transpose."""
+    tensor = torch.zeros(shape, dtype=dtype, device=device)
+    if channels_last and len(shape) == 4:
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
 
 
 @contextlib.contextmanager
@@ -692,7 +777,8 @@ class TorchEngine(FileEngine):
     """One ``.onnx`` file run by :class:`OnnxModule` on ``device`` in ``dtype``.
 
     ``cuda_graph`` (CUDA only) captures the module once at construction, after warm-up,
-    and replays it per run; ``channels_last`` stores conv weights channels-last.
+    and replays it per run; ``channels_last`` stores conv weights (and 4-D static inputs)
+    channels-last; ``fuse_conv_activations`` see :class:`OnnxModule`.
 
     :meth:`run` takes NumPy arrays, torch tensors or CuPy arrays (any float dtype; converted
     to :attr:`inputs`' dtype) and returns the same kind: CuPy in -> CuPy out (zero-copy through
@@ -709,7 +795,7 @@ class TorchEngine(FileEngine):
 
     def __init__(self, path: str | Path, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.float16, cuda_graph: bool = True,
-                 channels_last: bool = True):
+                 channels_last: bool = True, fuse_conv_activations: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise EngineError(f"model file not found: {self.path}")
@@ -727,7 +813,8 @@ class TorchEngine(FileEngine):
         self._inputs = self._specs(model.graph.input, self._feed_dtypes)
         self._outputs = self._specs(model.graph.output, self._value_dtypes(model.graph.output, model))
         with torch.no_grad():
-            self.module = OnnxModule(model, dtype, self.device, channels_last, self.path.name)
+            self.module = OnnxModule(model, dtype, self.device, channels_last, self.path.name,
+                                     fuse_conv_activations)
             self._graph = self._capture() if cuda_graph else None
 
     def _value_dtypes(self, values: Sequence[onnx.ValueInfoProto], model: onnx.ModelProto

@@ -117,6 +117,23 @@ def test_float32_on_cuda_matches_onnxruntime_tightly(tiny_dir, monkeypatch):
                                        atol=1e-3 * float(np.abs(expected[key]).max()), err_msg=key)
 
 
+def test_fused_conv_activations_equal_the_separate_ops(tiny_dir, monkeypatch):
+    """cuDNN's conv+bias(+residual)+ReLU calls against the three separate ops, float32 (TF32
+    off): they differ only by where the sum is rounded. The backbone and fuser use both forms."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for name in ("camera.backbone.onnx", "fuser.onnx"):
+        fused = TorchEngine(tiny_dir / name, dtype=torch.float32)
+        separate = TorchEngine(tiny_dir / name, dtype=torch.float32, fuse_conv_activations=False)
+        ops = fused.module.runtime_ops
+        assert ops["Conv+Relu"] > 0 and "Conv+Relu" not in separate.module.runtime_ops, ops
+        if name == "camera.backbone.onnx":
+            assert ops["Conv+Add+Relu"] > 0, ops
+        feeds = {key: cupy.asarray(value) for key, value in host_feeds(fused, seed=3).items()}
+        expected = to_host(separate.run(feeds))
+        for key, value in to_host(fused.run(feeds)).items():
+            assert relative_l2(value, expected[key]) < 1e-5, (name, key)
+
+
 def test_graph_replay_equals_eager_execution(tiny_dir):
     for name in DENSE_MODEL_FILES:
         graph, eager = TorchEngine(tiny_dir / name), TorchEngine(tiny_dir / name, cuda_graph=False)
