@@ -13,11 +13,9 @@ asynchronous host-to-device copy on the caller's stream:
   reads exactly the rows of :func:`normalize_tables`, from which the band is computed);
 - points: the first N rows of a [max_points, C] buffer, copied in slices.
 
-The host copies run on small thread pools (NumPy releases the GIL while copying): one thread
+The host copies run on a small thread pool (NumPy releases the GIL while copying): one thread
 copies at a few GB/s, far below the host's memory bandwidth, and 15 MB of image rows plus 5 MB
-of points would otherwise take milliseconds. Images and points have a pool each: the pipeline
-uploads both at once from two threads, and the points (the lidar branch, the longer one) must
-not queue behind the image copies.
+of points would otherwise take milliseconds.
 
 The returned device arrays are views of buffers reused by the next call: the caller must be done
 with a frame (the pipeline synchronises at the end of ``forward``) before uploading the next.
@@ -35,8 +33,7 @@ from bevfusion_ros.camera.normalize import normalize_tables
 from bevfusion_ros.config import ImageConfig
 
 
-IMAGE_COPY_THREADS = 6           # host copy threads per pool (at most the CPU count)
-POINT_COPY_THREADS = 4
+COPY_THREADS = 6                 # host copy threads (at most the CPU count)
 
 
 def source_row_band(image: ImageConfig) -> slice:
@@ -54,14 +51,6 @@ def pinned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.frombuffer(memory, dtype, count).reshape(shape)
 
 
-def _copy_threads(wanted: int) -> int:
-    return max(1, min(wanted, os.cpu_count() or 1))
-
-
-def _copy_pool(wanted: int, name: str) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_copy_threads(wanted), thread_name_prefix=name)
-
-
 class FrameUploader:
     """Pinned host and device buffers for ``num_cameras`` images of ``image`` and up to
     ``max_points`` points of ``num_features`` float32 channels."""
@@ -74,16 +63,15 @@ class FrameUploader:
         self._device_images = cupy.empty(image_shape, dtype=cupy.uint8)
         self._host_points = pinned_empty((max_points, num_features), np.float32)
         self._device_points = cupy.empty((max_points, num_features), dtype=cupy.float32)
-        self._image_copiers = _copy_pool(IMAGE_COPY_THREADS, "bevfusion-upload-images")
-        self._point_threads = _copy_threads(POINT_COPY_THREADS)
-        self._point_copiers = _copy_pool(POINT_COPY_THREADS, "bevfusion-upload-points")
+        self._threads = max(1, min(COPY_THREADS, os.cpu_count() or 1))
+        self._copiers = ThreadPoolExecutor(self._threads, thread_name_prefix="bevfusion-upload")
 
     def images(self, images: Sequence[np.ndarray], stream: Any) -> Any:
         """uint8 ``[H, W, 3]`` host images (checked by the caller) -> the device ``[N, H, W, 3]``
         buffer, rows :attr:`row_band` filled; the copies are queued on ``stream``."""
         band = self.row_band
         staged = [self._host_images[index, band] for index in range(len(images))]
-        copies = self._image_copiers.map(np.copyto, staged, [image[band] for image in images])
+        copies = self._copiers.map(np.copyto, staged, [image[band] for image in images])
         for index, _ in enumerate(copies):             # in camera order, as each copy lands
             self._device_images[index, band].set(staged[index], stream)
         return self._device_images[:len(images)]
@@ -98,9 +86,9 @@ class FrameUploader:
         device = self._device_points[:count]
         if count:
             staged = self._host_points[:count]
-            step = -(-count // self._point_threads)
+            step = -(-count // self._threads)
             slices = [slice(start, start + step) for start in range(0, count, step)]
-            list(self._point_copiers.map(np.copyto, [staged[part] for part in slices],
+            list(self._copiers.map(np.copyto, [staged[part] for part in slices],
                                    [points[part] for part in slices]))
             device.set(staged, stream)
         return device
