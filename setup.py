@@ -40,6 +40,7 @@ setup(
             f"bevfusion-export = {PACKAGE}.model.export:main",
             f"bevfusion-infer = {PACKAGE}.tools.infer:main",
             f"bevfusion-bench = {PACKAGE}.tools.bench:main",
+            f"bevfusion_node = {PACKAGE}.ros.node:main",
         ],
     },
     zip_safe=True,

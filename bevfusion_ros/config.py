@@ -306,5 +306,5 @@ def _ros_parameters(values: Mapping[str, Any]) -> Mapping[str, Any]:
     return wrapped[0]
 
 
-# Parameters that only the ROS node reads (filled in by the node's own parameter declarations).
-NODE_ONLY_KEYS: frozenset[str] = frozenset()
+# Parameters that only the ROS node reads: its ``node:`` section (bevfusion_ros.node_config).
+NODE_ONLY_KEYS: frozenset[str] = frozenset({"node"})

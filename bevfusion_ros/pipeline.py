@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import yaml
@@ -159,6 +159,8 @@ class BEVFusionPipeline:
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
         self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
+        self._black: np.ndarray | None = None      # input image of a missing camera
+        self._zero_bev: Any = None                 # camera BEV of a lidar-only frame
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
@@ -237,8 +239,13 @@ class BEVFusionPipeline:
             with timer.stage("camera_geometry"):
                 self.update(calibration)
 
-    def forward(self, frame: Frame) -> Detections:
+    def forward(self, frame: Frame, cameras_used: Sequence[str] | None = None) -> Detections:
         """Run the whole chain on ``frame``; raises :class:`InputError` on unusable input.
+
+        ``cameras_used`` (default: all) names the cameras whose images are valid. The others are
+        replaced by black images (what a dropped camera looks like to the network; the node's
+        ``missing_camera: zero_fill``); with none, the camera branch is skipped and the fuser
+        gets an all-zero camera BEV (lidar only). The result's ``cameras_used`` says which.
 
         On the GPU the camera side starts first, in the camera thread (image upload and
         normalization need no points), while this thread cleans and uploads the points, hands
@@ -247,15 +254,24 @@ class BEVFusionPipeline:
         """
         timer = StageTimer(cuda=self.device == "cuda")
         self._ensure_geometry(frame.calibration, timer)
+        used = self._cameras_used(cameras_used)
+        images = list(frame.images)
+        if len(images) == self.config.num_cameras:           # else check_images says so
+            images = [image if name in used else self._black_image()
+                      for name, image in zip(self.config.camera_names, images)]
         try:
-            check_images(frame.images, self.config.image, self.config.num_cameras)
+            check_images(images, self.config.image, self.config.num_cameras)
         except ValueError as error:
             raise InputError(str(error)) from error
         camera_stream, lidar_stream = self._streams
         points_ready: Future = Future()     # (device points, event recorded after their upload)
-        with _short_gil_switches(self._camera_thread is not None):
-            start = _Deferred if self._camera_thread is None else self._camera_thread.submit
-            camera = start(self._camera_side, frame.images, points_ready, timer)
+        with _short_gil_switches(self._camera_thread is not None and bool(used)):
+            if not used:
+                camera: Any = _Deferred(self._zero_camera_bev)
+            elif self._camera_thread is None:
+                camera = _Deferred(self._camera_side, images, points_ready, timer)
+            else:
+                camera = self._camera_thread.submit(self._camera_side, images, points_ready, timer)
             try:
                 prepared = prepare_points(frame.points, self.config)
                 with lidar_stream:           # overlaps the camera branch on the GPU
@@ -282,7 +298,34 @@ class BEVFusionPipeline:
             LOG.warning(warning)
         return Detections(boxes=boxes, class_names=self.config.head.class_names,
                           stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
-                          cameras_used=self.config.camera_names, warnings=tuple(prepared.warnings))
+                          cameras_used=used, warnings=tuple(prepared.warnings))
+
+    def _cameras_used(self, cameras_used: Sequence[str] | None) -> tuple[str, ...]:
+        """The configured cameras named in ``cameras_used`` (all when None), in config order."""
+        names = self.config.camera_names
+        if cameras_used is None:
+            return tuple(names)
+        unknown = sorted(set(cameras_used) - set(names))
+        if unknown:
+            raise InputError(f"unknown camera(s) {unknown}; configured: {list(names)}")
+        return tuple(name for name in names if name in cameras_used)
+
+    def _black_image(self) -> np.ndarray:
+        """A read-only all-zero input image, shared by every missing camera."""
+        if self._black is None:
+            image = self.config.image
+            self._black = np.zeros((image.input_height, image.input_width, 3), dtype=np.uint8)
+            self._black.flags.writeable = False
+        return self._black
+
+    def _zero_camera_bev(self):
+        """The camera BEV of a lidar-only frame: zeros of the vtransform output's shape and
+        dtype, where the pipeline computes (allocated once)."""
+        if self._zero_bev is None:
+            spec = self.engines["camera.vtransform.onnx"].outputs["feat_out"]
+            with self._streams[0]:
+                self._zero_bev = self._to_device(np.zeros(spec.shape, dtype=spec.dtype))
+        return self._zero_bev
 
     def _camera_side(self, raw_images, points_ready: Future, timer: StageTimer):
         """Camera branch on the camera stream: raw images [N, H, W, 3] uint8 -> camera BEV

@@ -166,3 +166,40 @@ def test_model_folder_errors(model_dir, tmp_path):
                                                    r"expected \[1, 6, 3, 256, 704\]"):
         BEVFusionPipeline.from_model_dir(model_dir, NUSCENES_R50.pipeline)
     assert isinstance(NUSCENES_R50.pipeline, PipelineConfig)
+
+
+def test_missing_camera_is_a_black_image(pipeline, frame):
+    """A camera left out of ``cameras_used`` is fed black, whatever its slot holds."""
+    names = pipeline.config.camera_names
+    used = names[:2] + names[3:]
+    images = list(frame.images)
+    missing = pipeline.forward(unchecked_frame(frame, images=images[:2] + [None] + images[3:]), used)
+    black = np.zeros_like(images[2])
+    expected = pipeline.forward(Frame(images[:2] + [black] + images[3:], frame.points, frame.calibration))
+    assert missing.cameras_used == used and expected.cameras_used == names
+    np.testing.assert_array_equal(missing.boxes, expected.boxes)
+    with pytest.raises(InputError, match="unknown camera"):
+        pipeline.forward(frame, ["CAM_NOWHERE"])
+
+
+def test_lidar_only_fuses_a_zero_camera_bev(pipeline, frame):
+    """No camera: the images are not read, and the boxes are the fuser's on a zero camera BEV."""
+    lidar_only = pipeline.forward(frame, ())
+    noise = [np.random.default_rng(index).integers(0, 256, image.shape, dtype=np.uint8)
+             for index, image in enumerate(frame.images)]
+    assert lidar_only.cameras_used == ()
+    assert not {"normalize", "depth", "camera_backbone", "bevpool"} & set(lidar_only.stage_ms)
+    np.testing.assert_array_equal(pipeline.forward(Frame(noise, frame.points, frame.calibration), ()).boxes,
+                                  lidar_only.boxes)
+    from bevfusion_ros.head.decode import decode_boxes
+    from bevfusion_ros.lidar.voxelize import voxelize
+    from bevfusion_ros.pipeline import prepare_points
+    config = pipeline.config
+    voxels = voxelize(prepare_points(frame.points, config).points, config.voxelization)
+    lidar_bev = pipeline.lidar_backbone.run(voxels.features, voxels.coords, config.voxelization.sparse_shape)
+    camera_spec = pipeline.engines["camera.vtransform.onnx"].outputs["feat_out"]
+    middle = pipeline.engines["fuser.onnx"].run(
+        {"camera": np.zeros(camera_spec.shape, camera_spec.dtype), "lidar": lidar_bev})["middle"]
+    expected = decode_boxes(pipeline.engines["head.bbox.onnx"].run({"middle": middle}), config)
+    np.testing.assert_array_equal(lidar_only.boxes, expected)
+    assert not np.array_equal(lidar_only.boxes, pipeline.forward(frame).boxes)

@@ -135,3 +135,47 @@ def test_empty_cloud_and_bad_images_on_the_gpu(tiny_dir, frame):
         pipeline.forward(dataclasses.replace(frame, images=wrong_size))
     np.testing.assert_array_equal(pipeline.forward(frame).boxes,
                                   pipeline.forward(frame).boxes)   # still healthy afterwards
+
+
+def test_missing_cameras_on_the_gpu(tiny_dir, frame):
+    """zero_fill (a black image) and lidar-only (zero camera BEV) give the CPU path's boxes."""
+    config = all_proposals(tiny_dir)
+    cpu = BEVFusionPipeline.from_model_dir(tiny_dir, config, backend="cpu")
+    gpu = BEVFusionPipeline.from_model_dir(tiny_dir, config, backend="gpu", precision="fp32")
+    for used in (config.camera_names[1:], ()):
+        expected, got = cpu.forward(frame, used), gpu.forward(frame, used)
+        assert got.cameras_used == expected.cameras_used == used
+        match = match_boxes(got.boxes, expected.boxes)
+        assert match.fraction_within(1e-3) >= FP32_PAIRED, used
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50"])
+def test_worker_thread_answers_frames_at_10_hz(preset, tiny_dir, frame, request):
+    """The node's worker path without rclpy: 100 frames submitted at 10 Hz to a FrameWorker that
+    owns the GPU pipeline are all answered (or counted as dropped), with the same boxes as a
+    direct forward; the submit-to-result latency is printed."""
+    import time
+
+    from bevfusion_ros.worker import FrameWorker
+    model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
+    pipeline = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu")
+    expected = pipeline.forward(frame).boxes
+    latencies_ms, errors, different = [], [], []
+
+    def process(submitted: float) -> None:
+        boxes = pipeline.forward(frame).boxes
+        latencies_ms.append((time.perf_counter() - submitted) * 1e3)
+        if not np.array_equal(boxes, expected):
+            different.append(submitted)
+
+    worker = FrameWorker(process, lambda item, error: errors.append(error))
+    start = time.perf_counter()
+    for index in range(100):
+        worker.submit(time.perf_counter())
+        time.sleep(max(0.0, start + (index + 1) * 0.1 - time.perf_counter()))
+    assert worker.wait_idle(30)
+    worker.close()
+    assert not errors and not different
+    assert worker.processed + worker.dropped == 100 and worker.processed >= 90
+    print(f"[gpu worker] {preset}: 100 frames at 10 Hz, {worker.processed} answered, {worker.dropped} dropped; "
+          f"submit-to-result median {np.median(latencies_ms):.2f} ms, p99 {np.percentile(latencies_ms, 99):.2f} ms")

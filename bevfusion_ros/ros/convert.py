@@ -1,0 +1,454 @@
+"""Conversions between ROS 2 messages and the numpy/Detections world of bevfusion_ros.
+
+Pure functions: no node, no ``rclpy.init`` needed.
+
+Images
+    :func:`image_to_rgb` (sensor_msgs/Image, encodings rgb8, bgr8, rgba8, bgra8, mono8, any row
+    padding ``step``), :func:`compressed_to_rgb` (sensor_msgs/CompressedImage, decoded by OpenCV)
+    and :func:`rgb_to_image` all use ``[H, W, 3]`` uint8 RGB arrays. An rgb8 image without row
+    padding comes back as a view that shares memory with ``msg.data`` (no copy); every other case
+    is one copy (channel reordering by OpenCV when importable, else numpy). Malformed images raise
+    :class:`ImageError`.
+
+Calibration
+    :func:`camera_info_intrinsics` / :func:`intrinsics_to_camera_info` (the 3x3 ``K``),
+    :func:`transform_to_matrix` / :func:`matrix_to_transform` (geometry_msgs/Transform <-> 4x4
+    homogeneous matrix; the matrix maps points of the child frame into the parent frame, as the
+    transform does). Malformed messages raise :class:`CalibrationMessageError`.
+    :func:`stamp_to_ns` / :func:`ns_to_stamp` convert builtin_interfaces/Time.
+
+Detections (REP-103)
+    Boxes are published in the lidar frame (``header.frame_id``) with REP-103 conventions: x
+    forward, y left, z up; the box heading psi is counter-clockwise from +x
+    (:meth:`Detections.headings`, ``orientation`` = rotation about +z by psi, see
+    :func:`yaw_to_quaternion`); ``bbox.center`` is the centre of the box (z included);
+    ``bbox.size`` is measured along the box's own axes: ``x`` = length (along the heading),
+    ``y`` = width, ``z`` = height. vision_msgs/Detection3D has no velocity field: the velocity
+    of each box (vx, vy in m/s, lidar frame, z = 0) goes to ``bevfusion_ros_msgs/FrameInfo.
+    velocities``, same count and order as ``Detection3DArray.detections`` (:func:`velocities`).
+    :func:`detections_to_markers` draws the same boxes for RViz (see :data:`CLASS_COLORS`).
+
+``uint8[]`` fields are filled with ``array.array('B')``: assigning a numpy array goes element by
+element in rclpy (hundreds of times slower). Only this ROS layer imports message packages.
+"""
+from __future__ import annotations
+
+import array
+import math
+from typing import Any
+
+import numpy as np
+from builtin_interfaces.msg import Duration, Time
+from geometry_msgs.msg import Point, Pose, Quaternion, Transform, Vector3
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import ColorRGBA, Header
+from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+from visualization_msgs.msg import Marker, MarkerArray
+
+try:  # OpenCV converts channel orders ~5x faster than numpy; compressed_to_rgb needs it.
+    import cv2
+except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
+    cv2 = None  # type: ignore[assignment]
+
+from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections
+
+__all__ = [
+    "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
+    "VELOCITY_ARROW_MIN_SPEED", "camera_info_intrinsics", "class_color", "compressed_to_rgb",
+    "detections_to_markers", "detections_to_msg", "image_to_rgb", "intrinsics_to_camera_info",
+    "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
+    "velocities", "yaw_to_quaternion",
+]
+
+
+class ImageError(ValueError):
+    """An Image/CompressedImage message that cannot be turned into RGB pixels."""
+
+
+class CalibrationMessageError(ValueError):
+    """A CameraInfo or Transform message that does not hold a usable calibration."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+#: Supported sensor_msgs/Image encodings -> bytes (channels) per pixel.
+IMAGE_CHANNELS: dict[str, int] = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
+_SIXTEEN_BIT = {"rgb16", "bgr16", "rgba16", "bgra16", "mono16"}
+if cv2 is not None:
+    _CV2_TO_RGB = {"bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
+                   "bgra8": cv2.COLOR_BGRA2RGB, "mono8": cv2.COLOR_GRAY2RGB}
+
+
+def _uint8_buffer(data: Any) -> np.ndarray:
+    """``data`` (array.array, bytes, memoryview, list) as a flat uint8 array, without copying
+    when it exposes the buffer protocol."""
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:  # e.g. a plain list of ints
+        return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """Pixels of ``msg`` as a C-contiguous ``[H, W, 3]`` uint8 RGB array.
+
+    Encodings rgb8, bgr8, rgba8, bgra8 (alpha dropped) and mono8 (replicated to 3 channels);
+    rows may be padded (``step > width * channels``). rgb8 without padding is returned as a view
+    of ``msg.data`` (shares its memory), anything else as a fresh array.
+    Raises :class:`ImageError` for other encodings, an empty image, ``step`` smaller than a row
+    or ``data`` shorter than ``step * height``.
+    """
+    encoding, height, width, step = msg.encoding, int(msg.height), int(msg.width), int(msg.step)
+    channels = IMAGE_CHANNELS.get(encoding)
+    if channels is None:
+        supported = ", ".join(IMAGE_CHANNELS)
+        if encoding in _SIXTEEN_BIT or "16" in encoding:
+            raise ImageError(f"image encoding {encoding!r} has 16-bit channels; only 8-bit "
+                             f"encodings are supported ({supported})")
+        raise ImageError(f"unsupported image encoding {encoding!r} (supported: {supported})")
+    if height == 0 or width == 0:
+        raise ImageError(f"empty {encoding} image ({width}x{height} pixels)")
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ImageError(f"{encoding} image of width {width} needs step >= {row_bytes} bytes "
+                         f"({channels} per pixel), got step {step}")
+    flat = _uint8_buffer(msg.data)
+    needed = step * height
+    if flat.size < needed:
+        raise ImageError(f"{encoding} image {width}x{height} with step {step} needs {needed} "
+                         f"bytes of data, got {flat.size}")
+    pixels = flat[:needed].reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    if encoding == "rgb8":
+        return np.ascontiguousarray(pixels)  # a view when step == width * 3
+    if cv2 is not None:  # handles the row stride itself, returns a new C-contiguous array
+        return cv2.cvtColor(pixels, _CV2_TO_RGB[encoding])
+    if encoding == "bgr8":
+        return np.ascontiguousarray(pixels[..., ::-1])
+    if encoding == "rgba8":
+        return np.ascontiguousarray(pixels[..., :3])
+    if encoding == "bgra8":
+        return np.ascontiguousarray(pixels[..., 2::-1])
+    return np.repeat(pixels, 3, axis=2)  # mono8
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    """Decodes ``msg`` (JPEG, PNG, ... whatever OpenCV reads) to a ``[H, W, 3]`` uint8 RGB array.
+
+    Grey images are replicated to 3 channels, alpha is dropped, 16-bit images are scaled to 8 bit.
+    Raises :class:`ImageError` when the data is empty or cannot be decoded.
+    """
+    if cv2 is None:
+        raise ImportError("compressed_to_rgb needs OpenCV (pip install opencv-python-headless)")
+    buffer = _uint8_buffer(msg.data)
+    if buffer.size == 0:
+        raise ImageError(f"empty CompressedImage (format {msg.format!r})")
+    try:
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as error:
+        raise ImageError(f"cannot decode CompressedImage (format {msg.format!r}, "
+                         f"{buffer.size} bytes): {error}") from error
+    if bgr is None or bgr.size == 0:
+        raise ImageError(f"cannot decode CompressedImage (format {msg.format!r}, "
+                         f"{buffer.size} bytes)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "rgb8") -> Image:
+    """An Image of the ``[H, W, 3]`` uint8 RGB array ``rgb``, encoded as rgb8 or bgr8, no row
+    padding (``step = 3 * W``)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be a [H, W, 3] uint8 array, got {rgb.dtype} {list(rgb.shape)}")
+    if encoding == "rgb8":
+        pixels = np.ascontiguousarray(rgb)
+    elif encoding == "bgr8":
+        pixels = (cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR) if cv2 is not None
+                  else np.ascontiguousarray(rgb[..., ::-1]))
+    else:
+        raise ValueError(f"rgb_to_image supports encodings rgb8 and bgr8, got {encoding!r}")
+    height, width = rgb.shape[:2]
+    data = array.array("B")
+    data.frombytes(pixels.tobytes())
+    return Image(header=header, height=height, width=width, encoding=encoding, is_bigendian=0,
+                 step=3 * width, data=data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration and time
+# ----------------------------------------------------------------------------------------------
+
+def _check_intrinsics(k: np.ndarray, what: str) -> np.ndarray:
+    """``k`` (9 values or 3x3) as a validated float64 3x3 camera matrix."""
+    k = np.asarray(k, dtype=np.float64)
+    if k.size != 9:
+        raise CalibrationMessageError(f"{what}: K must have 9 values, got {k.size}")
+    k = k.reshape(3, 3)
+    if not np.isfinite(k).all():
+        raise CalibrationMessageError(f"{what}: K has non-finite values {k.ravel().tolist()}")
+    if not (k[0, 0] > 0 and k[1, 1] > 0):
+        raise CalibrationMessageError(
+            f"{what}: K must have fx > 0 and fy > 0 (all zero means an uncalibrated camera), "
+            f"got fx={k[0, 0]}, fy={k[1, 1]}")
+    if k[1, 0] != 0 or not np.array_equal(k[2], [0.0, 0.0, 1.0]):
+        raise CalibrationMessageError(
+            f"{what}: K must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]], got {k.tolist()}")
+    return k
+
+
+def camera_info_intrinsics(msg: CameraInfo) -> np.ndarray:
+    """The camera matrix ``K`` of ``msg`` (``k`` row-major), float64 ``[3, 3]``.
+
+    Raises :class:`CalibrationMessageError` unless all values are finite, fx > 0, fy > 0,
+    ``k[3] == 0`` and the last row is ``[0, 0, 1]``.
+    """
+    return _check_intrinsics(msg.k, f"CameraInfo of frame {msg.header.frame_id!r}")
+
+
+def intrinsics_to_camera_info(k: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
+    """A CameraInfo of an undistorted pinhole camera: plumb_bob with zero distortion, ``K``,
+    ``R`` = identity, ``P`` = ``[K | 0]``."""
+    k = _check_intrinsics(k, "intrinsics")
+    projection = np.zeros((3, 4))
+    projection[:, :3] = k
+    return CameraInfo(header=header, height=int(height), width=int(width),
+                      distortion_model="plumb_bob", d=[0.0] * 5, k=k.ravel().tolist(),
+                      r=np.eye(3).ravel().tolist(), p=projection.ravel().tolist())
+
+
+def transform_to_matrix(transform: Transform) -> np.ndarray:
+    """The float64 ``[4, 4]`` homogeneous matrix of ``transform`` (quaternion normalised).
+
+    Raises :class:`CalibrationMessageError` for a non-finite translation or quaternion, or a
+    quaternion of (near) zero norm.
+    """
+    t, q = transform.translation, transform.rotation
+    translation = np.array([t.x, t.y, t.z], dtype=np.float64)
+    quaternion = np.array([q.x, q.y, q.z, q.w], dtype=np.float64)
+    if not (np.isfinite(translation).all() and np.isfinite(quaternion).all()):
+        raise CalibrationMessageError(f"transform has non-finite values: translation "
+                                      f"{translation.tolist()}, rotation (x, y, z, w) {quaternion.tolist()}")
+    norm = float(np.linalg.norm(quaternion))
+    if norm < 1e-9:
+        raise CalibrationMessageError(f"transform rotation quaternion (x, y, z, w) "
+                                      f"{quaternion.tolist()} has zero norm")
+    x, y, z, w = quaternion / norm
+    matrix = np.eye(4)
+    matrix[:3, :3] = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ]
+    matrix[:3, 3] = translation
+    return matrix
+
+
+def _rotation_to_quaternion(r: np.ndarray) -> tuple[float, float, float, float]:
+    """Unit quaternion (x, y, z, w), w >= 0, of the rotation matrix ``r`` (Shepperd's method:
+    the square root is taken of the largest of 4w^2, 4x^2, 4y^2, 4z^2, so it is well conditioned
+    for every rotation, 180 degrees included)."""
+    trace = r[0, 0] + r[1, 1] + r[2, 2]
+    candidates = (trace, r[0, 0], r[1, 1], r[2, 2])
+    best = int(np.argmax(candidates))
+    if best == 0:
+        s = 2.0 * math.sqrt(max(1.0 + trace, 0.0))  # s = 4w
+        w, x, y, z = s / 4, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s
+    elif best == 1:
+        s = 2.0 * math.sqrt(max(1.0 + r[0, 0] - r[1, 1] - r[2, 2], 0.0))  # s = 4x
+        w, x, y, z = (r[2, 1] - r[1, 2]) / s, s / 4, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s
+    elif best == 2:
+        s = 2.0 * math.sqrt(max(1.0 - r[0, 0] + r[1, 1] - r[2, 2], 0.0))  # s = 4y
+        w, x, y, z = (r[0, 2] - r[2, 0]) / s, (r[0, 1] + r[1, 0]) / s, s / 4, (r[1, 2] + r[2, 1]) / s
+    else:
+        s = 2.0 * math.sqrt(max(1.0 - r[0, 0] - r[1, 1] + r[2, 2], 0.0))  # s = 4z
+        w, x, y, z = (r[1, 0] - r[0, 1]) / s, (r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, s / 4
+    q = np.array([x, y, z, w], dtype=np.float64)
+    q /= np.linalg.norm(q)
+    if q[3] < 0:
+        q = -q
+    return float(q[0]), float(q[1]), float(q[2]), float(q[3])
+
+
+def matrix_to_transform(matrix: np.ndarray, tolerance: float = 1e-4) -> Transform:
+    """The Transform of a ``[4, 4]`` (or ``[3, 4]``) rigid transformation matrix.
+
+    The rotation block must be a proper rotation (``R^T R = I`` and ``det R = 1`` within
+    ``tolerance``), else ValueError. The quaternion is unit length with ``w >= 0``.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape not in ((4, 4), (3, 4)):
+        raise ValueError(f"transformation matrix must be 4x4 or 3x4, got {list(m.shape)}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"transformation matrix has non-finite values: {m.tolist()}")
+    if m.shape == (4, 4) and not np.allclose(m[3], [0, 0, 0, 1], atol=tolerance):
+        raise ValueError(f"last row of the transformation matrix must be [0, 0, 0, 1], got {m[3].tolist()}")
+    r = m[:3, :3]
+    if (not np.allclose(r.T @ r, np.eye(3), atol=tolerance)
+            or abs(np.linalg.det(r) - 1.0) > tolerance):
+        raise ValueError(f"rotation block is not a proper rotation matrix: {r.tolist()}")
+    x, y, z, w = _rotation_to_quaternion(r)
+    tx, ty, tz = m[:3, 3].tolist()
+    return Transform(translation=Vector3(x=tx, y=ty, z=tz), rotation=Quaternion(x=x, y=y, z=z, w=w))
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    """Nanoseconds since the epoch of a builtin_interfaces/Time."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    """builtin_interfaces/Time of ``ns`` nanoseconds (``0 <= nanosec < 1e9``, sec floored)."""
+    sec, nanosec = divmod(int(ns), 1_000_000_000)
+    if not -2**31 <= sec < 2**31:
+        raise ValueError(f"{ns} ns does not fit a builtin_interfaces/Time (int32 seconds)")
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def _duration(seconds: float) -> Duration:
+    """builtin_interfaces/Duration of ``seconds`` >= 0."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"duration must be finite and >= 0 seconds, got {seconds}")
+    total_ns = int(round(seconds * 1e9))
+    sec, nanosec = divmod(total_ns, 1_000_000_000)
+    return Duration(sec=sec, nanosec=nanosec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Detections
+# ----------------------------------------------------------------------------------------------
+
+def yaw_to_quaternion(psi: float) -> Quaternion:
+    """Quaternion of the rotation about +z by ``psi`` radians (REP-103 heading, CCW from +x)."""
+    half = 0.5 * float(psi)
+    return Quaternion(x=0.0, y=0.0, z=math.sin(half), w=math.cos(half))
+
+
+def _pose(x: float, y: float, z: float, psi: float) -> Pose:
+    pose = Pose()
+    pose.position = Point(x=x, y=y, z=z)
+    pose.orientation = yaw_to_quaternion(psi)
+    return pose
+
+
+def detections_to_msg(detections: Detections, header: Header) -> Detection3DArray:
+    """A Detection3DArray of ``detections`` (REP-103, see the module docstring).
+
+    One Detection3D per box, in order, each with ``header``, ``id`` = str(index), one
+    hypothesis (class name, score, pose = box centre + heading) and ``bbox`` (same pose,
+    size = (length, width, height)). Velocities are not in it: see :func:`velocities`.
+    """
+    boxes = detections.boxes.astype(np.float64)
+    rows = zip(boxes[:, [X, Y, Z]].tolist(), boxes[:, SCORE].tolist(), detections.labels.tolist(),
+               detections.headings().tolist())
+    sizes = boxes[:, [L, W, H]].tolist()  # length, width, height
+    out = []
+    for index, ((x, y, z), score, label, psi) in enumerate(rows):
+        hypothesis = ObjectHypothesisWithPose()
+        hypothesis.hypothesis.class_id = detections.class_names[label]
+        hypothesis.hypothesis.score = score
+        hypothesis.pose.pose = _pose(x, y, z, psi)
+        detection = Detection3D(header=header, results=[hypothesis], id=str(index))
+        detection.bbox.center = _pose(x, y, z, psi)
+        length, width, height = sizes[index]
+        detection.bbox.size = Vector3(x=length, y=width, z=height)
+        out.append(detection)
+    return Detection3DArray(header=header, detections=out)
+
+
+def velocities(detections: Detections) -> list[Vector3]:
+    """Velocity (vx, vy, 0) in m/s per box, in the boxes' frame and order (for
+    ``bevfusion_ros_msgs/FrameInfo.velocities``)."""
+    return [Vector3(x=vx, y=vy, z=0.0)
+            for vx, vy in detections.boxes[:, [VX, VY]].astype(np.float64).tolist()]
+
+
+#: Marker colour (r, g, b) per class index (index modulo 10), for the nuScenes classes:
+#: 0 car orange, 1 truck blue, 2 construction_vehicle yellow, 3 bus purple, 4 trailer brown,
+#: 5 barrier grey, 6 motorcycle magenta, 7 bicycle cyan, 8 pedestrian green, 9 traffic_cone red.
+CLASS_COLORS: tuple[tuple[float, float, float], ...] = (
+    (1.00, 0.60, 0.00),
+    (0.00, 0.45, 1.00),
+    (1.00, 0.90, 0.00),
+    (0.60, 0.25, 1.00),
+    (0.60, 0.40, 0.20),
+    (0.60, 0.60, 0.60),
+    (1.00, 0.00, 0.60),
+    (0.00, 0.85, 0.85),
+    (0.00, 0.80, 0.20),
+    (1.00, 0.15, 0.15),
+)
+
+#: The 12 edges of a box as pairs of :meth:`Detections.corners_lidar` indices: bottom face,
+#: top face, then the 4 vertical edges.
+BOX_EDGES: tuple[tuple[int, int], ...] = (
+    (0, 1), (1, 2), (2, 3), (3, 0),
+    (4, 5), (5, 6), (6, 7), (7, 4),
+    (0, 4), (1, 5), (2, 6), (3, 7),
+)
+_EDGE_INDICES = np.array(BOX_EDGES, dtype=np.int64).reshape(-1)
+
+#: Boxes slower than this (m/s) get no velocity arrow.
+VELOCITY_ARROW_MIN_SPEED = 0.2
+
+
+def class_color(label: int) -> ColorRGBA:
+    """Opaque colour of class index ``label`` (:data:`CLASS_COLORS`)."""
+    r, g, b = CLASS_COLORS[int(label) % len(CLASS_COLORS)]
+    return ColorRGBA(r=r, g=g, b=b, a=1.0)
+
+
+def _marker(header: Header, ns: str, marker_id: int, marker_type: int, color: ColorRGBA,
+            lifetime: Duration) -> Marker:
+    marker = Marker(header=header, ns=ns, id=marker_id, type=marker_type, action=Marker.ADD,
+                    color=color, lifetime=lifetime)
+    marker.pose.orientation.w = 1.0  # identity pose: points are in header.frame_id
+    return marker
+
+
+def detections_to_markers(detections: Detections, header: Header, namespace: str = "bevfusion",
+                          lifetime_s: float = 0.0) -> MarkerArray:
+    """RViz markers of ``detections``, all in ``header.frame_id``.
+
+    First a DELETEALL marker with an empty ``ns`` (RViz then clears every marker of the display,
+    so boxes of the previous frame disappear), then per box ``i`` (id ``i`` in each namespace):
+
+    * ``{namespace}/boxes``: LINE_LIST of the 12 edges (24 points, :data:`BOX_EDGES` of
+      :meth:`Detections.corners_lidar`), scale.x 0.05 m, class colour (:func:`class_color`);
+    * ``{namespace}/labels``: TEXT_VIEW_FACING ``"<class> <score:.2f>"`` 0.5 m above the box top,
+      scale.z 0.6 m;
+    * ``{namespace}/velocity``: ARROW from the box centre to centre + velocity * 1 s, only when
+      the speed exceeds :data:`VELOCITY_ARROW_MIN_SPEED` (shaft 0.1 m, head 0.2 x 0.2 m).
+
+    ``lifetime_s`` = 0 keeps markers until deleted.
+    """
+    lifetime = _duration(lifetime_s)
+    markers = [Marker(header=header, ns="", id=0, action=Marker.DELETEALL)]
+    boxes = detections.boxes.astype(np.float64)
+    edge_points = detections.corners_lidar()[:, _EDGE_INDICES].tolist()  # [M, 24, 3]
+    centres = boxes[:, [X, Y, Z]].tolist()
+    tops = (boxes[:, Z] + boxes[:, H] / 2).tolist()
+    motion = boxes[:, [VX, VY]].tolist()
+    scores = boxes[:, SCORE].tolist()
+    boxes_ns, labels_ns, velocity_ns = (f"{namespace}/boxes", f"{namespace}/labels",
+                                        f"{namespace}/velocity")
+    for index, label in enumerate(detections.labels.tolist()):
+        color = class_color(label)
+        lines = _marker(header, boxes_ns, index, Marker.LINE_LIST, color, lifetime)
+        lines.scale.x = 0.05
+        lines.points = [Point(x=x, y=y, z=z) for x, y, z in edge_points[index]]
+        markers.append(lines)
+
+        x, y, z = centres[index]
+        text = _marker(header, labels_ns, index, Marker.TEXT_VIEW_FACING, color, lifetime)
+        text.pose.position = Point(x=x, y=y, z=tops[index] + 0.5)
+        text.scale.z = 0.6
+        text.text = f"{detections.class_names[label]} {scores[index]:.2f}"
+        markers.append(text)
+
+        vx, vy = motion[index]
+        if math.hypot(vx, vy) > VELOCITY_ARROW_MIN_SPEED:
+            arrow = _marker(header, velocity_ns, index, Marker.ARROW, color, lifetime)
+            arrow.scale = Vector3(x=0.1, y=0.2, z=0.2)
+            arrow.points = [Point(x=x, y=y, z=z), Point(x=x + vx, y=y + vy, z=z)]
+            markers.append(arrow)
+    return MarkerArray(markers=markers)

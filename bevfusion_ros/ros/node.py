@@ -1,0 +1,415 @@
+"""``bevfusion_node``: 6 cameras + 1 lidar in, 3D detections, RViz markers and diagnostics out.
+
+    bevfusion_node --ros-args --params-file config/nuscenes.yaml -p node.model_dir:=DIR
+
+Data flow:
+
+* subscriptions (QoS ``node.input_qos``): ``node.camera_topics`` (``sensor_msgs/Image``, or
+  ``CompressedImage`` on ``<topic>/compressed`` with ``node.compressed_images``), CameraInfo
+  beside each, ``node.lidar_topic`` (``PointCloud2``), ``/tf`` and ``/tf_static``;
+* :class:`bevfusion_ros.sync.LidarTriggeredSync` pairs each sweep with the nearest image of every
+  camera (``node.sync.*``; ``missing_camera``: wait, zero_fill or lidar_only) in the callbacks,
+  which only store messages and never wait for inference;
+* a :class:`~bevfusion_ros.worker.FrameWorker` (queue of ``node.queue_size``) hands frames to
+  its thread, which owns the pipeline: it decodes the messages, builds the calibration
+  (CameraInfo K + TF, or ``node.calibration_file``), accumulates ``node.num_sweeps`` sweeps in
+  the current lidar frame (odometry from TF ``node.world_frame``), runs the pipeline and
+  publishes. A full queue drops its oldest frame and counts it;
+* outputs: ``~/detections`` (``vision_msgs/Detection3DArray``, header = lidar stamp and frame),
+  ``~/frame_info`` (``bevfusion_ros_msgs/FrameInfo``: cameras used/missing, per-box velocity,
+  backend, latency), ``~/markers`` (``visualization_msgs/MarkerArray``), ``/diagnostics``.
+
+Bad input (undecodable images, a cloud without x/y/z, NaN points, an empty cloud, invalid
+calibration, stamps going backwards) is reported on ``/diagnostics`` and the log; the node keeps
+running and processes the next good frame. Invalid calibration keeps the last valid one.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+from vision_msgs.msg import Detection3DArray
+from visualization_msgs.msg import MarkerArray
+
+from bevfusion_ros.config import ConfigError, load_config
+from bevfusion_ros.io.calibration import Calibration, CalibrationError
+from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.node_config import NodeConfig, configs_from_parameters, nest_dotted
+from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError
+from bevfusion_ros.ros import convert, pointcloud2
+from bevfusion_ros.sweeps import SweepAccumulator
+from bevfusion_ros.sync import LidarTriggeredSync, SyncedFrame
+from bevfusion_ros.transforms import TransformBuffer, TransformError
+from bevfusion_ros.worker import FrameWorker
+from bevfusion_ros_msgs.msg import FrameInfo
+
+NODE_NAME = "bevfusion"
+RCLPY_PARAMETERS = {"use_sim_time", "start_type_description_service"}   # declared by rclpy itself
+POLL_PERIOD_S = 0.02
+#: Stand-in calibration of a camera without CameraInfo/TF yet: its image is black anyway.
+PLACEHOLDER_K = np.array([[1000.0, 0, 800], [0, 1000, 450], [0, 0, 1]])
+RELIABLE_INPUTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
+                             reliability=ReliabilityPolicy.RELIABLE)
+TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                           reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+@dataclass
+class NodeStatus:
+    """What /diagnostics reports; written by callbacks and the worker (under ``lock``)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    errors: int = 0
+    last_error: str = ""
+    last_warnings: tuple[str, ...] = ()
+    cameras_used: tuple[str, ...] = ()
+    cameras_missing: dict[str, str] = field(default_factory=dict)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    input_age_ms: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class BEVFusionNode(Node):
+    """The node; ``parameter_overrides`` (tests) add to the command line's parameters."""
+
+    def __init__(self, **node_options: Any) -> None:
+        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
+        flat = {name: parameter.value for name, parameter in self._parameters.items()
+                if name not in RCLPY_PARAMETERS and not name.startswith("qos_overrides.")}
+        model_dir = Path(str(flat.get("node.model_dir", NodeConfig.model_dir)))
+        model_config = load_config(model_dir / CONFIG_FILE) if (model_dir / CONFIG_FILE).is_file() else None
+        self.config, self.settings = configs_from_parameters(nest_dotted(flat), model_config)
+        self.pipeline = BEVFusionPipeline.from_model_dir(model_dir, self.config, self.settings.backend,
+                                                         self.settings.precision)
+        self.status = NodeStatus()
+        self.sync = LidarTriggeredSync(self.config.camera_names, self.settings.sync.slop_s,
+                                       self.settings.sync.missing_camera, self.settings.sync.wait_timeout_s,
+                                       self.settings.sync.max_image_age_s)
+        self._sync_lock = threading.Lock()
+        self.transforms = TransformBuffer()
+        self.sweeps = SweepAccumulator(self.settings.num_sweeps)
+        self._lidar_history: collections.deque = collections.deque(maxlen=self.settings.num_sweeps)
+        self._intrinsics: dict[str, np.ndarray] = {}
+        self._camera_frames: dict[str, str] = {}
+        self._calibration: Calibration | None = self._file_calibration()
+        self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
+        self._make_io()
+        self.get_logger().info(
+            f"model {model_dir} on backend {self.pipeline.backend} ({self.pipeline.model_info.get('weights', 'weights?')}); "
+            f"cameras {list(self.config.camera_names)}; lidar {self.settings.lidar_topic}; "
+            f"missing_camera={self.settings.sync.missing_camera}; sweeps={self.settings.num_sweeps}")
+        if self.pipeline.trained is False:
+            self.get_logger().warn("the model's weights are UNTRAINED: boxes are meaningless")
+
+    # ---------------------------------------------------------------- set-up
+    def _file_calibration(self) -> Calibration | None:
+        if self.settings.calibration_source != "file":
+            return None
+        path = Path(self.settings.calibration_file)
+        if path.is_dir():
+            return Calibration.from_example_data(path, self.config.camera_names)
+        return calibration_from_yaml(path, self.config)
+
+    def _make_io(self) -> None:
+        settings = self.settings
+        inputs = qos_profile_sensor_data if settings.input_qos == "sensor_data" else RELIABLE_INPUTS
+        image_type = CompressedImage if settings.compressed_images else Image
+        for camera, topic, info_topic in zip(self.config.camera_names, settings.camera_topics,
+                                             settings.info_topics()):
+            image_topic = f"{topic}/compressed" if settings.compressed_images else topic
+            self.create_subscription(image_type, image_topic,
+                                     lambda msg, name=camera: self._on_image(name, msg), inputs)
+            self.create_subscription(CameraInfo, info_topic,
+                                     lambda msg, name=camera: self._on_camera_info(name, msg), RELIABLE_INPUTS)
+        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs)
+        self.create_subscription(TFMessage, "/tf", lambda msg: self._on_tf(msg, False), RELIABLE_INPUTS)
+        self.create_subscription(TFMessage, "/tf_static", lambda msg: self._on_tf(msg, True), TF_STATIC_QOS)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.detections_pub = self.create_publisher(Detection3DArray, "~/detections", reliable)
+        self.frame_info_pub = self.create_publisher(FrameInfo, "~/frame_info", reliable)
+        self.markers_pub = self.create_publisher(MarkerArray, "~/markers", reliable)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
+        self.create_timer(POLL_PERIOD_S, self._poll_sync)
+        self.create_timer(settings.diagnostics_period_s, self.publish_diagnostics)
+
+    # ---------------------------------------------------------------- callbacks (never block)
+    def _on_image(self, camera: str, msg: Any) -> None:
+        self._camera_frames[camera] = msg.header.frame_id
+        with self._sync_lock:
+            frames = self.sync.add_image(camera, convert.stamp_to_ns(msg.header.stamp), msg)
+        self._enqueue(frames)
+
+    def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
+        try:
+            self._intrinsics[camera] = convert.camera_info_intrinsics(msg)
+        except ValueError as error:
+            self._report_error(f"CameraInfo of {camera}: {error} (keeping the last valid one)")
+
+    def _on_tf(self, msg: TFMessage, static: bool) -> None:
+        for transform in msg.transforms:
+            try:
+                self.transforms.set_transform(transform.header.frame_id, transform.child_frame_id,
+                                              convert.stamp_to_ns(transform.header.stamp),
+                                              convert.transform_to_matrix(transform.transform), static)
+            except (ValueError, TransformError) as error:
+                self._report_error(f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}")
+
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        with self.status.lock:
+            self.status.frames_in += 1
+        self._lidar_history.append((convert.stamp_to_ns(msg.header.stamp), msg))
+        with self._sync_lock:
+            resets = self.sync.resets
+            frames = self.sync.add_lidar(convert.stamp_to_ns(msg.header.stamp), (msg, time.monotonic()),
+                                         time.monotonic_ns())
+            if self.sync.resets != resets:
+                self._report_error(f"input stamps went backwards ({self.sync.last_reset_reason}): "
+                                   "buffers cleared (bag loop?)")
+        self._enqueue(frames)
+
+    def _poll_sync(self) -> None:
+        with self._sync_lock:
+            frames = self.sync.poll(time.monotonic_ns())
+        self._enqueue(frames)
+
+    def _enqueue(self, frames: list[SyncedFrame]) -> None:
+        for synced in frames:
+            self.worker.submit(synced)
+
+    # ---------------------------------------------------------------- worker thread
+    def _on_frame_error(self, synced: SyncedFrame, error: BaseException) -> None:
+        if isinstance(error, (ValueError, LookupError)):          # InputError is a ValueError
+            self._report_error(f"frame at {synced.lidar_stamp_ns} ns skipped: {error}")
+            return
+        self._report_error(f"frame at {synced.lidar_stamp_ns} ns failed: {error!r}")
+        self.get_logger().error("".join(traceback.format_exception(error)))
+
+    def _process(self, synced: SyncedFrame) -> None:
+        cloud, received = synced.lidar
+        lidar_frame = cloud.header.frame_id
+        points = self._points(cloud, lidar_frame, synced.lidar_stamp_ns)
+        missing = dict(synced.missing)
+        images = self._images(synced, missing)
+        calibration = self._current_calibration(lidar_frame, missing)
+        used = tuple(name for name in self.config.camera_names if name not in missing)
+        frame = Frame(images, points, calibration, lidar_stamp_ns=synced.lidar_stamp_ns)
+        detections = self.pipeline.forward(frame, used)
+        latency_ms = (time.monotonic() - received) * 1e3
+        self._publish(cloud.header, detections, missing, latency_ms)
+
+    def _points(self, cloud: PointCloud2, lidar_frame: str, stamp_ns: int) -> np.ndarray:
+        """The cloud as [N, 5] float32 (x, y, z, intensity, time lag s), past sweeps included:
+        the cloud's own lag channel (``node.time_lag_field``), or the last ``node.num_sweeps``
+        sweeps motion-compensated into this one (sweeps whose frames were dropped included)."""
+        lag_field = self.settings.time_lag_field
+        points = self._cloud_columns(cloud, (lag_field,) if lag_field else ())
+        if lag_field:
+            return points
+        self._remember_skipped_sweeps(lidar_frame, stamp_ns)
+        pose = self._lidar_pose(lidar_frame, stamp_ns) if self.settings.num_sweeps > 1 else None
+        points = self.sweeps.add(points, stamp_ns, pose)
+        if self.sweeps.last_warning and self.settings.num_sweeps > 1:
+            with self.status.lock:
+                self.status.last_warnings = (self.sweeps.last_warning,)
+        return points
+
+    def _cloud_columns(self, cloud: PointCloud2, extra: tuple[str, ...] = ()) -> np.ndarray:
+        """float32 [N, 4 + len(extra)]: x, y, z, intensity (0 when the cloud has none), ``extra``."""
+        fields = {f.name for f in cloud.fields}
+        absent = [name for name in ("x", "y", "z", *extra) if name not in fields]
+        if absent:
+            raise InputError(f"PointCloud2 on {self.settings.lidar_topic} lacks field(s) {absent}; "
+                             f"has {sorted(fields)}")
+        records = pointcloud2.read_points(cloud)
+        columns = [records[name] for name in ("x", "y", "z")]
+        columns.append(records["intensity"] if "intensity" in fields else np.zeros(len(records), np.float32))
+        columns.extend(records[name] for name in extra)
+        return np.stack(columns, axis=1).astype(np.float32, copy=False)
+
+    def _remember_skipped_sweeps(self, lidar_frame: str, stamp_ns: int) -> None:
+        """Give the accumulator the sweeps received since its newest one and before this one."""
+        stored = self.sweeps.stored_stamps
+        newest = stored[-1] if stored else -1
+        for past_stamp, past_cloud in list(self._lidar_history):
+            if newest < past_stamp < stamp_ns:
+                try:
+                    self.sweeps.remember(self._cloud_columns(past_cloud), past_stamp,
+                                         self._lidar_pose(lidar_frame, past_stamp))
+                except (InputError, ValueError):
+                    continue                          # that frame's own diagnostic said why
+
+    def _lidar_pose(self, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        try:
+            return self.transforms.lookup(self.settings.world_frame, lidar_frame, stamp_ns)
+        except LookupError:
+            return None
+
+    def _images(self, synced: SyncedFrame, missing: dict[str, str]) -> list[np.ndarray | None]:
+        """RGB images in camera order; an image that cannot be decoded joins ``missing``."""
+        images: list[np.ndarray | None] = []
+        for camera in self.config.camera_names:
+            message = synced.images.get(camera)
+            image = None
+            if message is not None:
+                try:
+                    image = (convert.compressed_to_rgb(message) if self.settings.compressed_images
+                             else convert.image_to_rgb(message))
+                    expected = (self.config.image.input_height, self.config.image.input_width, 3)
+                    if image.shape != expected:
+                        raise ValueError(f"size {image.shape[1]}x{image.shape[0]}, expected "
+                                         f"{expected[1]}x{expected[0]}")
+                except ValueError as error:
+                    missing[camera] = f"bad image: {error}"
+                    self._report_error(f"camera {camera}: {error}")
+                    image = None
+            images.append(image if image is not None else self.pipeline._black_image())
+        return images
+
+    def _current_calibration(self, lidar_frame: str, missing: dict[str, str]) -> Calibration:
+        """The rig calibration now: from the file, or from CameraInfo + TF (cameras without
+        either are marked missing and get a placeholder); the last valid one if it is invalid."""
+        if self.settings.calibration_source == "file":
+            assert self._calibration is not None
+            return self._calibration
+        intrinsics, extrinsics = [], []
+        for camera in self.config.camera_names:
+            K, camera2lidar = self._intrinsics.get(camera), None
+            frame_id = self._camera_frames.get(camera)
+            if frame_id:
+                try:
+                    camera2lidar = self.transforms.lookup(lidar_frame, frame_id, 0)
+                except LookupError as error:
+                    reason = f"no TF {lidar_frame} <- {frame_id}: {error}"
+            else:
+                reason = "camera frame unknown (no image yet)"
+            if K is None:
+                reason = "no CameraInfo yet"
+            if K is None or camera2lidar is None:
+                missing.setdefault(camera, f"not calibrated: {reason}")
+            intrinsics.append(K if K is not None else PLACEHOLDER_K)
+            extrinsics.append(camera2lidar if camera2lidar is not None else np.eye(4))
+        try:
+            self._calibration = Calibration.from_camera2lidar(np.stack(intrinsics), np.stack(extrinsics),
+                                                              self.config.image, self.config.camera_names)
+        except CalibrationError as error:
+            if self._calibration is None:
+                raise
+            self._report_error(f"invalid calibration ({error}); keeping the last valid one")
+        assert self._calibration is not None
+        return self._calibration
+
+    # ---------------------------------------------------------------- outputs
+    def _publish(self, header: Header, detections: Any, missing: dict[str, str], latency_ms: float) -> None:
+        if not self.context.ok():
+            return
+        out_header = Header(stamp=header.stamp, frame_id=header.frame_id)
+        self.detections_pub.publish(convert.detections_to_msg(detections, out_header))
+        info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
+                         cameras_missing=list(missing), velocities=convert.velocities(detections),
+                         backend=self.pipeline.backend, latency_ms=float(latency_ms))
+        self.frame_info_pub.publish(info)
+        if self.settings.publish_markers:
+            self.markers_pub.publish(convert.detections_to_markers(detections, out_header))
+        now_ns = self.get_clock().now().nanoseconds
+        with self.status.lock:
+            status = self.status
+            status.frames_out += 1
+            status.cameras_used, status.cameras_missing = detections.cameras_used, dict(missing)
+            status.stage_ms, status.latency_ms = dict(detections.stage_ms), latency_ms
+            status.input_age_ms = (now_ns - convert.stamp_to_ns(header.stamp)) / 1e6
+            if detections.warnings:
+                status.last_warnings = detections.warnings
+        if missing:
+            self.publish_diagnostics()
+
+    def _report_error(self, message: str) -> None:
+        self.get_logger().warn(message)
+        with self.status.lock:
+            self.status.errors += 1
+            self.status.last_error = message
+        self.publish_diagnostics()
+
+    def publish_diagnostics(self) -> None:
+        """One DiagnosticStatus with the node's state: ERROR after an error since the last
+        frame out, WARN when cameras are missing, else OK."""
+        if not self.context.ok():                         # shutting down (SIGINT/SIGTERM)
+            return
+        with self.status.lock:
+            status = self.status
+            values = {"backend": self.pipeline.backend, "frames_in": status.frames_in,
+                      "frames_out": status.frames_out, "frames_dropped": self.worker.dropped,
+                      "errors": status.errors, "sync_resets": self.sync.resets,
+                      "cameras_used": ",".join(status.cameras_used),
+                      "cameras_missing": "; ".join(f"{k}: {v}" for k, v in status.cameras_missing.items()),
+                      "latency_ms": round(status.latency_ms, 3), "input_age_ms": round(status.input_age_ms, 3),
+                      "last_error": status.last_error, "warnings": "; ".join(status.last_warnings),
+                      **{f"stage_ms.{name}": round(ms, 3) for name, ms in status.stage_ms.items()}}
+            level, message = DiagnosticStatus.OK, "ok"
+            if status.cameras_missing:
+                level, message = DiagnosticStatus.WARN, f"cameras missing: {', '.join(status.cameras_missing)}"
+            if status.last_error:
+                level, message = DiagnosticStatus.ERROR, status.last_error
+                status.last_error = ""                    # reported once
+        diagnostic = DiagnosticStatus(level=level, name=f"{self.get_name()}: pipeline", message=message,
+                                      hardware_id=self.pipeline.backend,
+                                      values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        array = DiagnosticArray(status=[diagnostic])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics_pub.publish(array)
+
+    def destroy_node(self) -> None:
+        self.worker.close()
+        super().destroy_node()
+
+
+def calibration_from_yaml(path: Path, config: Any) -> Calibration:
+    """A calibration YAML: ``camera_names`` (optional, default the config's),
+    ``camera_intrinsics`` [N][3][3] and ``camera2lidar`` [N][4][4]."""
+    import yaml
+    try:
+        values = yaml.safe_load(path.read_text())
+        names = values.get("camera_names", list(config.camera_names))
+        return Calibration.from_camera2lidar(np.array(values["camera_intrinsics"], dtype=np.float64),
+                                             np.array(values["camera2lidar"], dtype=np.float64),
+                                             config.image, names)
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = BEVFusionNode()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:                      # a callback racing the shutdown of the context
+        if node.context.ok():
+            raise
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

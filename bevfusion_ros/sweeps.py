@@ -1,0 +1,158 @@
+"""Multi-sweep lidar accumulation, as BEVFusion's nuScenes models were trained (ROS-free).
+
+BEVFusion's nuScenes configs load points with mmdet3d's ``LoadPointsFromMultiSweeps``
+(``sweeps_num: 9``, ``remove_close: true``, ``load_dim: 5``, ``use_dim: 5``): the current
+keyframe sweep plus the 9 previous lidar sweeps (10 in all, about 0.45 s at 20 Hz), each past
+sweep
+
+* stripped of the points inside the square ``|x| < 1 m and |y| < 1 m`` of its own lidar frame
+  (``_remove_close``, mostly returns from the ego vehicle's roof), then
+* moved into the current lidar frame (``sensor2lidar`` rotation and translation, i.e.
+  ``current_T_past = inv(world_T_current) @ world_T_past``), and
+* given the time lag ``current stamp - sweep stamp`` in seconds as its 5th channel.
+
+The current sweep keeps all its points and a time lag of 0. :class:`SweepAccumulator` does the
+same online: it remembers the last ``num_sweeps - 1`` sweeps with their poses and returns
+``[M, 5]`` float32 points ``(x, y, z, intensity, time_lag_s)`` for each new one.
+
+(``pad_empty_sweeps``, which in training repeats the current sweep when a sample has no
+sweeps at all, is not reproduced: at run time a missing history just means fewer points.)
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SweepAccumulator"]
+
+_NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    points: np.ndarray               # [N, 4] float32 x, y, z, intensity; close points removed
+    stamp_ns: int
+    world_T_lidar: np.ndarray | None  # [4, 4] float64
+
+
+def _rigid_inverse(matrix: np.ndarray) -> np.ndarray:
+    inverse = np.eye(4)
+    inverse[:3, :3] = matrix[:3, :3].T
+    inverse[:3, 3] = -matrix[:3, :3].T @ matrix[:3, 3]
+    return inverse
+
+
+class SweepAccumulator:
+    """Accumulates the current lidar sweep with up to ``num_sweeps - 1`` past ones.
+
+    ``num_sweeps`` counts the current sweep (BEVFusion nuScenes: 10). Past sweeps older than
+    ``max_age_s`` are not used. After each :meth:`add`, :attr:`last_warning` holds a message
+    when the output had to be degraded (missing poses, time going backwards), else None.
+    """
+
+    def __init__(self, num_sweeps: int = 10, close_radius_m: float = 1.0, max_age_s: float = 1.0) -> None:
+        if int(num_sweeps) != num_sweeps or num_sweeps < 1:
+            raise ValueError(f"num_sweeps must be an integer >= 1, got {num_sweeps}")
+        if not close_radius_m >= 0:
+            raise ValueError(f"close_radius_m must be >= 0, got {close_radius_m}")
+        if not max_age_s > 0:
+            raise ValueError(f"max_age_s must be > 0, got {max_age_s}")
+        self.num_sweeps = int(num_sweeps)
+        self.close_radius_m = float(close_radius_m)
+        self.max_age_ns = int(round(max_age_s * _NS_PER_S))
+        # Past sweeps for the next call, oldest first; the newest num_sweeps - 1 are enough.
+        self._history: deque[_Sweep] = deque(maxlen=self.num_sweeps - 1)
+        self.last_warning: str | None = None
+
+    def __len__(self) -> int:
+        """Number of stored sweeps (candidates to be past sweeps of the next call)."""
+        return len(self._history)
+
+    @property
+    def stored_stamps(self) -> list[int]:
+        """Stamps of the stored sweeps, oldest first."""
+        return [sweep.stamp_ns for sweep in self._history]
+
+    def reset(self) -> None:
+        """Forget every stored sweep."""
+        self._history.clear()
+        self.last_warning = None
+
+    def remove_close(self, points: np.ndarray) -> np.ndarray:
+        """``points`` without those with ``|x| < r`` and ``|y| < r`` (mmdet3d ``_remove_close``)."""
+        r = self.close_radius_m
+        close = (np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r)
+        return points[~close]
+
+    def add(self, points: np.ndarray, stamp_ns: int, world_T_lidar: np.ndarray | None) -> np.ndarray:
+        """Store a sweep and return it with the usable past sweeps, as ``[M, 5]`` float32.
+
+        ``points``: ``[N, >=4]`` (x, y, z, intensity, ...) in the lidar frame at ``stamp_ns``;
+        columns past the 4th are dropped. ``world_T_lidar``: the lidar's pose in a fixed
+        (odometry/world) frame at ``stamp_ns``, or None when unknown. Output rows: the current
+        sweep (time lag 0), then the past sweeps newest to oldest, moved into the current lidar
+        frame, with their time lag in seconds.
+        """
+        current, stamp, pose = self._begin(points, stamp_ns, world_T_lidar)
+        history = self._history
+        past = list(reversed(history))                  # newest first
+        output = [np.concatenate([current, np.zeros((len(current), 1), np.float32)], axis=1)]
+        if past:
+            missing = sum(s.world_T_lidar is None for s in past)
+            if pose is None or missing:
+                which = "the current sweep" if pose is None else f"{missing} past sweep(s)"
+                self.last_warning = (
+                    f"no lidar pose for {which}: past sweeps cannot be motion-compensated; "
+                    f"using the current sweep only ({len(past)} past sweep(s) left out)")
+            else:
+                current_T_world = _rigid_inverse(pose)
+                for sweep in past:
+                    current_T_past = current_T_world @ sweep.world_T_lidar
+                    block = np.empty((len(sweep.points), 5), dtype=np.float32)
+                    block[:, :3] = sweep.points[:, :3] @ current_T_past[:3, :3].T + current_T_past[:3, 3]
+                    block[:, 3] = sweep.points[:, 3]
+                    block[:, 4] = (stamp - sweep.stamp_ns) / _NS_PER_S
+                    output.append(block)
+
+        self._store(current, stamp, pose)
+        return np.concatenate(output, axis=0)
+
+    def remember(self, points: np.ndarray, stamp_ns: int, world_T_lidar: np.ndarray | None) -> None:
+        """Store a sweep as a past sweep without building an output (a sweep whose frame the
+        node dropped: the next frames still need it). Same arguments and checks as :meth:`add`."""
+        self._store(*self._begin(points, stamp_ns, world_T_lidar))
+
+    def _begin(self, points: np.ndarray, stamp_ns: int, world_T_lidar: np.ndarray | None
+               ) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Checked (points [N, 4] float32, stamp, pose); clears the history when the stamp went
+        backwards and drops stored sweeps that cannot be past sweeps of this one."""
+        points = np.asarray(points)
+        if points.ndim != 2 or points.shape[1] < 4:
+            raise ValueError(f"points must be [N, >=4] (x, y, z, intensity, ...), got shape {points.shape}")
+        current = np.ascontiguousarray(points[:, :4], dtype=np.float32)
+        stamp = int(stamp_ns)
+        pose = None
+        if world_T_lidar is not None:
+            pose = np.array(world_T_lidar, dtype=np.float64)
+            if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+                raise ValueError(f"world_T_lidar must be a finite [4, 4] matrix, got shape {pose.shape}")
+        self.last_warning = None
+        history = self._history
+        if history and stamp < history[-1].stamp_ns:
+            self.last_warning = (
+                f"lidar stamp went backwards ({stamp / 1e9:.6f} s < {history[-1].stamp_ns / 1e9:.6f} s, "
+                f"bag loop or time reset?): cleared {len(history)} stored sweep(s)")
+            history.clear()
+        # Drop stored sweeps that cannot be past sweeps of this one, or of any later one: too old,
+        # or not older than this sweep (a repeated stamp).
+        kept = [s for s in history if s.stamp_ns < stamp and stamp - s.stamp_ns <= self.max_age_ns]
+        if len(kept) != len(history):
+            history.clear()
+            history.extend(kept)
+        return current, stamp, pose
+
+    def _store(self, current: np.ndarray, stamp: int, pose: np.ndarray | None) -> None:
+        if self._history.maxlen:                        # num_sweeps == 1 keeps nothing
+            self._history.append(_Sweep(points=self.remove_close(current), stamp_ns=stamp, world_T_lidar=pose))
