@@ -27,6 +27,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("backend", default_value="auto", description="auto | tensorrt | gpu | cpu"),
         DeclareLaunchArgument("lidar_topic", default_value="/LIDAR_TOP"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="true for bag replay"),
+        DeclareLaunchArgument("detections_topic", default_value="/bevfusion/detections",
+                              description="where ~/detections is published"),
     ]
     node = Node(
         package="bevfusion_ros",
@@ -41,6 +43,6 @@ def generate_launch_description() -> LaunchDescription:
              "node.lidar_topic": LaunchConfiguration("lidar_topic"),
              "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)},
         ],
-        remappings=[("/diagnostics", "/diagnostics")],
+        remappings=[("~/detections", LaunchConfiguration("detections_topic"))],
     )
     return LaunchDescription([*arguments, node])

@@ -371,3 +371,30 @@ def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path
     finally:
         output = harness.close()
     assert "Traceback" not in output, output
+
+
+def test_calibration_file_yaml_and_example_folder(tmp_path, example_data_dir):
+    from bevfusion_ros.config import ConfigError
+    from bevfusion_ros.ros.node import calibration_from_yaml
+    stored = load_example_data(example_data_dir).calibration
+    path = tmp_path / "calibration.yaml"
+    path.write_text(yaml.safe_dump({"camera_intrinsics": stored.camera_intrinsics[:, :3, :3].tolist(),
+                                    "camera2lidar": stored.camera2lidar.tolist()}))
+    loaded = calibration_from_yaml(path, TINY.pipeline)
+    np.testing.assert_allclose(loaded.lidar2image, stored.lidar2image, rtol=1e-4, atol=1e-3)
+    assert loaded.camera_names == TINY.pipeline.camera_names
+    path.write_text("camera_intrinsics: [[1, 0]]\n")
+    with pytest.raises(ConfigError, match="calibration file"):
+        calibration_from_yaml(path, TINY.pipeline)
+
+
+def test_launch_file_starts_the_node_with_the_params_file():
+    """launch_ros is not on PyPI, so the launch file cannot run here: check what it starts."""
+    import ast
+    source = (REPO_ROOT / "launch" / "nuscenes.launch.py").read_text()
+    calls = {node.func.id: node for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    keywords = {k.arg: k.value for k in calls["Node"].keywords}
+    assert ast.literal_eval(keywords["executable"]) == "bevfusion_node"
+    assert ast.literal_eval(keywords["package"]) == "bevfusion_ros"
+    assert "nuscenes.yaml" in source and "use_sim_time" in source
