@@ -50,7 +50,8 @@ try:  # OpenCV converts channel orders ~5x faster than numpy; compressed_to_rgb 
 except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
     cv2 = None  # type: ignore[assignment]
 
-from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections
+from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections, cuda_yaw
+from bevfusion_ros.head.decode import BOX_COLUMNS
 
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
@@ -353,6 +354,25 @@ def detections_to_msg(detections: Detections, header: Header) -> Detection3DArra
         detection.bbox.size = Vector3(x=length, y=width, z=height)
         out.append(detection)
     return Detection3DArray(header=header, detections=out)
+
+
+def msg_to_detections(msg: Detection3DArray, class_names: tuple[str, ...],
+                      velocities: list[Vector3] | None = None) -> Detections:
+    """Inverse of :func:`detections_to_msg` (plus the FrameInfo ``velocities`` of the same
+    header, zeros when None): back to the CUDA-BEVFusion box layout, lidar frame."""
+    rows = []
+    for index, detection in enumerate(msg.detections):
+        hypothesis = detection.results[0].hypothesis
+        pose, size = detection.bbox.center, detection.bbox.size
+        q = pose.orientation
+        heading = 2.0 * math.atan2(q.z, q.w)
+        velocity = velocities[index] if velocities else Vector3()
+        rows.append([pose.position.x, pose.position.y, pose.position.z, size.y, size.x, size.z,
+                     float(cuda_yaw(heading)), velocity.x, velocity.y,
+                     class_names.index(hypothesis.class_id), hypothesis.score])
+    boxes = np.array(rows, dtype=np.float32).reshape(-1, len(BOX_COLUMNS))
+    return Detections(boxes=boxes, class_names=class_names, stamp_ns=stamp_to_ns(msg.header.stamp),
+                      frame_id=msg.header.frame_id)
 
 
 def velocities(detections: Detections) -> list[Vector3]:

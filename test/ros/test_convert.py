@@ -690,3 +690,21 @@ def test_marker_colors_namespace_and_lifetime() -> None:
     assert all((m.lifetime.sec, m.lifetime.nanosec) == (0, 0) for m in default)
     with pytest.raises(ValueError, match="duration"):
         convert.detections_to_markers(detections, header(), lifetime_s=-1.0)
+
+
+def test_msg_to_detections_inverts_detections_to_msg():
+    from bevfusion_ros.ros.convert import msg_to_detections
+    rng = np.random.default_rng(11)
+    boxes = np.column_stack([rng.uniform(-50, 50, (20, 3)), rng.uniform(0.5, 5, (20, 3)),
+                             rng.uniform(-np.pi, np.pi, 20), rng.uniform(-5, 5, (20, 2)),
+                             rng.integers(0, 3, 20), rng.uniform(0, 1, 20)]).astype(np.float32)
+    detections = Detections(boxes=boxes, class_names=("car", "truck", "bus"))
+    header = Header(frame_id="lidar_top")
+    header.stamp.sec, header.stamp.nanosec = 12, 345
+    back = msg_to_detections(convert.detections_to_msg(detections, header), detections.class_names,
+                             convert.velocities(detections))
+    assert back.stamp_ns == 12_000_000_345 and back.frame_id == "lidar_top"
+    np.testing.assert_allclose(back.boxes[:, [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]],
+                               boxes[:, [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]], atol=1e-5)
+    yaw_error = np.angle(np.exp(1j * (back.boxes[:, 6] - boxes[:, 6])))
+    assert np.abs(yaw_error).max() < 1e-5
