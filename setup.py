@@ -33,6 +33,13 @@ setup(
         # the development machines' disk; an unpinned torch pulls a multi-GB CUDA build.
         "model": ["torch==2.13.0"],
         "dev": ["pytest==9.2.0", "mypy==2.4.1"],
+        # rosbag2-compatible MCAP bags (bevfusion_ros.ros.bag, bevfusion-make-bag).
+        "bag": ["mcap==1.6.0", "mcap-ros2-support==0.6.0"],
+        # What `from nuscenes.nuscenes import NuScenes` imports (bevfusion-make-bag on a nuScenes
+        # data root). nuscenes-devkit==1.2.0 itself must be installed with --no-deps: it declares
+        # numpy<2, which would downgrade this project's numpy 2 (requirements/nuscenes.txt).
+        "nuscenes": ["matplotlib==3.11.2", "scikit-learn==1.9.1", "pyquaternion==0.9.9",
+                     "tqdm==4.70.1", "Pillow==13.0.0", "cachetools==8.0.1"],
     },
     entry_points={
         "console_scripts": [
@@ -40,6 +47,10 @@ setup(
             f"bevfusion-export = {PACKAGE}.model.export:main",
             f"bevfusion-infer = {PACKAGE}.tools.infer:main",
             f"bevfusion-bench = {PACKAGE}.tools.bench:main",
+            f"bevfusion-make-bag = {PACKAGE}.tools.make_bag:main",
+            f"bevfusion-make-scene = {PACKAGE}.tools.make_scene:main",
+            f"bevfusion-play = {PACKAGE}.ros.play:main",
+            f"bevfusion-record = {PACKAGE}.ros.record:main",
             f"bevfusion_node = {PACKAGE}.ros.node:main",
         ],
     },

@@ -9,7 +9,8 @@
 #    *.cmake files, to this venv's Python and numpy include dirs (only where still foreign);
 # 4. builds the interface packages under msg/ (vision_msgs, tf2_msgs, bevfusion_ros_msgs) with plain
 #    cmake + ninja straight into .venv, skipping a package whose sources did not change;
-# 5. installs this repository in editable mode with its dev and model extras;
+# 5. installs this repository in editable mode with its dev, model and bag extras, and
+#    nuscenes-devkit (bevfusion-make-bag on a nuScenes data root; requirements/nuscenes.txt);
 # 6. installs the tensorrt-stubs used by the TensorRT backend's type check (build/typecheck-stubs).
 #
 # Nothing outside the repository is touched (no sudo, no ~/.bashrc); the only network used is PyPI.
@@ -155,13 +156,16 @@ build_msg_package() {
 
 install_project() {
   local key
-  key="$(hash_files setup.py setup.cfg pyproject.toml)-$(cat "$STAMPS/ros-wheels")"
-  if stamp_matches "$STAMPS/project" "$key" && "$VPY" -c 'import bevfusion_ros' 2>/dev/null; then
-    log "skip: bevfusion_ros already installed (editable, [dev,model]) from this setup.py"
+  key="$(hash_files setup.py setup.cfg pyproject.toml requirements/bag.txt requirements/nuscenes.txt)-$(cat "$STAMPS/ros-wheels")"
+  if stamp_matches "$STAMPS/project" "$key" && "$VPY" -c 'import bevfusion_ros, mcap_ros2, nuscenes' 2>/dev/null; then
+    log "skip: bevfusion_ros already installed (editable, [dev,model,bag]) from this setup.py"
     return
   fi
-  log "installing bevfusion_ros in editable mode with [dev,model] (torch pinned to the CPU wheel)"
-  "$VPY" -m pip install --quiet -e ".[dev,model]"
+  log "installing bevfusion_ros in editable mode with [dev,model,bag] (torch pinned to the CPU wheel)"
+  "$VPY" -m pip install --quiet -e ".[dev,model,bag]" -r requirements/bag.txt
+  # nuscenes-devkit without its declared deps (it pins numpy<2): requirements/nuscenes.txt says why
+  "$VPY" -m pip install --quiet --no-deps nuscenes-devkit==1.2.0
+  "$VPY" -m pip install --quiet -r requirements/nuscenes.txt
   printf '%s' "$key" > "$STAMPS/project"
   log "done: bevfusion_ros installed"
 }

@@ -1,0 +1,382 @@
+"""``bevfusion-play``: publish an MCAP bag with rclpy, where ``ros2 bag play`` is not installed.
+
+    bevfusion-play BAG [--rate R] [--loop] [--clock] [--start-delay S] [--topics T ...]
+                       [--qos reliable|sensor_data] [--wait-for-subscribers S]
+
+* One publisher per topic, of the message type recorded in the bag (``pkg/msg/Type``, imported
+  from ``pkg.msg``). ``--topics`` plays only those topics (each must be in the bag).
+* Messages go out in log-time order, paced in real time divided by ``--rate``: message *i* is
+  due ``(log_time_i - log_time_0) / rate`` seconds after the start of the pass, on a monotonic
+  clock. Each due time is computed from the start of the pass, never from the previous message,
+  so the playback does not drift; a message that is late (a slow publish) goes out at once and
+  the next ones keep their schedule.
+* QoS: reliable, keep-last depth 10 by default (``--qos reliable``), so a subscriber that is
+  slow to take a large message (an image, a point cloud) gets it late instead of losing it; the
+  publisher then blocks instead of dropping. ``--qos sensor_data`` uses the sensor-data profile
+  (best effort, depth 5) like most drivers; a reliable subscriber does not match it.
+* ``/tf_static`` is published reliable + transient local, depth 100, and each message published
+  on it holds every static transform seen so far in the bag (merged by child frame, the latest
+  one winning), as tf2's StaticTransformBroadcaster does: a subscriber that joins late gets the
+  whole static tree.
+* ``--clock``: also publishes ``rosgraph_msgs/Clock`` on ``/clock`` (reliable, depth 10, which
+  also matches the best-effort subscription of nodes with ``use_sim_time``): the bag time at
+  100 Hz (the log time of the first message during ``--start-delay``, then bag time advancing
+  at ``--rate`` and never past the next message), and the message's log time just before each
+  message.
+* ``--loop``: plays the bag again from its start when it ends (the first message of a pass is
+  due when the last one of the previous pass was); the bag time, ``/clock`` included, then goes
+  backwards, as with any looped bag.
+* ``--start-delay S`` (default 1.0): seconds between creating the publishers and the first
+  message, for subscribers to discover them (a volatile subscriber does not get messages
+  published before it matched). Discovery between processes can take a few seconds (Fast DDS
+  announces a participant again every 3 s when its first announcements were missed, e.g. on a
+  loaded machine): with ``--wait-for-subscribers S``, the start delay begins only once every
+  played topic has a matched subscriber (or S seconds after the publishers were created), for
+  tests and pipelines whose subscribers are known to be there.
+
+Prints its progress (messages published, elapsed time) about once a second and a summary at the
+end. At the end (or when stopped) it waits up to 2 s for reliable subscribers to acknowledge
+the last messages, which would be lost if the publishers were destroyed at once. Exit status:
+0 at the end of the bag, or when stopped by Ctrl-C / SIGTERM (promptly and cleanly); 1 when the
+bag cannot be played (unreadable, a requested topic not in it, a message type not installed);
+2 for bad arguments.
+
+Library use (tests, the demo): :func:`play` with a node of an initialised context.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import rclpy
+from rclpy.context import Context
+from rclpy.duration import Duration
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.signals import SignalHandlerOptions
+from rclpy.utilities import remove_ros_args
+
+from bevfusion_ros.ros.bag import BagError, BagMessage, bag_summary, read_bag
+
+TF_STATIC_TOPIC = "/tf_static"
+CLOCK_TOPIC = "/clock"
+#: /clock publication rate while waiting for the next message, in Hz.
+CLOCK_RATE_HZ = 100.0
+QOS_CHOICES = ("reliable", "sensor_data")
+#: QoS of every topic but /tf_static with ``qos="reliable"``.
+RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                          reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+#: QoS of /tf_static: latched, like tf2's static broadcaster, with room for a long history.
+TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                           reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: Seconds that the end of :func:`play` waits at most for subscribers to acknowledge the last messages.
+ACK_TIMEOUT_S = 2.0
+CLOCK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@dataclass
+class PlayResult:
+    """What :func:`play` did (also passed, in progress, to its ``progress`` callback)."""
+
+    published: int = 0        #: messages published (``/clock`` not counted)
+    passes: int = 0           #: passes over the bag completed
+    elapsed_s: float = 0.0    #: seconds since the end of the start delay
+    stopped: bool = False     #: stopped by ``stop`` (or the context shutting down) before the end
+
+
+def message_class(type_name: str) -> type:
+    """The rclpy message class of ``pkg/msg/Type`` (or ``pkg/Type``), imported from ``pkg.msg``.
+
+    Raises ValueError for a malformed name, ImportError when the package or type is missing.
+    """
+    parts = type_name.split("/")
+    if len(parts) == 2:
+        parts = [parts[0], "msg", parts[1]]
+    if len(parts) != 3 or parts[1] != "msg" or not all(parts):
+        raise ValueError(f"not a message type name (pkg/msg/Type): {type_name!r}")
+    package, _, name = parts
+    module = importlib.import_module(f"{package}.msg")
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"message type {type_name} not found in {package}.msg") from None
+
+
+def clock_message(ns: int) -> Any:
+    """rosgraph_msgs/Clock of ``ns`` nanoseconds."""
+    from builtin_interfaces.msg import Time
+    from rosgraph_msgs.msg import Clock
+
+    sec, nanosec = divmod(int(ns), 1_000_000_000)
+    return Clock(clock=Time(sec=sec, nanosec=nanosec))
+
+
+def install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGINT and SIGTERM set ``stop`` (from a short thread: Event.set in a signal handler could
+    deadlock on the event's lock held by the interrupted main thread). Returns a function that
+    puts the previous handlers back. Main thread only."""
+    def handler(signum: int, frame: Any) -> None:
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+    return restore
+
+
+def _publisher_qos(topic: str, qos: str) -> QoSProfile:
+    if topic == TF_STATIC_TOPIC:
+        return TF_STATIC_QOS
+    return RELIABLE_QOS if qos == "reliable" else qos_profile_sensor_data
+
+
+class _Pacer:
+    """Sleeps until due times on the monotonic clock, publishing /clock meanwhile."""
+
+    def __init__(self, stop: threading.Event, is_ok: Callable[[], bool], clock_pub: Any, rate: float):
+        self.stop, self.is_ok, self.clock_pub, self.rate = stop, is_ok, clock_pub, rate
+        self.next_tick = time.monotonic()
+        self.period = 1.0 / CLOCK_RATE_HZ
+
+    def publish_clock(self, ns: int) -> None:
+        if self.clock_pub is not None:
+            self.clock_pub.publish(clock_message(ns))
+
+    def wait_until(self, due: float, pass_start: float, first_ns: int, low_ns: int, high_ns: int) -> bool:
+        """Waits until monotonic time ``due``; returns False if stopped first. With /clock, the
+        bag time ``first_ns + (now - pass_start) * rate``, kept in ``[low_ns, high_ns]``, goes
+        out at CLOCK_RATE_HZ."""
+        while True:
+            if self.stop.is_set() or not self.is_ok():
+                return False
+            now = time.monotonic()
+            if now >= due:
+                return True
+            wake = due
+            if self.clock_pub is not None:
+                if now >= self.next_tick:
+                    bag_ns = first_ns + int((now - pass_start) * self.rate * 1e9)
+                    self.publish_clock(min(max(bag_ns, low_ns), high_ns))
+                    self.next_tick += self.period
+                    if self.next_tick <= now:        # late (a slow publish): no burst of ticks
+                        self.next_tick = now + self.period
+                wake = min(due, self.next_tick)
+            self.stop.wait(max(0.0, wake - time.monotonic()))
+
+
+def _wait_for_acks(node: Node, publishers: list[Any], timeout_s: float) -> None:
+    """Waits (``timeout_s`` in all) until the reliable subscribers have acknowledged every
+    message: destroying a publisher drops what is still unacknowledged (the end of the bag)."""
+    deadline = time.monotonic() + timeout_s
+    for publisher in publishers:
+        left = deadline - time.monotonic()
+        if left <= 0 or not node.context.ok():
+            return
+        publisher.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9)))
+
+
+def _wait_for_start(node: Node, pacer: _Pacer, publishers: dict[str, Any], start_delay: float, first_ns: int,
+                    subscribers_end: float | None) -> bool:
+    """When ``subscribers_end`` is given, waits until every publisher has a subscription or
+    until ``subscribers_end``; then ``start_delay`` seconds. /clock holds ``first_ns``
+    meanwhile. False if stopped first."""
+    def unmatched() -> list[str]:
+        return [topic for topic, publisher in publishers.items() if publisher.get_subscription_count() == 0]
+
+    if subscribers_end is not None:
+        while unmatched() and time.monotonic() < subscribers_end:
+            step_end = min(time.monotonic() + 0.02, subscribers_end)
+            if not pacer.wait_until(step_end, step_end, first_ns, first_ns, first_ns):
+                return False
+        missing = unmatched()
+        if missing:
+            node.get_logger().warning(f"playing without a subscriber on {', '.join(missing)}")
+    delay_end = time.monotonic() + start_delay
+    return pacer.wait_until(delay_end, delay_end, first_ns, first_ns, first_ns)
+
+
+def play(path: str, node: Node, rate: float = 1.0, loop: bool = False, clock: bool = False,
+         topics: Iterable[str] | None = None, on_message: Callable[[BagMessage], None] | None = None,
+         *, qos: str = "reliable", start_delay: float = 1.0, stop: threading.Event | None = None,
+         progress: Callable[[PlayResult], None] | None = None, progress_period: float = 1.0,
+         wait_for_subscribers: float | None = None) -> PlayResult:
+    """Publishes the bag at ``path`` from ``node`` (see the module docstring); returns when the
+    bag ends (never with ``loop``), when ``stop`` is set or when the node's context shuts down.
+
+    ``topics``: the topics to play (default all; ValueError for one not in the bag).
+    ``on_message(bag_message)`` is called right after each message is published (with the
+    bag's message: on /tf_static the published one holds the merged transforms).
+    ``progress(result)`` is called about every ``progress_period`` seconds during playback.
+    The first message goes out ``start_delay`` seconds after the publishers were created. With
+    ``wait_for_subscribers`` (seconds), the start delay begins only when every played topic (and
+    /clock) has a matched subscription, or that many seconds after the publishers were created
+    (a warning then names the topics without one): the delay then lets the subscriptions'
+    side of the match complete too.
+    The publishers are created here and destroyed before returning. Raises BagError when the
+    bag cannot be read, ImportError when a message type is not installed.
+    """
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a finite number > 0, got {rate}")
+    if not (math.isfinite(start_delay) and start_delay >= 0):
+        raise ValueError(f"start delay must be >= 0 seconds, got {start_delay}")
+    if qos not in QOS_CHOICES:
+        raise ValueError(f"qos must be one of {QOS_CHOICES}, got {qos!r}")
+    if wait_for_subscribers is not None and not (math.isfinite(wait_for_subscribers) and wait_for_subscribers >= 0):
+        raise ValueError(f"wait for subscribers must be >= 0 seconds, got {wait_for_subscribers}")
+    stop = stop if stop is not None else threading.Event()
+    summary = bag_summary(path)
+    if topics is None:
+        selected = sorted(summary)
+    else:
+        selected = list(dict.fromkeys(topics))
+        missing = [t for t in selected if t not in summary]
+        if missing:
+            raise ValueError(f"topics not in {path}: {', '.join(missing)} (it has: {', '.join(sorted(summary))})")
+    classes = {topic: message_class(summary[topic][0]) for topic in selected}
+
+    publishers: dict[str, Any] = {topic: node.create_publisher(cls, topic, _publisher_qos(topic, qos))
+                  for topic, cls in classes.items()}
+    created = time.monotonic()
+    clock_pub = None
+    if clock:
+        from rosgraph_msgs.msg import Clock
+        clock_pub = node.create_publisher(Clock, CLOCK_TOPIC, CLOCK_QOS)
+    pacer = _Pacer(stop, node.context.ok, clock_pub, rate)
+    result = PlayResult()
+    static_transforms: dict[str, Any] = {}
+    bag_messages: Generator[BagMessage, None, None] | None = None
+    try:
+        bag_messages = read_bag(path, topics=selected)
+        messages: Iterator[BagMessage] = bag_messages
+        first = next(messages, None)
+        if first is None:
+            return result
+        first_ns = first.log_time_ns
+        messages = itertools.chain([first], messages)
+        waited = {**publishers, **({CLOCK_TOPIC: clock_pub} if clock_pub is not None else {})}
+        if not _wait_for_start(node, pacer, waited, start_delay, first_ns,
+                               None if wait_for_subscribers is None else created + wait_for_subscribers):
+            result.stopped = True
+            return result
+        play_start = pass_start = time.monotonic()
+        next_progress = play_start + progress_period
+        while True:
+            last_due = pass_start
+            previous_ns = first_ns
+            for message in messages:
+                due = pass_start + (message.log_time_ns - first_ns) / 1e9 / rate
+                if not pacer.wait_until(due, pass_start, first_ns, previous_ns, message.log_time_ns):
+                    result.stopped = True
+                    break
+                last_due, previous_ns = due, message.log_time_ns
+                pacer.publish_clock(message.log_time_ns)
+                outgoing = message.message
+                if message.topic == TF_STATIC_TOPIC and hasattr(outgoing, "transforms"):
+                    for transform in outgoing.transforms:
+                        static_transforms[transform.child_frame_id] = transform
+                    outgoing = type(outgoing)(transforms=list(static_transforms.values()))
+                publishers[message.topic].publish(outgoing)
+                result.published += 1
+                if on_message is not None:
+                    on_message(message)
+                now = time.monotonic()
+                result.elapsed_s = now - play_start
+                if progress is not None and now >= next_progress:
+                    progress(result)
+                    next_progress = now + progress_period
+            result.elapsed_s = time.monotonic() - play_start
+            if result.stopped:
+                break
+            result.passes += 1
+            if not loop:
+                break
+            pass_start = last_due                   # no drift across passes either
+            bag_messages.close()
+            messages = bag_messages = read_bag(path, topics=selected)
+        return result
+    finally:
+        if bag_messages is not None:
+            bag_messages.close()                     # the bag file of an unfinished pass
+        all_publishers = [*publishers.values(), *([clock_pub] if clock_pub is not None else [])]
+        _wait_for_acks(node, all_publishers, ACK_TIMEOUT_S)
+        for publisher in publishers.values():
+            node.destroy_publisher(publisher)
+        if clock_pub is not None:
+            node.destroy_publisher(clock_pub)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bevfusion-play", description="Publish an MCAP bag (rosbag2 layout, CDR) with rclpy.",
+        epilog="ROS arguments may follow --ros-args (e.g. --ros-args -r __node:=player).")
+    parser.add_argument("bag", help="the .mcap file")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
+    parser.add_argument("--loop", action="store_true", help="play again from the start at the end")
+    parser.add_argument("--clock", action="store_true", help="publish the bag time on /clock (100 Hz)")
+    parser.add_argument("--start-delay", type=float, default=1.0, metavar="S",
+                        help="seconds between creating the publishers and the first message (default 1.0)")
+    parser.add_argument("--wait-for-subscribers", type=float, metavar="S",
+                        help="before the start delay, wait (up to S seconds after creating the "
+                             "publishers) until every played topic has a subscriber")
+    parser.add_argument("--topics", nargs="+", metavar="T", help="play only these topics")
+    parser.add_argument("--qos", choices=QOS_CHOICES, default="reliable",
+                        help="QoS of the topics but /tf_static (default reliable, depth 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    full = list(sys.argv) if argv is None else ["bevfusion-play", *argv]
+    args = _parser().parse_args(remove_ros_args(full)[1:])
+    if not (math.isfinite(args.rate) and args.rate > 0):
+        _parser().error(f"--rate must be > 0, got {args.rate}")
+    if not (math.isfinite(args.start_delay) and args.start_delay >= 0):
+        _parser().error(f"--start-delay must be >= 0, got {args.start_delay}")
+    if args.wait_for_subscribers is not None and not (
+            math.isfinite(args.wait_for_subscribers) and args.wait_for_subscribers >= 0):
+        _parser().error(f"--wait-for-subscribers must be >= 0, got {args.wait_for_subscribers}")
+
+    stop = threading.Event()
+    restore_handlers = install_stop_handlers(stop)
+    context = Context()
+    rclpy.init(args=full, context=context, signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node("bevfusion_play", context=context)
+
+    def report(result: PlayResult) -> None:
+        print(f"published {result.published} messages, pass {result.passes + 1}, "
+              f"elapsed {result.elapsed_s:.1f} s", flush=True)
+
+    try:
+        print(f"playing {args.bag} at rate {args.rate:g}" + (" (loop)" if args.loop else ""), flush=True)
+        result = play(args.bag, node, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
+                      qos=args.qos, start_delay=args.start_delay, stop=stop, progress=report,
+                      wait_for_subscribers=args.wait_for_subscribers)
+    except (BagError, OSError, ValueError, ImportError) as error:
+        print(f"bevfusion-play: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        restore_handlers()
+    print(f"done: published {result.published} messages in {result.elapsed_s:.2f} s "
+          f"({result.passes} complete pass{'es' if result.passes != 1 else ''}"
+          f"{', stopped' if result.stopped else ''})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""``bevfusion-record``: record topics into an MCAP bag with rclpy, where ``ros2 bag record`` is
+not installed.
+
+    bevfusion-record --out BAG [--topics T ...] [--duration S] [--count N] [--json DIR]
+                     [--use-sim-time]
+
+* Topics (default: the node's outputs ``/bevfusion/detections``, ``/bevfusion/frame_info``,
+  ``/bevfusion/markers`` and ``/diagnostics``) are subscribed to as they appear in the ROS graph:
+  a topic is taken once it has a publisher, with the type the graph announces for it (the class
+  is imported from ``pkg.msg``), so a recorder may be started before the publishers.
+* The subscription QoS follows the publishers present at that time, as ``ros2 bag record``
+  does: reliable if they all are (else best effort), transient local if they all are (so a
+  latched ``/tf_static`` is recorded), keep-last depth 100.
+* Every received message is written to the bag with :class:`bevfusion_ros.ros.bag.BagWriter`
+  (rosbag2-compatible MCAP, CDR), its log time being the receive time in nanoseconds from the
+  node's clock: the system time, or the ``/clock`` time with ``--use-sim-time`` (or
+  ``--ros-args -p use_sim_time:=true``).
+* Stops after ``--duration`` seconds (wall time since the start), after ``--count`` messages on
+  the first topic, or on Ctrl-C / SIGTERM; the bag is always closed properly. Exit status 0, 1
+  if the bag cannot be written, 2 for bad arguments.
+
+``--json DIR``: for every ``vision_msgs/Detection3DArray`` received (on any recorded topic), the
+file ``DIR/detections_<stamp_ns>.json``, ``stamp_ns`` being the array's header stamp in
+nanoseconds (a later array with the same stamp replaces the file)::
+
+    {
+      "topic": "/bevfusion/detections",
+      "stamp_ns": 1700000000123456789,
+      "frame_id": "lidar_top",
+      "receive_time_ns": 1700000000223456789,
+      "boxes": [
+        {"id": "0", "class_id": "car", "score": 0.875,
+         "center": [10.5, -2.25, 0.75], "yaw": 1.2870022, "size": [4.5, 1.875, 1.5]}
+      ]
+    }
+
+One box per Detection3D, in order: ``class_id`` and ``score`` of its best-scoring hypothesis
+(``""`` and ``null`` without any), ``center`` = ``bbox.center.position`` (x, y, z in metres,
+the box centre), ``yaw`` = heading in radians about +z in (-pi, pi] from
+``bbox.center.orientation``, ``size`` = ``bbox.size`` (length, width, height in metres).
+
+Library use (the demo, tests): :class:`Recorder` on a node that the caller spins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from rclpy.clock import Clock, ClockType
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from rclpy.utilities import remove_ros_args
+
+from bevfusion_ros.ros.bag import BagError, BagWriter
+from bevfusion_ros.ros.play import install_stop_handlers, message_class
+
+DEFAULT_TOPICS = ("/bevfusion/detections", "/bevfusion/frame_info", "/bevfusion/markers", "/diagnostics")
+DETECTION3D_ARRAY = "vision_msgs/msg/Detection3DArray"
+#: Seconds between two looks at the graph for the topics not subscribed yet.
+DISCOVERY_PERIOD_S = 0.1
+QUEUE_DEPTH = 100
+
+
+def quaternion_yaw(q: Any) -> float:
+    """Heading (rotation about +z) in radians of the quaternion ``q`` (x, y, z, w): the yaw of its
+    z-y-x Euler angles; exact for a pure rotation about z."""
+    return math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
+
+
+def detections_json(msg: Any, topic: str = "", receive_time_ns: int | None = None) -> dict[str, Any]:
+    """The JSON document of a Detection3DArray (format in the module docstring)."""
+    boxes = []
+    for detection in msg.detections:
+        best = max(detection.results, key=lambda r: r.hypothesis.score, default=None)
+        pose = detection.bbox.center
+        boxes.append({
+            "id": detection.id,
+            "class_id": best.hypothesis.class_id if best is not None else "",
+            "score": float(best.hypothesis.score) if best is not None else None,
+            "center": [pose.position.x, pose.position.y, pose.position.z],
+            "yaw": quaternion_yaw(pose.orientation),
+            "size": [detection.bbox.size.x, detection.bbox.size.y, detection.bbox.size.z],
+        })
+    stamp = msg.header.stamp
+    return {
+        "topic": topic,
+        "stamp_ns": int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec),
+        "frame_id": msg.header.frame_id,
+        "receive_time_ns": receive_time_ns,
+        "boxes": boxes,
+    }
+
+
+def write_detections_json(directory: Path, document: dict[str, Any]) -> Path:
+    """Writes ``document`` to ``directory/detections_<stamp_ns>.json`` atomically; returns the path."""
+    path = directory / f"detections_{document['stamp_ns']}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def subscription_qos(publishers: list[Any]) -> QoSProfile:
+    """Keep-last QUEUE_DEPTH, reliable / transient local when every publisher in ``publishers``
+    (``TopicEndpointInfo``) is, else best effort / volatile."""
+    profiles = [p.qos_profile for p in publishers]
+    reliable = bool(profiles) and all(p.reliability == ReliabilityPolicy.RELIABLE for p in profiles)
+    latched = bool(profiles) and all(p.durability == DurabilityPolicy.TRANSIENT_LOCAL for p in profiles)
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=QUEUE_DEPTH,
+        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
+    )
+
+
+class Recorder:
+    """Records ``topics`` from ``node`` into the MCAP bag ``out_path`` (see the module docstring).
+
+    The caller spins the node (the subscriptions' callbacks write the bag; a steady timer of
+    the node subscribes to topics as they appear). ``counts[topic]``: messages written per
+    topic; ``types[topic]``: the type of each subscribed topic; :attr:`pending`: topics not
+    subscribed yet. Call :meth:`close` (or use ``with``) to finish the file.
+    """
+
+    def __init__(self, node: Node, out_path: str | os.PathLike[str], topics: Iterable[str] = DEFAULT_TOPICS,
+                 json_dir: str | os.PathLike[str] | None = None):
+        self.node = node
+        self.topics = list(dict.fromkeys(topics))
+        if not self.topics:
+            raise ValueError("no topics to record")
+        self.out_path = Path(out_path)
+        self.json_dir = Path(json_dir) if json_dir is not None else None
+        if self.json_dir is not None:
+            self.json_dir.mkdir(parents=True, exist_ok=True)
+        self.counts: dict[str, int] = {topic: 0 for topic in self.topics}
+        self.types: dict[str, str] = {}
+        self.json_files = 0
+        self._subscriptions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer = BagWriter(str(self.out_path))
+        self._timer: Any = node.create_timer(DISCOVERY_PERIOD_S, self._on_timer,
+                                             clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.discover()
+
+    @property
+    def pending(self) -> list[str]:
+        """Requested topics not subscribed to yet (no publisher seen, or an unknown type)."""
+        return [topic for topic in self.topics if topic not in self._subscriptions]
+
+    def _on_timer(self) -> None:
+        self.discover()
+
+    def discover(self) -> list[str]:
+        """Subscribes to the pending topics that have a publisher now; returns them."""
+        pending = self.pending
+        if self._closed or not pending:
+            if not pending and self._timer is not None:
+                self._timer.cancel()
+            return []
+        graph = dict(self.node.get_topic_names_and_types())
+        added = []
+        for topic in pending:
+            types = graph.get(topic)
+            if not types:
+                continue
+            publishers = self.node.get_publishers_info_by_topic(topic)
+            if not publishers:
+                continue
+            type_name = types[0]
+            if len(types) > 1:
+                self.node.get_logger().warning(f"{topic} has several types {types}; recording {type_name}")
+            try:
+                cls = message_class(type_name)
+            except (ImportError, ValueError) as error:
+                if self.types.get(topic) != type_name:   # log once per type
+                    self.node.get_logger().error(f"cannot record {topic}: {error}")
+                    self.types[topic] = type_name
+                continue
+            self._subscriptions[topic] = self.node.create_subscription(
+                cls, topic, self._callback(topic, type_name), subscription_qos(publishers))
+            self.types[topic] = type_name
+            added.append(topic)
+            self.node.get_logger().info(f"recording {topic} ({type_name})")
+        if not self.pending and self._timer is not None:
+            self._timer.cancel()
+        return added
+
+    def _callback(self, topic: str, type_name: str):
+        def on_message(msg: Any) -> None:
+            receive_ns = self.node.get_clock().now().nanoseconds
+            with self._lock:
+                if self._closed:
+                    return
+                self._writer.write(topic, msg, receive_ns)
+                self.counts[topic] += 1
+                if self.json_dir is not None and type_name == DETECTION3D_ARRAY:
+                    write_detections_json(self.json_dir, detections_json(msg, topic, receive_ns))
+                    self.json_files += 1
+        return on_message
+
+    def close(self) -> None:
+        """Stops recording and finishes the bag file (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._timer is not None:
+                self.node.destroy_timer(self._timer)
+                self._timer = None
+            for subscription in self._subscriptions.values():
+                self.node.destroy_subscription(subscription)
+        finally:
+            self._writer.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bevfusion-record", description="Record ROS 2 topics into an MCAP bag (rosbag2 layout, CDR).",
+        epilog="ROS arguments may follow --ros-args.")
+    parser.add_argument("--out", required=True, help="the .mcap file to write")
+    parser.add_argument("--topics", nargs="+", default=list(DEFAULT_TOPICS), metavar="T",
+                        help=f"topics to record (default: {' '.join(DEFAULT_TOPICS)})")
+    parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    parser.add_argument("--count", type=int, metavar="N", help="stop after N messages on the first topic")
+    parser.add_argument("--json", metavar="DIR", help="also write each Detection3DArray as DIR/detections_<stamp_ns>.json")
+    parser.add_argument("--use-sim-time", action="store_true", help="log times from /clock")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    full = list(sys.argv) if argv is None else ["bevfusion-record", *argv]
+    parser = _parser()
+    args = parser.parse_args(remove_ros_args(full)[1:])
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        parser.error(f"--duration must be > 0, got {args.duration}")
+    if args.count is not None and args.count < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
+
+    stop = threading.Event()
+    restore_handlers = install_stop_handlers(stop)
+    context = Context()
+    rclpy.init(args=full, context=context, signal_handler_options=SignalHandlerOptions.NO)
+    overrides = [Parameter("use_sim_time", Parameter.Type.BOOL, True)] if args.use_sim_time else None
+    node = rclpy.create_node("bevfusion_record", context=context, parameter_overrides=overrides)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    recorder = None
+    try:
+        try:
+            recorder = Recorder(node, args.out, args.topics, json_dir=args.json)
+        except (BagError, OSError) as error:
+            print(f"bevfusion-record: error: {error}", file=sys.stderr, flush=True)
+            return 1
+        print(f"recording {', '.join(recorder.topics)} into {args.out}", flush=True)
+        first = recorder.topics[0]
+        start = time.monotonic()
+        while not stop.is_set() and context.ok():
+            executor.spin_once(timeout_sec=0.05)
+            if args.duration is not None and time.monotonic() - start >= args.duration:
+                break
+            if args.count is not None and recorder.counts[first] >= args.count:
+                break
+    finally:
+        if recorder is not None:
+            recorder.close()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        restore_handlers()
+    counts = ", ".join(f"{topic}: {n}" for topic, n in recorder.counts.items())
+    print(f"wrote {args.out} ({counts}"
+          + (f"; {recorder.json_files} JSON files in {args.json}" if args.json else "") + ")", flush=True)
+    if recorder.pending:
+        print(f"never seen: {', '.join(recorder.pending)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

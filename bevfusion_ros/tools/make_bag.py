@@ -1,0 +1,386 @@
+"""``bevfusion-make-bag SOURCE --out BAG``: write a rosbag2-compatible MCAP bag of nuScenes data
+with the topics and frames the bevfusion node subscribes to (``config/nuscenes.yaml``).
+
+SOURCE is either
+
+* a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``, calibration
+  tensors): one frame, every message stamped ``--stamp-ns`` (default 1533151603.547590 s, a
+  nuScenes-like time: the folder records none). The cloud carries x, y, z, intensity and
+  ``time_lag`` (the folder's 10 sweeps are already aggregated: play it to a node with
+  ``node.time_lag_field: time_lag``, which then uses the cloud as it is); ``/tf_static`` holds
+  ``lidar_top -> cam_<NAME>`` (the folder's camera2lidar), as
+  :mod:`bevfusion_ros.ros.frame_messages` builds them;
+* a nuScenes data root (``<root>/v1.0-mini/*.json`` tables, ``samples/``, ``sweeps/``), read with
+  nuscenes-devkit: for each selected scene (default all, in time order) every LIDAR_TOP
+  sample_data, keyframes and sweeps (``--max-frames`` caps them per scene), and every camera
+  sample_data within 50 ms of that span. Clouds have x, y, z, intensity (nuScenes stores no
+  per-point time; the ring index is dropped) in ``lidar_top``. ``/tf`` carries
+  ``odom -> base_link`` from each sample_data's ego pose (nuScenes ego poses are in the global
+  map frame, published here as ``odom``), ``/tf_static`` at the start of each scene
+  ``base_link -> lidar_top`` and ``base_link -> cam_<NAME>`` from the calibrated sensors.
+
+Topics: ``/CAM_<NAME>/image_raw`` (sensor_msgs/Image rgb8) or, with ``--compressed``,
+``/CAM_<NAME>/image_raw/compressed`` (sensor_msgs/CompressedImage, the original JPEG bytes, no
+re-encoding), ``/CAM_<NAME>/camera_info``, ``/LIDAR_TOP``, ``/tf``, ``/tf_static``. Header stamps
+and log times are the sensor times (nuScenes: microseconds * 1000); at equal times ``/tf_static``
+comes first, then ``/tf``, camera_info, images and the cloud.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
+from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
+from bevfusion_ros.io.calibration import pose_matrix
+from bevfusion_ros.io.frame import read_rgb_image
+from bevfusion_ros.node_config import NodeConfig
+
+EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
+LIDAR_CHANNEL = "LIDAR_TOP"
+WORLD_FRAME = "odom"
+BASE_FRAME = "base_link"
+TF_TOPIC = "/tf"
+TF_STATIC_TOPIC = "/tf_static"
+NUSCENES_CLOUD_FIELDS = ("x", "y", "z", "intensity")
+#: Camera sample_data kept around the selected lidar frames' time span (microseconds).
+CAMERA_MARGIN_US = 50_000
+#: Write order of messages that share a time stamp.
+_ORDER = {"tf_static": 0, "tf": 1, "camera": 2, "lidar": 3}
+
+
+class SourceError(ValueError):
+    """SOURCE is neither an example-data folder nor a nuScenes data root, or lacks something."""
+
+
+def camera_channel(name: str) -> str:
+    """nuScenes channel of a camera name of the config: FRONT -> CAM_FRONT."""
+    return f"CAM_{name}"
+
+
+def camera_topic(name: str) -> str:
+    """Image topic of a camera (the node's default ``node.camera_topics``)."""
+    return f"/{camera_channel(name)}/image_raw"
+
+
+def compressed_topic(name: str) -> str:
+    return f"{camera_topic(name)}/compressed"
+
+
+def camera_info_topic(name: str) -> str:
+    return camera_topic(name).rsplit("/", 1)[0] + "/camera_info"
+
+
+def lidar_topic() -> str:
+    return NodeConfig().lidar_topic
+
+
+@dataclass
+class BagStats:
+    path: Path
+    topics: dict[str, tuple[str, int]]
+    start_ns: int
+    end_ns: int
+
+    def describe(self) -> str:
+        size = self.path.stat().st_size
+        lines = [f"bag: {self.path} ({size / 1e6:.1f} MB)",
+                 f"duration: {(self.end_ns - self.start_ns) / 1e9:.3f} s "
+                 f"({self.start_ns / 1e9:.6f} .. {self.end_ns / 1e9:.6f} s since the epoch)",
+                 f"messages: {sum(count for _, count in self.topics.values())}"]
+        for topic, (type_name, count) in sorted(self.topics.items()):
+            lines.append(f"  {topic:<38} {type_name:<32} {count}")
+        return "\n".join(lines)
+
+
+def _stats(bag: Any) -> BagStats:
+    return BagStats(bag.path, bag.message_counts, bag.start_time_ns or 0, bag.end_time_ns or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-BEVFusion example data
+# ----------------------------------------------------------------------------------------------
+
+def is_example_data(source: Path) -> bool:
+    return (source / "points.tensor").is_file()
+
+
+def write_example_bag(source: str | Path, out: str | Path, *, compressed: bool = False,
+                      stamp_ns: int = EXAMPLE_STAMP_NS,
+                      camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> BagStats:
+    """One example-data frame as a bag (see the module docstring); returns what was written."""
+    from sensor_msgs.msg import CompressedImage
+
+    from bevfusion_ros.ros.bag import BagWriter
+    from bevfusion_ros.ros.frame_messages import frame_messages
+
+    source = Path(source)
+    frame = load_example_data(source, camera_names)
+    messages = frame_messages(frame, stamp_ns)
+    with BagWriter(out) as bag:
+        bag.write(TF_STATIC_TOPIC, messages.tf_static, stamp_ns)
+        for index, name in enumerate(frame.calibration.camera_names):
+            bag.write(camera_info_topic(name), messages.camera_infos[index], stamp_ns)
+            if compressed:  # the folder's JPEG file as it is
+                jpeg = (source / f"{index}-{name}.jpg").read_bytes()
+                image = CompressedImage(header=messages.images[index].header, format="jpeg",
+                                        data=jpeg)
+                bag.write(compressed_topic(name), image, stamp_ns)
+            else:
+                bag.write(camera_topic(name), messages.images[index], stamp_ns)
+        bag.write(lidar_topic(), messages.cloud, stamp_ns)
+    return _stats(bag)
+
+
+# ----------------------------------------------------------------------------------------------
+# nuScenes data root (nuscenes-devkit)
+# ----------------------------------------------------------------------------------------------
+
+def is_nuscenes_root(source: Path, version: str) -> bool:
+    return (source / version / "sample_data.json").is_file()
+
+
+def _load_nuscenes(dataroot: Path, version: str) -> Any:
+    try:
+        from nuscenes.nuscenes import NuScenes
+    except ImportError as error:
+        raise SourceError(
+            f"reading a nuScenes data root needs nuscenes-devkit ({error}); install the "
+            "'nuscenes' extra (see requirements/nuscenes.txt)") from error
+    return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
+
+
+def _channel_chain(nusc: Any, first_sample: dict, channel: str, scene_name: str) -> list[dict]:
+    """All sample_data of ``channel`` in the scene (keyframes and sweeps), in time order: from
+    the first keyframe back to the scene's first record, then forward to its last."""
+    token = first_sample["data"].get(channel)
+    if token is None:
+        raise SourceError(f"scene {scene_name}: its first sample has no {channel} data")
+    record = nusc.get("sample_data", token)
+    while record["prev"]:
+        record = nusc.get("sample_data", record["prev"])
+    chain = [record]
+    while record["next"]:
+        record = nusc.get("sample_data", record["next"])
+        chain.append(record)
+    chain.sort(key=lambda r: r["timestamp"])
+    return chain
+
+
+@dataclass(frozen=True)
+class _Event:
+    time_us: int
+    kind: str            # tf_static | tf | camera | lidar
+    sequence: int        # tie-break: insertion order
+    record: Any          # sample_data record, ego_pose record or the scene's static transforms
+    camera: str = ""
+
+
+def _transform(parent: str, child: str, matrix: np.ndarray, stamp_ns: int) -> Any:
+    from geometry_msgs.msg import TransformStamped
+
+    from bevfusion_ros.ros import convert
+    from bevfusion_ros.ros.frame_messages import header
+
+    return TransformStamped(header=header(stamp_ns, parent), child_frame_id=child,
+                            transform=convert.matrix_to_transform(matrix))
+
+
+def _calibrated_matrix(nusc: Any, sample_data: dict) -> np.ndarray:
+    calibrated = nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
+    return pose_matrix(calibrated["translation"], calibrated["rotation"])
+
+
+def _scene_events(nusc: Any, scene: dict, camera_names: Sequence[str],
+                  max_frames: int | None) -> list[_Event]:
+    from bevfusion_ros.ros.frame_messages import CAMERA_FRAME_PREFIX, LIDAR_FRAME
+
+    first_sample = nusc.get("sample", scene["first_sample_token"])
+    lidar = _channel_chain(nusc, first_sample, LIDAR_CHANNEL, scene["name"])
+    if max_frames is not None:
+        lidar = lidar[:max_frames]
+    start_us = lidar[0]["timestamp"] - CAMERA_MARGIN_US
+    end_us = lidar[-1]["timestamp"] + CAMERA_MARGIN_US
+    cameras = {name: [r for r in _channel_chain(nusc, first_sample, camera_channel(name),
+                                                scene["name"])
+                      if start_us <= r["timestamp"] <= end_us]
+               for name in camera_names}
+
+    events: list[_Event] = []
+    poses_seen: set[str] = set()
+
+    def add(kind: str, record: dict, camera: str = "") -> None:
+        events.append(_Event(record["timestamp"], kind, len(events), record, camera))
+        if record["ego_pose_token"] not in poses_seen:
+            poses_seen.add(record["ego_pose_token"])
+            pose = nusc.get("ego_pose", record["ego_pose_token"])
+            events.append(_Event(pose["timestamp"], "tf", len(events), pose))
+
+    for record in lidar:
+        add("lidar", record)
+    for name, records in cameras.items():
+        for record in records:
+            add("camera", record, name)
+    first_us = min(event.time_us for event in events)
+    static = {LIDAR_FRAME: _calibrated_matrix(nusc, lidar[0])}
+    for name, records in cameras.items():
+        if records:
+            static[CAMERA_FRAME_PREFIX + name] = _calibrated_matrix(nusc, records[0])
+    events.append(_Event(first_us, "tf_static", -1, static))
+    events.sort(key=lambda e: (e.time_us, _ORDER[e.kind], e.sequence))
+    return events
+
+
+def _nuscenes_messages(nusc: Any, dataroot: Path, events: list[_Event],
+                       compressed: bool) -> Iterator[tuple[str, Any, int]]:
+    """(topic, message, log time ns) of each event, built lazily (images are large)."""
+    from sensor_msgs.msg import CompressedImage
+    from tf2_msgs.msg import TFMessage
+
+    from bevfusion_ros.ros import convert
+    from bevfusion_ros.ros.frame_messages import (CAMERA_FRAME_PREFIX, LIDAR_FRAME,
+                                                  cloud_message, header)
+
+    cloud_topic = lidar_topic()
+    for event in events:
+        stamp_ns = int(event.time_us) * 1000
+        if event.kind == "tf_static":
+            transforms = [_transform(BASE_FRAME, child, matrix, stamp_ns)
+                          for child, matrix in event.record.items()]
+            yield TF_STATIC_TOPIC, TFMessage(transforms=transforms), stamp_ns
+        elif event.kind == "tf":
+            pose = event.record
+            matrix = pose_matrix(pose["translation"], pose["rotation"])
+            yield TF_TOPIC, TFMessage(transforms=[_transform(WORLD_FRAME, BASE_FRAME, matrix,
+                                                             stamp_ns)]), stamp_ns
+        elif event.kind == "lidar":
+            path = dataroot / event.record["filename"]
+            raw = np.fromfile(path, dtype=np.float32)
+            if raw.size % 5:
+                raise SourceError(f"{path}: {raw.size} float32 values, not a multiple of 5 "
+                                  "(x, y, z, intensity, ring)")
+            points = raw.reshape(-1, 5)[:, :4]
+            yield (cloud_topic, cloud_message(points, stamp_ns, LIDAR_FRAME,
+                                                NUSCENES_CLOUD_FIELDS), stamp_ns)
+        else:
+            name, record = event.camera, event.record
+            camera_header = header(stamp_ns, CAMERA_FRAME_PREFIX + name)
+            path = dataroot / record["filename"]
+            calibrated = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+            k = np.asarray(calibrated["camera_intrinsic"], dtype=np.float64)
+            if compressed:
+                data = path.read_bytes()
+                width, height = int(record.get("width") or 0), int(record.get("height") or 0)
+                if not (width and height):
+                    height, width = read_rgb_image(path).shape[:2]
+                image = CompressedImage(header=camera_header, format="jpeg", data=data)
+                topic = compressed_topic(name)
+            else:
+                rgb = read_rgb_image(path)
+                height, width = rgb.shape[:2]
+                image = convert.rgb_to_image(rgb, camera_header)
+                topic = camera_topic(name)
+            info = convert.intrinsics_to_camera_info(k, width, height, camera_header)
+            yield camera_info_topic(name), info, stamp_ns
+            yield topic, image, stamp_ns
+
+
+def write_nuscenes_bag(dataroot: str | Path, out: str | Path, *, version: str = "v1.0-mini",
+                       scenes: Sequence[str] | None = None, compressed: bool = False,
+                       max_frames: int | None = None,
+                       camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES,
+                       progress: Callable[[str], None] | None = None) -> BagStats:
+    """Scenes of a nuScenes data root as a bag (see the module docstring)."""
+    from bevfusion_ros.ros.bag import BagWriter
+
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    dataroot = Path(dataroot)
+    nusc = _load_nuscenes(dataroot, version)
+    by_name = {scene["name"]: scene for scene in nusc.scene}
+    if scenes:
+        unknown = [name for name in scenes if name not in by_name]
+        if unknown:
+            raise SourceError(f"no scene {unknown} in {dataroot}/{version}; it has "
+                              f"{sorted(by_name)}")
+        selected = [by_name[name] for name in dict.fromkeys(scenes)]
+    else:
+        selected = list(nusc.scene)
+    planned = [(scene, _scene_events(nusc, scene, camera_names, max_frames)) for scene in selected]
+    planned.sort(key=lambda item: item[1][0].time_us)
+    with BagWriter(out) as bag:
+        for scene, events in planned:
+            lidar_count = sum(event.kind == "lidar" for event in events)
+            camera_count = sum(event.kind == "camera" for event in events)
+            if progress:
+                progress(f"scene {scene['name']}: {lidar_count} lidar sweeps, "
+                         f"{camera_count} camera images")
+            for topic, message, log_time_ns in _nuscenes_messages(nusc, dataroot, events,
+                                                                  compressed):
+                bag.write(topic, message, log_time_ns)
+    return _stats(bag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bevfusion-make-bag",
+        description="Write a rosbag2-compatible MCAP bag (the node's topics and TF frames) of a "
+                    "CUDA-BEVFusion example-data folder or of nuScenes scenes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example data: one frame. nuScenes: --scene, --version, --max-frames select.")
+    parser.add_argument("source", help="CUDA-BEVFusion example-data folder or nuScenes data root")
+    parser.add_argument("--out", required=True, help="bag file to write (.mcap), replaced if present")
+    parser.add_argument("--compressed", action="store_true",
+                        help="sensor_msgs/CompressedImage JPEGs on <camera topic>/compressed")
+    parser.add_argument("--scene", action="append", metavar="NAME",
+                        help="nuScenes scene name (e.g. scene-0061), repeatable; default all")
+    parser.add_argument("--version", default="v1.0-mini", help="nuScenes version folder")
+    parser.add_argument("--max-frames", type=int, metavar="N",
+                        help="at most N lidar sweeps per nuScenes scene")
+    parser.add_argument("--stamp-ns", type=int, default=EXAMPLE_STAMP_NS,
+                        help="example data: stamp of every message, ns since the epoch "
+                             f"(default {EXAMPLE_STAMP_NS})")
+    args = parser.parse_args(argv)
+
+    source, out = Path(args.source), Path(args.out)
+    from bevfusion_ros.ros.bag import BagError
+
+    try:
+        if out.is_dir():
+            raise SourceError(f"--out {out} is a directory; give a file name (e.g. {out}/frame.mcap)")
+        if not source.is_dir():
+            raise SourceError(f"{source} is not a directory")
+        if is_example_data(source):
+            if args.scene or args.max_frames is not None:
+                raise SourceError("--scene and --max-frames apply to nuScenes data roots; "
+                                  f"{source} is an example-data folder (one frame)")
+            stats = write_example_bag(source, out, compressed=args.compressed,
+                                      stamp_ns=args.stamp_ns)
+        elif is_nuscenes_root(source, args.version):
+            stats = write_nuscenes_bag(source, out, version=args.version, scenes=args.scene,
+                                       compressed=args.compressed, max_frames=args.max_frames,
+                                       progress=lambda line: print(line, flush=True))
+        else:
+            raise SourceError(f"{source} is neither a CUDA-BEVFusion example-data folder "
+                              f"(points.tensor) nor a nuScenes data root "
+                              f"({source / args.version / 'sample_data.json'})")
+    except (SourceError, FrameError, CalibrationError, TensorFileError, BagError, ValueError,
+            OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(stats.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
