@@ -1,0 +1,204 @@
+"""``bevfusion-eval``: nuScenes-style detection metrics of a model on held-out scenes.
+
+    bevfusion-eval --model DIR --seeds A:B [--objects N] [--backend cpu|gpu|tensorrt|auto]
+                   [--precision fp16|fp32] [--config YAML] [--class-range M|nuscenes]
+                   [--keep-empty-gt] [--progress-every N] [--json OUT]
+    bevfusion-eval --model DIR --data DIR ...
+
+``--seeds A:B`` generates the synthetic scenes of seeds A, A+1, ..., B-1
+(:func:`bevfusion_ros.sim.scene.generate_scene`; ``--seeds S`` is the one seed S); ``--data`` reads
+CUDA-BEVFusion example-data folders instead: DIR itself, or every sub-folder of DIR (sorted by
+name) with ``points.tensor``, ``gt_bboxes_3d.tensor`` [M, 9] (CUDA layout, z = box centre) and
+``gt_labels_3d.tensor``. The pipeline runs every frame with ``head.score_threshold`` 0 (the whole
+ranked list enters AP), then :func:`bevfusion_ros.evaluation.evaluate` computes the metrics with
+nuscenes-devkit's code. Ground-truth boxes without lidar points are dropped as nuScenes does
+(synthetic scenes: the ray caster's hits per box; folders: points inside the box,
+:func:`~bevfusion_ros.evaluation.count_points_in_boxes`) unless ``--keep-empty-gt``.
+
+Prints progress every N frames, the per-class table and the summary; ``--json`` writes
+``{model, backend, precision, trained, frames, seconds, metrics: EvalResult.to_dict()}``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from bevfusion_ros.config import ConfigError, load_config
+from bevfusion_ros.engines import EngineError
+from bevfusion_ros.engines.select import BACKENDS
+from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
+from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
+from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.io.tensor import read_tensor
+from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
+
+GT_FILES = ("gt_bboxes_3d.tensor", "gt_labels_3d.tensor")
+
+
+@dataclasses.dataclass
+class EvalFrame:
+    """One frame to evaluate: the sensor data and its ground truth."""
+
+    name: str
+    frame: Frame
+    gt_boxes: np.ndarray           # [M, 9] CUDA layout
+    gt_labels: np.ndarray          # [M]
+    num_points: np.ndarray | None  # [M] lidar points per box, None: unknown
+
+
+def parse_seeds(text: str) -> range:
+    """``A:B`` -> range(A, B) (B exclusive); ``S`` -> range(S, S + 1)."""
+    try:
+        if ":" in text:
+            start, stop = (int(part) for part in text.split(":"))
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be A:B or S (integers), got {text!r}") from None
+    if stop <= start:
+        raise argparse.ArgumentTypeError(f"empty seed range {text!r} (A:B means A .. B-1)")
+    return range(start, stop)
+
+
+def parse_class_range(text: str) -> float | dict[str, float]:
+    """A radius in metres for every class, or ``nuscenes`` for nuScenes' per-class ranges."""
+    if text == "nuscenes":
+        return dict(NUSCENES_CLASS_RANGE)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"class range must be metres or 'nuscenes', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("class range must be positive")
+    return value
+
+
+def synthetic_frames(seeds: range, num_objects: int | None, keep_empty: bool) -> Iterator[EvalFrame]:
+    from bevfusion_ros.sim.scene import generate_scene
+    for seed in seeds:
+        scene = generate_scene(seed, num_objects)
+        hits = scene.point_objects[scene.point_objects >= 0]
+        counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
+        yield EvalFrame(f"seed {seed}", scene.to_frame(), scene.gt_boxes, scene.gt_labels,
+                        None if keep_empty else counts)
+
+
+def data_folders(root: Path) -> list[Path]:
+    """``root`` itself when it is an example-data folder, else its example-data sub-folders."""
+    if not root.is_dir():
+        raise FrameError(f"data folder {root} does not exist")
+    if (root / "points.tensor").is_file():
+        return [root]
+    folders = sorted(path for path in root.iterdir() if (path / "points.tensor").is_file())
+    if not folders:
+        raise FrameError(f"{root} holds no example-data folders (sub-folders with points.tensor)")
+    return folders
+
+
+def folder_frames(folders: list[Path], camera_names, keep_empty: bool) -> Iterator[EvalFrame]:
+    for folder in folders:
+        missing = [name for name in GT_FILES if not (folder / name).is_file()]
+        if missing:
+            raise FrameError(f"{folder}: missing {', '.join(missing)}")
+        frame = load_example_data(folder, camera_names)
+        boxes = read_tensor(folder / GT_FILES[0]).astype(np.float32).reshape(-1, 9)
+        labels = read_tensor(folder / GT_FILES[1]).astype(np.int64).reshape(-1)
+        counts = None if keep_empty else count_points_in_boxes(frame.points, boxes)
+        yield EvalFrame(folder.name, frame, boxes, labels, counts)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    config = load_config(args.config) if args.config else None
+    if config is None:
+        config = load_config(args.model / "bevfusion.yaml") if (args.model / "bevfusion.yaml").is_file() else None
+    if config is not None:
+        config = dataclasses.replace(config, head=dataclasses.replace(config.head, score_threshold=0.0)).validate()
+    pipeline = BEVFusionPipeline.from_model_dir(args.model, config, backend=args.backend,
+                                                precision=args.precision)
+    config = pipeline.config
+    class_names = config.head.class_names
+    if args.data is not None:
+        folders = data_folders(args.data)
+        total = len(folders)
+        frames = folder_frames(folders, config.camera_names, args.keep_empty_gt)
+    else:
+        total = len(args.seeds)
+        frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt)
+    print(f"loaded model {args.model} ({pipeline.backend}, {args.precision}) in "
+          f"{time.perf_counter() - start:.1f} s; evaluating {total} frames", flush=True)
+    predictions, ground_truth, names = [], [], []
+    run_start = time.perf_counter()
+    for index, item in enumerate(frames, 1):
+        detections = pipeline.forward(item.frame)
+        predictions.append(detections)
+        ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
+        names.append(item.name)
+        if index % args.progress_every == 0 or index == total:
+            seconds = time.perf_counter() - run_start
+            print(f"  [{index}/{total}] {item.name}: {len(item.gt_boxes)} GT, {len(detections)} "
+                  f"predictions; {seconds / index:.2f} s/frame", flush=True)
+    result = evaluate(predictions, ground_truth, class_names, class_range=args.class_range)
+    print(result.format_table())
+    if pipeline.trained is False:
+        print("note: UNTRAINED weights: expect a mAP near 0")
+    if args.json:
+        document = {"model": str(args.model), "backend": pipeline.backend, "precision": args.precision,
+                    "trained": pipeline.trained,
+                    "source": {"data": str(args.data)} if args.data is not None
+                    else {"seeds": [args.seeds.start, args.seeds.stop], "objects": args.objects},
+                    "frames": names, "seconds": time.perf_counter() - start,
+                    "metrics": result.to_dict()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
+    parser.add_argument("--model", type=Path, required=True, help="CUDA-BEVFusion model folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--seeds", type=parse_seeds,
+                        help="synthetic scenes A:B (seeds A .. B-1) or one seed S")
+    source.add_argument("--data", type=Path,
+                        help="an example-data folder, or a folder of them, with gt_*.tensor")
+    parser.add_argument("--objects", type=int, default=None,
+                        help="objects per synthetic scene (default: 20-40, drawn from the seed)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
+                        help="GPU precision (the CPU backend always computes float32)")
+    parser.add_argument("--config", type=Path, help="parameter YAML (default: MODEL/bevfusion.yaml); "
+                        "head.score_threshold is set to 0 either way")
+    parser.add_argument("--class-range", type=parse_class_range, default=50.0,
+                        help="evaluation radius around the lidar in metres for every class, or "
+                             "'nuscenes' (50/40/30 m per class) (default: 50)")
+    parser.add_argument("--keep-empty-gt", action="store_true",
+                        help="keep ground-truth boxes without lidar points (nuScenes drops them)")
+    parser.add_argument("--progress-every", type=int, default=10, help="progress line every N frames")
+    parser.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    if args.objects is not None and args.objects < 0:
+        parser.error("--objects must be >= 0")
+    if args.progress_every <= 0:
+        parser.error("--progress-every must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (ModelDirError, EngineError, ConfigError, FrameError, CalibrationError, TensorFileError,
+            InputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
