@@ -50,6 +50,7 @@ setup(
             f"bevfusion-make-bag = {PACKAGE}.tools.make_bag:main",
             f"bevfusion-make-scene = {PACKAGE}.tools.make_scene:main",
             f"bevfusion-eval = {PACKAGE}.tools.eval:main",
+            f"bevfusion-train = {PACKAGE}.tools.train:main",
             f"bevfusion-play = {PACKAGE}.ros.play:main",
             f"bevfusion-record = {PACKAGE}.ros.record:main",
             f"bevfusion_node = {PACKAGE}.ros.node:main",

@@ -1,0 +1,398 @@
+"""Training loop: the differentiable BEVFusion forward, optimiser, schedule, checkpoints, export.
+
+Forward (:func:`forward_train`), the reference's dataflow (:class:`BEVFusionReference`) with
+gradients and batches:
+
+1. camera: ResNet + FPN + DepthLSS nets on all ``B x N`` images at once (the layers of
+   ``CameraBackboneExport``), softmax over depth bins;
+2. BEVPool per sample with the reference's :func:`bev_pool` (float32 scatter-add, differentiable),
+   then ``vtransform.downsample`` on the batch;
+3. lidar per sample (the sparse encoder handles batch index 0 only): voxels through
+   ``SparseEncoder`` in float32 with autocast off; its rulebooks (index pairs, which depend only
+   on the voxel coordinates) are kept in a small LRU cache per scene seed;
+4. fuser + SECOND/FPN decoder + TransFusion head on the batch, everything in training mode
+   (BatchNorm batch statistics, dropout 0.1 in the head).
+
+With ``amp`` the camera nets, fuser, decoder and head run under autocast (fp16 + GradScaler on
+CUDA, bfloat16 on CPU); BEVPool, the sparse encoder and the losses stay float32.
+
+Optimiser AdamW (weight decay 0.01) with a per-step schedule (:func:`learning_rate`):
+``onecycle`` (default; mit-han-lab's cyclic: cosine from lr/10 up to lr over the first 40% of
+the steps, then cosine down to lr * 1e-4), ``cosine`` (lr -> lr * 1e-3) or ``constant``;
+gradient clipping at L2 norm 35 (mit-han-lab ``grad_clip``).
+
+Outputs in ``out_dir``: ``model.pt`` (the plain ``state_dict``, loadable by
+``export_model_set(..., checkpoint=)``), ``train_state.pt`` (optimiser, scaler, epoch, RNG, for
+``--resume``), ``train_log.jsonl`` (one line per step), both checkpoint files rewritten after
+every epoch; with ``export`` the ONNX model folder ``out_dir/model``.
+
+Determinism: model init (``build_model(preset, seed)``), dropout (torch's global RNG, seeded and
+saved in ``train_state.pt``) and the sample order (``seed + epoch``) follow ``seed``; on the CPU
+two runs give identical losses. On CUDA, ``index_add_``/``index_put_`` with accumulation
+(BEVPool, sparse convs) use atomics, so runs agree only to rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
+from bevfusion_ros.model.checkpoint import load_checkpoint
+from bevfusion_ros.model.head import HeadOutput
+from bevfusion_ros.model.presets import ModelPreset
+from bevfusion_ros.model.reference import bev_pool
+from bevfusion_ros.model.sparse_encoder import flatten_z_into_channels, scatter_dense, sparse_input
+from bevfusion_ros.train.data import SceneDataset, Sample, collate_samples
+from bevfusion_ros.train.losses import LossConfig, LossTerms, transfusion_loss
+from bevfusion_ros.train.targets import TargetConfig
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+EXPORT_DIR = "model"
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs (the CLI's options)."""
+
+    preset: ModelPreset
+    seeds: list[int]
+    out_dir: Path
+    epochs: int = 1
+    batch_size: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    schedule: str = "onecycle"
+    grad_clip: float = 35.0
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 0
+    resume: Path | None = None
+    export: bool = False
+    export_precision: str = "fp16"
+    cache_dir: Path | None = None
+    memory_cache: bool = False
+    workers: int = 0
+    rulebook_cache: int = 16
+    precise_bn: int = 8                   # scenes to re-estimate BN statistics on at the end
+    num_objects: int | None = None
+    max_steps: int | None = None          # stop early after this many steps in total (tests)
+    log: Callable[[str], None] | None = print
+    target_config: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    loss_config: LossConfig = dataclasses.field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]       # one entry per optimiser step
+    checkpoint: Path
+    export_dir: Path | None
+    seconds_per_step: float
+
+
+# ----------------------------------------------------------------------------- forward
+class RulebookCache:
+    """LRU of sparse-conv rulebook dicts per scene seed (``capacity`` 0 disables it)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Any, dict] = OrderedDict()
+
+    def get(self, key: Any) -> dict:
+        if self.capacity <= 0:
+            return {}
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        entry: dict = {}
+        self._entries[key] = entry
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return entry
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Autocast (fp16 on CUDA, bfloat16 on CPU) when ``enabled``, else a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def camera_branch(model: BEVFusionModel, images: torch.Tensor, depth: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """images ``[B, N, 3, H, W]``, depth ``[B, N, 1, H, W]`` -> (camera_feature ``[B, N, fH, fW, C]``,
+    depth weights ``[B, N, D, fH, fW]``), the layers of ``CameraBackboneExport`` on a batch."""
+    camera = model.encoders.camera
+    batch, cameras = images.shape[:2]
+    p3 = camera["neck"](camera["backbone"](images.flatten(0, 1)))[0]
+    vtransform = camera["vtransform"]
+    output = vtransform.depth_and_context(p3, depth.flatten(0, 1))
+    bins, channels = vtransform.depth_bins, vtransform.context_channels
+    weights = output[:, :bins].softmax(dim=1)
+    feature = output[:, bins:bins + channels].permute(0, 2, 3, 1)
+    return (feature.reshape(batch, cameras, *feature.shape[1:]),
+            weights.reshape(batch, cameras, *weights.shape[1:]))
+
+
+def lidar_branch(model: BEVFusionModel, features: torch.Tensor, coords: torch.Tensor,
+                 rulebooks: dict | None = None) -> torch.Tensor:
+    """``SparseEncoder.forward`` with a reusable rulebook dict: voxels -> ``[1, 2C, X, Y]``."""
+    encoder = model.encoders.lidar.backbone
+    x = sparse_input(features, coords, encoder.sparse_shape)
+    if rulebooks is not None:
+        x = dataclasses.replace(x, rulebooks=rulebooks)
+    out = encoder.conv_out(encoder.encoder_layers(encoder.conv_input(x)))
+    return flatten_z_into_channels(scatter_dense(out.features, out.coords, out.spatial_shape))
+
+
+def forward_train(model: BEVFusionModel, samples: list[Sample], device: torch.device | str,
+                  amp: bool = False, rulebook_cache: RulebookCache | None = None) -> HeadOutput:
+    """Differentiable forward of a batch of samples (see the module doc) -> the head's output."""
+    device = torch.device(device)
+    preset = model.preset
+    with torch.device(device):                    # the reference ops allocate on the default device
+        images = torch.stack([s["images"] for s in samples]).to(device).float()
+        depth = torch.stack([s["depth"] for s in samples]).to(device).float()
+        with autocast_context(device, amp):
+            camera_feature, depth_weights = camera_branch(model, images, depth)
+        pooled = []
+        for b, sample in enumerate(samples):
+            pooled.append(bev_pool(camera_feature[b].float(), depth_weights[b].float(),
+                                   sample["point_ids"].to(device), sample["cells"].to(device),
+                                   preset.camera_bev_size))
+        lidar = []
+        for sample in samples:
+            rulebooks = rulebook_cache.get(sample["seed"]) if rulebook_cache is not None else None
+            lidar.append(lidar_branch(model, sample["voxel_features"].to(device).float(),
+                                      sample["voxel_coords"].to(device), rulebooks))
+        with autocast_context(device, amp):
+            camera_bev = model.encoders.camera["vtransform"].downsample(torch.cat(pooled))
+            middle = model.decoder(model.fuser([camera_bev, torch.cat(lidar).to(camera_bev.dtype)]))
+            return model.heads.object(middle)
+
+
+def compute_loss(model: BEVFusionModel, output: HeadOutput, samples: list[Sample],
+                 device: torch.device | str, target_config: TargetConfig = TargetConfig(),
+                 loss_config: LossConfig = LossConfig()) -> LossTerms:
+    """TransFusion loss of a batch (:func:`bevfusion_ros.train.losses.transfusion_loss`)."""
+    heatmaps = torch.stack([s["heatmap"] for s in samples]).to(device)
+    return transfusion_loss(output, heatmaps, [s["gt_boxes"].numpy() for s in samples],
+                            [s["gt_labels"].numpy() for s in samples], model.heads.object.bev_pos,
+                            model.preset, target_config, loss_config)
+
+
+def precise_batchnorm(model: BEVFusionModel, dataset: SceneDataset, count: int,
+                      device: torch.device | str, amp: bool = False,
+                      rulebook_cache: RulebookCache | None = None) -> int:
+    """Replace every BN's running statistics by their exact average over the first ``count``
+    scenes (``calibrate_batchnorm``: BN layers in training mode with cumulative averaging, the
+    rest, dropout included, in eval mode), so that the exported eval-mode network sees the
+    statistics of its final weights rather than a slow (momentum 0.01) running average.
+    Returns the number of BN layers; the model is left in training mode."""
+    samples = (dataset[index] for index in range(min(count, len(dataset))))
+    model.eval()
+    try:
+        return calibrate_batchnorm(model, lambda sample: forward_train(model, [sample], device, amp,
+                                                                       rulebook_cache), samples)
+    finally:
+        model.train()
+
+
+# ----------------------------------------------------------------------------- schedule
+def learning_rate(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or total_steps <= 1:
+        return base_lr
+    progress = min(step / (total_steps - 1), 1.0)
+    if schedule == "cosine":
+        low = base_lr * 1e-3
+        return low + (base_lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    up = 0.4                                       # onecycle
+    if progress < up:
+        low = base_lr / 10
+        return low + (base_lr - low) * 0.5 * (1 - math.cos(math.pi * progress / up))
+    low = base_lr * 1e-4
+    return low + (base_lr - low) * 0.5 * (1 + math.cos(math.pi * (progress - up) / (1 - up)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _atomic_save(obj: Any, path: Path) -> None:
+    temporary = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, out_dir: Path, epoch: int, step: int,
+                    config: TrainConfig) -> Path:
+    """Write ``model.pt`` (plain CPU state dict) and ``train_state.pt``; returns model.pt."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILE
+    _atomic_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+                 model_path)
+    state = {
+        "epoch": epoch, "step": step, "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "preset": config.preset.name, "seed": config.seed, "seeds": list(config.seeds),
+        "lr": config.lr, "schedule": config.schedule, "epochs": config.epochs,
+        "batch_size": config.batch_size,
+    }
+    _atomic_save(state, out_dir / STATE_FILE)
+    return model_path
+
+
+def _load_resume(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, path: Path, log) -> tuple[int, int]:
+    """Load weights (and the train state beside them, if any); returns (start epoch, step)."""
+    path = Path(path)
+    model_path = path / MODEL_FILE if path.is_dir() else path
+    load_checkpoint(model, model_path)
+    state_path = model_path.parent / STATE_FILE
+    if not state_path.is_file():
+        log and log(f"resume: weights from {model_path} (no {STATE_FILE}: fresh optimiser)")
+        return 0, 0
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log and log(f"resume: {model_path} after epoch {state['epoch']} (step {state['step']})")
+    return int(state["epoch"]), int(state["step"])
+
+
+# ----------------------------------------------------------------------------- loop
+def _format_step(epoch: int, epochs: int, index: int, per_epoch: int, step: int, total: int,
+                 lr: float, terms: dict[str, Any], seconds: float, data_seconds: float) -> str:
+    return (f"epoch {epoch}/{epochs} step {index}/{per_epoch} [{step}/{total}] lr {lr:.2e} "
+            f"loss {terms['loss']:.4f} (heatmap {terms['heatmap']:.4f} cls {terms['cls']:.4f} "
+            f"bbox {terms['bbox']:.4f}) pos {terms['pos']}/{terms['objects']} "
+            f"grad {terms['grad_norm']:.2f} | {seconds:.2f} s/step, data {data_seconds:.2f} s")
+
+
+def _batches(dataset: SceneDataset, order: list[int], batch_size: int, workers: int
+             ) -> Iterable[list[Sample]]:
+    if workers > 0:
+        return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                          collate_fn=collate_samples)
+    return ([dataset[i] for i in order[start:start + batch_size]]
+            for start in range(0, len(order), batch_size))
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.preset`` on the scenes ``config.seeds``; see the module doc."""
+    log = config.log or (lambda _message: None)
+    device = torch.device(config.device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = build_model(config.preset, config.seed).to(device)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
+    start_epoch, step = 0, 0
+    if config.resume is not None:
+        start_epoch, step = _load_resume(model, optimizer, scaler, config.resume, log)
+        model.to(device)
+    dataset = SceneDataset(config.preset, config.seeds, config.cache_dir, config.memory_cache,
+                           config.target_config, config.num_objects)
+    per_epoch = math.ceil(len(dataset) / config.batch_size)
+    total = per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    rulebooks = RulebookCache(config.rulebook_cache)
+    history: list[dict[str, Any]] = []
+    step_seconds: list[float] = []
+    model_path = out_dir / MODEL_FILE
+    completed = start_epoch                   # epochs finished (what train_state.pt records)
+    log(f"training {config.preset.name} on {len(dataset)} scenes, {config.epochs} epochs x "
+        f"{per_epoch} steps (batch {config.batch_size}), device {device}, amp {config.amp}, "
+        f"{sum(p.numel() for p in parameters):,} parameters -> {out_dir}")
+    with open(out_dir / LOG_FILE, "a" if config.resume is not None else "w") as log_file:
+        ready = time.perf_counter()
+        for epoch in range(start_epoch, config.epochs):
+            if step >= total:
+                break
+            order = np.random.default_rng(config.seed + epoch).permutation(len(dataset)).tolist()
+            for index, samples in enumerate(_batches(dataset, order, config.batch_size,
+                                                     config.workers), start=1):
+                if step >= total:
+                    break
+                start = time.perf_counter()
+                data_seconds, ready = start - ready, start
+                lr = learning_rate(step, total, config.lr, config.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                output = forward_train(model, samples, device, config.amp, rulebooks)
+                terms = compute_loss(model, output, samples, device, config.target_config,
+                                     config.loss_config)
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(terms.total):
+                    log(f"epoch {epoch + 1} step {index}: non-finite loss, step skipped")
+                    step += 1
+                    ready = time.perf_counter()
+                    continue
+                if scaler is not None:
+                    scaler.scale(terms.total).backward()
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    terms.total.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                    optimizer.step()
+                step += 1
+                norm = float(grad_norm)                       # also waits for the device
+                seconds = time.perf_counter() - start
+                step_seconds.append(seconds)
+                record = {"epoch": epoch + 1, "step": step, "lr": lr, **terms.as_dict(),
+                          "grad_norm": norm, "seconds": seconds, "data_seconds": data_seconds}
+                history.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log(_format_step(epoch + 1, config.epochs, index, per_epoch, step, total, lr,
+                                 record, seconds, data_seconds))
+                ready = time.perf_counter()
+            completed = epoch + 1
+            model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
+            log_file.flush()
+            log(f"epoch {epoch + 1}: checkpoint {model_path}")
+    if config.precise_bn > 0 and history:
+        count = precise_batchnorm(model, dataset, config.precise_bn, device, config.amp, rulebooks)
+        log(f"precise BN: statistics of {count} BatchNorm layers re-estimated on "
+            f"{min(config.precise_bn, len(dataset))} scenes")
+        model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
+    if not model_path.is_file():
+        model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
+    export_dir = None
+    if config.export:
+        from bevfusion_ros.model.export import export_model_set
+        export_dir = out_dir / EXPORT_DIR
+        result = export_model_set(config.preset, config.export_precision, export_dir,
+                                  checkpoint=model_path)
+        log(f"exported {config.preset.name} ({config.export_precision}) to {export_dir} "
+            f"in {result.seconds:.1f} s")
+    # The first step also builds rulebooks and caches: report the median.
+    seconds_per_step = float(np.median(step_seconds)) if step_seconds else float("nan")
+    return TrainResult(history, model_path, export_dir, seconds_per_step)

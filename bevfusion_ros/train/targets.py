@@ -1,0 +1,357 @@
+"""TransFusion training targets: dense Gaussian heatmaps, box encoding, proposal assignment.
+
+Conventions (the head's, see :mod:`bevfusion_ros.model.head` and spec 6.2/6.3):
+
+* BEV grid ``[C, X, Y]``: cell ``(ix, iy)`` covers ``x in [xmin + ix * cx, xmin + (ix + 1) * cx)``
+  with ``cx = out_size_factor * voxel_x`` (3 m for ``tiny``, 0.6 m for ``nuscenes-r50``);
+  ``xmin`` is the voxelizer's ``point_range_min``.
+* Ground-truth boxes ``[M, 9]`` are CUDA-layout ``x, y, z, w, l, h, yaw, vx, vy`` with z the box
+  centre (:mod:`bevfusion_ros.sim.scene`), yaw mmdet3d's clockwise angle.
+
+Box encoding (:func:`encode_boxes`), the exact inverse of ``decode_boxes``
+(:func:`bevfusion_ros.model.reference.decode_boxes`, :func:`bevfusion_ros.head.decode.decode_boxes`),
+10 channels in the head's ``BOX_HEAD_CHANNELS`` order::
+
+    center (2) = ((x - xmin) / cx, (y - ymin) / cy)     BEV-cell units, query position included
+    height (1) = z + h / 2                              decode: z = height - h / 2
+    dim    (3) = (log w, log l, log h)                  decode: exp
+    rot    (2) = (sin yaw, cos yaw)                     decode: atan2(rot0, rot1)
+    vel    (2) = (vx, vy)
+
+``height`` is the box top because the decode subtracts h/2 and our z is the centre: the same
+target convention as mit-han-lab's nuScenes training (spec 6.5 correction), so the decoded z of
+our weights and of NVIDIA's means the same thing (the true box centre).
+
+Dense heatmap (:func:`heatmap_targets`): mmdet3d/TransFusion ``get_targets_single``: per box the
+footprint in cells (w / cx, l / cy), ``radius = max(min_radius, int(gaussian_radius(...,
+min_overlap)))`` with mmdet3d's ``gaussian_radius`` (including its well-known missing ``/ 2a``),
+a Gaussian of sigma ``(2 r + 1) / 6`` drawn with ``draw_heatmap_gaussian`` (element-wise max,
+value exactly 1 at the centre cell ``int(coord)``) into the box's class channel.
+
+Proposal assignment (:func:`assign_proposals`): **Hungarian (one-to-one)**, TransFusion's
+``HungarianAssigner3D`` costs (focal class cost x 0.15 + BEV L1 centre cost x 0.25, the centre
+taken from the prediction and normalised by the point-cloud range; no IoU cost), restricted to
+feasible pairs: the proposal's class (``proposal_class``, fixed by the dense heatmap) equals the
+GT label and the proposal's query cell centre lies within ``radius + match_margin`` cells of the
+GT centre (``radius`` = the GT's heatmap radius). The restriction keeps a GT from being
+regressed by a far-away proposal of another class, which could never output that box anyway
+(the score is masked by ``one_hot(proposal_class)``). One-to-one matching (unlike
+nearest-centre) teaches the class branch to score duplicates low, which matters because the
+deploy path has no NMS. The solver is a small O(n^2 m) shortest-augmenting-path Hungarian
+(:func:`linear_sum_assignment`), so scipy is not needed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from bevfusion_ros.model.presets import ModelPreset
+
+BOX_CODE_SIZE = 10
+# (name, channels) of the encoded box, in the head's BOX_HEAD_CHANNELS order.
+BOX_CODE_LAYOUT = (("center", 2), ("height", 1), ("dim", 3), ("rot", 2), ("vel", 2))
+INFEASIBLE_COST = 1.0e6        # cost of a forbidden pair; such pairs are dropped after solving
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Target and assignment parameters (TransFusion ``train_cfg`` defaults)."""
+
+    gaussian_overlap: float = 0.1      # min_overlap of gaussian_radius
+    min_radius: int = 2                # cells
+    cls_cost_weight: float = 0.15      # FocalLossCost weight
+    reg_cost_weight: float = 0.25      # BBoxBEVL1Cost weight
+    focal_alpha: float = 0.25          # of the class cost
+    focal_gamma: float = 2.0
+    match_margin: float = 1.0          # cells beyond the GT's heatmap radius a proposal may sit
+
+
+@dataclass(frozen=True)
+class BevGrid:
+    """The head's BEV grid in metres: origin (xmin, ymin), cell size (cx, cy), size (X, Y)."""
+
+    xmin: float
+    ymin: float
+    cell_x: float
+    cell_y: float
+    size_x: int
+    size_y: int
+
+    @classmethod
+    def of(cls, preset: ModelPreset) -> "BevGrid":
+        voxel, head = preset.pipeline.voxelization, preset.pipeline.head
+        size_x, size_y = preset.bev_size
+        return cls(voxel.point_range_min[0], voxel.point_range_min[1],
+                   head.out_size_factor * voxel.voxel_size[0],
+                   head.out_size_factor * voxel.voxel_size[1], size_x, size_y)
+
+    @property
+    def range_xy(self) -> tuple[float, float]:
+        """Extent of the grid in metres (x, y), e.g. (108, 108)."""
+        return self.size_x * self.cell_x, self.size_y * self.cell_y
+
+
+# ----------------------------------------------------------------------------- box encoding
+def encode_boxes(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
+    """GT boxes ``[M, 9]`` -> regression targets ``[M, 10]`` float64 (layout in the module doc)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
+    grid = BevGrid.of(preset)
+    code = np.empty((len(boxes), BOX_CODE_SIZE), dtype=np.float64)
+    code[:, 0] = (boxes[:, 0] - grid.xmin) / grid.cell_x
+    code[:, 1] = (boxes[:, 1] - grid.ymin) / grid.cell_y
+    code[:, 2] = boxes[:, 2] + boxes[:, 5] * 0.5
+    code[:, 3:6] = np.log(boxes[:, 3:6])
+    code[:, 6] = np.sin(boxes[:, 6])
+    code[:, 7] = np.cos(boxes[:, 6])
+    code[:, 8:10] = boxes[:, 7:9]
+    return code
+
+
+def split_code(code: np.ndarray) -> dict[str, np.ndarray]:
+    """``[..., 10]`` -> {center, height, dim, rot, vel}: ``[..., channels]`` views."""
+    parts, start = {}, 0
+    for name, channels in BOX_CODE_LAYOUT:
+        parts[name] = code[..., start:start + channels]
+        start += channels
+    return parts
+
+
+# ----------------------------------------------------------------------------- heatmaps
+def gaussian_radius(length: float, width: float, min_overlap: float) -> float:
+    """mmdet3d ``gaussian_radius((length, width), min_overlap)`` (CenterNet's three cases,
+    returning ``(b + sqrt(b^2 - 4ac)) / 2`` each, i.e. without the ``/ 2a`` of the quadratic
+    formula, exactly as mmdet3d/TransFusion compute it). Sizes in BEV cells."""
+    height, width = float(length), float(width)
+    b1 = height + width
+    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * c1)) / 2
+    a2, b2 = 4.0, 2 * (height + width)
+    c2 = (1 - min_overlap) * width * height
+    r2 = (b2 + math.sqrt(b2 ** 2 - 4 * a2 * c2)) / 2
+    a3, b3 = 4 * min_overlap, -2 * min_overlap * (height + width)
+    c3 = (min_overlap - 1) * width * height
+    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return min(r1, r2, r3)
+
+
+def heatmap_radii(boxes: np.ndarray, preset: ModelPreset, config: TargetConfig = TargetConfig()
+                  ) -> np.ndarray:
+    """Integer Gaussian radius (cells) of each box: ``max(min_radius, int(gaussian_radius(
+    (l / cy, w / cx), overlap)))`` (TransFusion: width = w / voxel_x / factor, length likewise)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
+    grid = BevGrid.of(preset)
+    radii = [max(config.min_radius,
+                 int(gaussian_radius(box[4] / grid.cell_y, box[3] / grid.cell_x,
+                                     config.gaussian_overlap)))
+             for box in boxes]
+    return np.asarray(radii, dtype=np.int64)
+
+
+def gaussian_2d(radius: int) -> np.ndarray:
+    """mmdet3d ``gaussian_2d((d, d), sigma=d / 6)`` with d = 2r + 1: ``[d, d]`` float64, 1 at the
+    centre, values below ``eps * max`` zeroed."""
+    diameter = 2 * radius + 1
+    sigma = diameter / 6
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    h = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma * sigma))
+    h[h < np.finfo(h.dtype).eps * h.max()] = 0
+    return h
+
+
+def draw_gaussian(heatmap: np.ndarray, centre: tuple[int, int], radius: int) -> None:
+    """mmdet3d ``draw_heatmap_gaussian`` on one ``[X, Y]`` map (in place, element-wise max):
+    ``centre`` = integer (ix, iy), clipped at the map borders."""
+    gaussian = gaussian_2d(radius)
+    ix, iy = centre
+    size_x, size_y = heatmap.shape
+    left, right = min(ix, radius), min(size_x - ix, radius + 1)
+    top, bottom = min(iy, radius), min(size_y - iy, radius + 1)
+    if left + right <= 0 or top + bottom <= 0:
+        return
+    window = heatmap[ix - left:ix + right, iy - top:iy + bottom]
+    patch = gaussian[radius - left:radius + right, radius - top:radius + bottom]
+    np.maximum(window, patch.astype(heatmap.dtype), out=window)
+
+
+def boxes_in_grid(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
+    """bool ``[M]``: centre inside the BEV grid ``[min, max)`` in x and y and positive sizes
+    (mmdet3d's ObjectRangeFilter on the point-cloud range)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
+    grid = BevGrid.of(preset)
+    span_x, span_y = grid.range_xy
+    return ((boxes[:, 0] >= grid.xmin) & (boxes[:, 0] < grid.xmin + span_x)
+            & (boxes[:, 1] >= grid.ymin) & (boxes[:, 1] < grid.ymin + span_y)
+            & (boxes[:, 3:6] > 0).all(axis=1))
+
+
+def centre_cells(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
+    """Box centres in BEV-cell units ``[M, 2]`` float64 (continuous; the cell is ``int()``)."""
+    return encode_boxes(boxes, preset)[:, 0:2]
+
+
+def heatmap_targets(boxes: np.ndarray, labels: np.ndarray, preset: ModelPreset,
+                    config: TargetConfig = TargetConfig()) -> np.ndarray:
+    """Dense target ``[C, X, Y]`` float32: one Gaussian per box (inside the grid) in its class
+    channel; exactly 1.0 at each box's centre cell."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    grid = BevGrid.of(preset)
+    heatmap = np.zeros((preset.num_classes, grid.size_x, grid.size_y), dtype=np.float32)
+    keep = boxes_in_grid(boxes, preset)
+    boxes, labels = boxes[keep], labels[keep]
+    for box, label, radius, centre in zip(boxes, labels, heatmap_radii(boxes, preset, config),
+                                          centre_cells(boxes, preset)):
+        draw_gaussian(heatmap[label], (int(centre[0]), int(centre[1])), int(radius))
+    return heatmap
+
+
+# ----------------------------------------------------------------------------- Hungarian
+def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost one-to-one assignment of a rectangular ``[n, m]`` cost matrix.
+
+    Returns (rows, cols) int64 of length ``min(n, m)``, rows ascending, like
+    ``scipy.optimize.linear_sum_assignment``. Shortest augmenting paths with potentials
+    (Kuhn-Munkres / Jonker-Volgenant style), O(min^2 * max); deterministic.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2:
+        raise ValueError(f"cost must be 2-D, got shape {cost.shape}")
+    transposed = cost.shape[0] > cost.shape[1]
+    if transposed:
+        cost = cost.T
+    n, m = cost.shape
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not np.isfinite(cost).all():
+        raise ValueError("cost must be finite (use a large value for forbidden pairs)")
+    u = np.zeros(n + 1)
+    v = np.zeros(m + 1)
+    match = np.zeros(m + 1, dtype=np.int64)      # match[j] = row (1-based) assigned to column j
+    way = np.zeros(m + 1, dtype=np.int64)
+    for row in range(1, n + 1):
+        match[0] = row
+        j0 = 0
+        minv = np.full(m + 1, np.inf)
+        used = np.zeros(m + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = match[j0]
+            free = ~used[1:]
+            reduced = cost[i0 - 1] - u[i0] - v[1:]
+            better = free & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            candidates = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(candidates)) + 1
+            delta = candidates[j1 - 1]
+            u[match[used]] += delta
+            v[used] -= delta
+            minv[1:][free] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            match[j0] = match[j1]
+            j0 = j1
+    cols = np.nonzero(match[1:])[0]
+    rows = match[1:][cols] - 1
+    if transposed:
+        rows, cols = cols, rows
+    order = np.argsort(rows, kind="stable")
+    return rows[order].astype(np.int64), cols[order].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- assignment
+@dataclass(frozen=True)
+class Assignment:
+    """Positive proposals of one sample: ``proposal[i]`` (index into K) regresses GT ``gt[i]``."""
+
+    proposal: np.ndarray
+    gt: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.proposal.shape[0])
+
+
+def _focal_class_cost(logits: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
+    """mmdet ``FocalLossCost`` per (proposal, class): pos - neg focal terms, ``[K, C]``."""
+    prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
+    eps = 1e-12
+    neg = -np.log(1 - prob + eps) * (1 - alpha) * prob ** gamma
+    pos = -np.log(prob + eps) * alpha * (1 - prob) ** gamma
+    return pos - neg
+
+
+def assign_proposals(proposal_class: np.ndarray, proposal_cells: np.ndarray,
+                     pred_centre: np.ndarray, cls_logits: np.ndarray, gt_boxes: np.ndarray,
+                     gt_labels: np.ndarray, preset: ModelPreset,
+                     config: TargetConfig = TargetConfig()) -> Assignment:
+    """One-to-one Hungarian assignment of K proposals to M GT boxes (one sample).
+
+    proposal_class ``[K]`` int, proposal_cells ``[K, 2]`` the query positions (cell centres,
+    cell units), pred_centre ``[K, 2]`` the predicted centres (cell units), cls_logits
+    ``[C, K]`` (the proposals' ``heatmap`` logits), gt_boxes ``[M, 9]``, gt_labels ``[M]``.
+    Feasible pairs: same class and ``|proposal_cell - gt_centre| <= radius + match_margin``
+    (cells); cost = 0.15 * focal class cost + 0.25 * L1 of the predicted and GT centres
+    normalised by the grid extent. Pairs matched only through infeasible entries are dropped.
+    """
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 9)
+    gt_labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
+    empty = Assignment(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if len(gt_boxes) == 0 or len(proposal_class) == 0:
+        return empty
+    grid = BevGrid.of(preset)
+    gt_centre = centre_cells(gt_boxes, preset)                                    # [M, 2]
+    radii = heatmap_radii(gt_boxes, preset, config).astype(np.float64)           # [M]
+    proposal_cells = np.asarray(proposal_cells, dtype=np.float64)
+    distance = np.linalg.norm(proposal_cells[:, None, :] - gt_centre[None, :, :], axis=2)  # [K, M]
+    feasible = ((np.asarray(proposal_class)[:, None] == gt_labels[None, :])
+                & (distance <= radii[None, :] + config.match_margin)
+                & boxes_in_grid(gt_boxes, preset)[None, :])
+    if not feasible.any():
+        return empty
+    class_cost = _focal_class_cost(np.asarray(cls_logits, dtype=np.float64).T,
+                                   config.focal_alpha, config.focal_gamma)[:, gt_labels]   # [K, M]
+    scale = np.array([grid.size_x, grid.size_y], dtype=np.float64)          # cells -> fraction
+    pred = np.asarray(pred_centre, dtype=np.float64) / scale
+    reg_cost = np.abs(pred[:, None, :] - (gt_centre / scale)[None, :, :]).sum(axis=2)
+    cost = config.cls_cost_weight * class_cost + config.reg_cost_weight * reg_cost
+    cost = np.where(feasible, cost, INFEASIBLE_COST)
+    # Only rows/columns with a feasible entry take part (smaller problem, same optimum).
+    rows_used = np.nonzero(feasible.any(axis=1))[0]
+    cols_used = np.nonzero(feasible.any(axis=0))[0]
+    rows, cols = linear_sum_assignment(cost[np.ix_(rows_used, cols_used)])
+    proposal, gt = rows_used[rows], cols_used[cols]
+    keep = feasible[proposal, gt]
+    order = np.argsort(proposal[keep], kind="stable")
+    return Assignment(proposal[keep][order].astype(np.int64), gt[keep][order].astype(np.int64))
+
+
+def regression_targets(assignment: Assignment, gt_boxes: np.ndarray, num_proposals: int,
+                       preset: ModelPreset) -> tuple[np.ndarray, np.ndarray]:
+    """(targets ``[10, K]`` float32, positive mask ``[K]`` bool) for one sample."""
+    targets = np.zeros((BOX_CODE_SIZE, num_proposals), dtype=np.float32)
+    positive = np.zeros(num_proposals, dtype=bool)
+    if len(assignment):
+        code = encode_boxes(np.asarray(gt_boxes)[assignment.gt], preset)
+        targets[:, assignment.proposal] = code.T.astype(np.float32)
+        positive[assignment.proposal] = True
+    return targets, positive
+
+
+def class_targets(assignment: Assignment, gt_labels: np.ndarray, num_classes: int,
+                  num_proposals: int) -> np.ndarray:
+    """One-hot ``[C, K]`` float32: GT class for positives, all zero (background) otherwise."""
+    targets = np.zeros((num_classes, num_proposals), dtype=np.float32)
+    if len(assignment):
+        targets[np.asarray(gt_labels)[assignment.gt], assignment.proposal] = 1.0
+    return targets
+
+
+def num_heatmap_peaks(heatmaps: Sequence[np.ndarray]) -> int:
+    """Cells equal to 1 over all maps (TransFusion's heatmap normaliser ``heatmap.eq(1).sum()``)."""
+    return int(sum(int((np.asarray(h) == 1.0).sum()) for h in heatmaps))
