@@ -31,11 +31,12 @@ from typing import Iterator
 
 import numpy as np
 
-from bevfusion_ros.config import ConfigError, load_config
+from bevfusion_ros.config import ConfigError, PipelineConfig, load_config
 from bevfusion_ros.engines import EngineError
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
+from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
@@ -116,6 +117,16 @@ def folder_frames(folders: list[Path], camera_names, keep_empty: bool) -> Iterat
         yield EvalFrame(folder.name, frame, boxes, labels, counts)
 
 
+def for_model(frame: Frame, config: PipelineConfig) -> Frame:
+    """``frame`` with its calibration rebuilt from K and camera2lidar for the model's image
+    pre-processing (its ``img_aug_matrix``), as the ROS node builds it: a scene written for one
+    input resolution stays valid for a preset that resizes differently (e.g. tiny)."""
+    calibration = frame.calibration
+    rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], calibration.camera2lidar,
+                                            config.image, calibration.camera_names)
+    return dataclasses.replace(frame, calibration=rebuilt)
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = load_config(args.config) if args.config else None
@@ -139,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     predictions, ground_truth, names = [], [], []
     run_start = time.perf_counter()
     for index, item in enumerate(frames, 1):
-        detections = pipeline.forward(item.frame)
+        detections = pipeline.forward(for_model(item.frame, config))
         predictions.append(detections)
         ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
         names.append(item.name)
