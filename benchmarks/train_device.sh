@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT="${OUT:-out/train-device}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 preset="${PRESET:-tiny}"
 python3 -m bevfusion_ros.tools.train --preset "$preset" --scenes "${SCENES:-0:300}" --epochs "${EPOCHS:-3}" \
   --device cuda --amp --workers "${WORKERS:-8}" --cache /tmp/scene-cache --lr "${LR:-2e-3}" \
