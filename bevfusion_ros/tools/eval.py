@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,15 @@ from typing import Iterator
 
 import numpy as np
 
-from bevfusion_ros.config import ConfigError, PipelineConfig, load_config
-from bevfusion_ros.engines import EngineError
+from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
-from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
+from bevfusion_ros.io import FrameError, load_example_data
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
-from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
+from bevfusion_ros.pipeline import BEVFusionPipeline
+from bevfusion_ros.tools.cli import run_reporting_errors
 
 GT_FILES = ("gt_bboxes_3d.tensor", "gt_labels_3d.tensor")
 
@@ -202,13 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--objects must be >= 0")
     if args.progress_every <= 0:
         parser.error("--progress-every must be positive")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except (ModelDirError, EngineError, ConfigError, FrameError, CalibrationError, TensorFileError,
-            InputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(run, args)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,16 @@ bird's-eye view), and prints the time of every stage.
 from __future__ import annotations
 
 import argparse
-import logging
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from bevfusion_ros.config import ConfigError, load_config
-from bevfusion_ros.engines import EngineError
+from bevfusion_ros.config import load_config
 from bevfusion_ros.engines.select import BACKENDS
-from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
-from bevfusion_ros.pipeline import BEVFusionPipeline, InputError, ModelDirError
+from bevfusion_ros.io import load_example_data
+from bevfusion_ros.pipeline import BEVFusionPipeline
+from bevfusion_ros.tools.cli import run_reporting_errors
 from bevfusion_ros.visualize import save_visualization
 
 STAGE_ORDER = ("camera_geometry", "upload_points", "upload_images", "normalize", "depth",
@@ -71,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="parameter YAML (default: MODEL/bevfusion.yaml)")
     parser.add_argument("--score-threshold", type=float, help="override head.score_threshold")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")   # e.g. the backend choice
-    try:
-        return run(args)
-    except (ModelDirError, EngineError, ConfigError, FrameError, CalibrationError, TensorFileError,
-            InputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(run, args)
 
 
 if __name__ == "__main__":
