@@ -278,10 +278,13 @@ def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def save_config(config: PipelineConfig, path: str | Path, header: str = "") -> None:
-    """Write ``config`` as a ROS 2 parameter YAML (``/**: ros__parameters: ...``)."""
+def save_config(config: PipelineConfig, path: str | Path, header: str = "",
+                node: Mapping[str, Any] | None = None) -> None:
+    """Write ``config`` as a ROS 2 parameter YAML (``/**: ros__parameters: ...``), with the
+    node's own ``node`` section when given (a complete ``bevfusion_node`` parameter file)."""
     comment = "".join(f"# {line}\n" for line in header.splitlines())
-    body = yaml.safe_dump({"/**": {"ros__parameters": config_to_dict(config)}}, sort_keys=False)
+    parameters = {**config_to_dict(config), **({"node": dict(node)} if node else {})}
+    body = yaml.safe_dump({"/**": {"ros__parameters": parameters}}, sort_keys=False)
     Path(path).write_text(comment + body)
 
 

@@ -7,13 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from bevfusion_ros.config import (ConfigError, PipelineConfig, _require, _section_from_mapping,
-                                  _ros_parameters, config_from_dict)
+from bevfusion_ros.config import (NUSCENES_CAMERA_NAMES, ConfigError, PipelineConfig, _require,
+                                  _ros_parameters, _section_from_mapping, config_from_dict)
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.sync import MISSING_CAMERA_POLICIES
 
-NUSCENES_CAMERA_TOPICS = tuple(f"/CAM_{name}/image_raw" for name in
-                               ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT"))
+
+
+def camera_topic(name: str) -> str:
+    """The nuScenes-style image topic of a configured camera: FRONT -> /CAM_FRONT/image_raw."""
+    return f"/CAM_{name}/image_raw"
+
+
+def camera_info_topic(image_topic: str) -> str:
+    """The CameraInfo topic beside an image topic (same namespace)."""
+    return image_topic.rsplit("/", 1)[0] + "/camera_info"
+
+
+NUSCENES_CAMERA_TOPICS = tuple(camera_topic(name) for name in NUSCENES_CAMERA_NAMES)
 CALIBRATION_SOURCES = ("tf", "file")
 INPUT_QOS = ("sensor_data", "reliable")
 
@@ -77,7 +88,7 @@ class NodeConfig:
         """CameraInfo topic per camera: as configured, else beside each image topic."""
         if self._given_info_topics():
             return self._given_info_topics()
-        return tuple(topic.rsplit("/", 1)[0] + "/camera_info" for topic in self.camera_topics)
+        return tuple(camera_info_topic(topic) for topic in self.camera_topics)
 
 
 def configs_from_parameters(values: Mapping[str, Any],

@@ -257,7 +257,7 @@ class BEVFusionPipeline:
         used = self._cameras_used(cameras_used)
         images = list(frame.images)
         if len(images) == self.config.num_cameras:           # else check_images says so
-            images = [image if name in used else self._black_image()
+            images = [image if name in used else self.black_image()
                       for name, image in zip(self.config.camera_names, images)]
         try:
             check_images(images, self.config.image, self.config.num_cameras)
@@ -310,8 +310,9 @@ class BEVFusionPipeline:
             raise InputError(f"unknown camera(s) {unknown}; configured: {list(names)}")
         return tuple(name for name in names if name in cameras_used)
 
-    def _black_image(self) -> np.ndarray:
-        """A read-only all-zero input image, shared by every missing camera."""
+    def black_image(self) -> np.ndarray:
+        """A read-only all-zero input image, shared by every missing camera (what the pipeline
+        feeds a camera left out of ``cameras_used``; a caller may put it in the missing slots)."""
         if self._black is None:
             image = self.config.image
             self._black = np.zeros((image.input_height, image.input_width, 3), dtype=np.uint8)

@@ -20,6 +20,7 @@ import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ImageConfig
 from bevfusion_ros.io.tensor import read_tensor
+from bevfusion_ros.transforms import matrix_from_quaternion, transform_from_translation_quaternion
 
 MATRIX_NAMES = ("camera2lidar", "lidar2camera", "camera_intrinsics", "lidar2image", "img_aug_matrix")
 RIGID_TOLERANCE = 1e-4     # |R^T R - I|, |lidar2camera @ camera2lidar - I|
@@ -40,21 +41,16 @@ def img_aug_matrix_from_config(image: ImageConfig) -> np.ndarray:
 
 
 def quaternion_to_rotation(wxyz: Sequence[float]) -> np.ndarray:
-    """Rotation matrix ``[3, 3]`` of a unit quaternion given as (w, x, y, z), nuScenes order."""
-    w, x, y, z = np.asarray(wxyz, dtype=np.float64) / np.linalg.norm(wxyz)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ])
+    """Rotation matrix ``[3, 3]`` of a quaternion given as (w, x, y, z), nuScenes order
+    (normalised first)."""
+    w, x, y, z = wxyz
+    return matrix_from_quaternion((x, y, z, w))
 
 
 def pose_matrix(translation: Sequence[float], rotation_wxyz: Sequence[float]) -> np.ndarray:
     """Homogeneous ``[4, 4]`` transform from a translation and a (w, x, y, z) quaternion."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = quaternion_to_rotation(rotation_wxyz)
-    matrix[:3, 3] = translation
-    return matrix
+    w, x, y, z = rotation_wxyz
+    return transform_from_translation_quaternion(translation, (x, y, z, w))
 
 
 def intrinsics_4x4(intrinsics: np.ndarray) -> np.ndarray:
@@ -101,6 +97,13 @@ class Calibration:
             img_aug_matrix=np.tile(img_aug_matrix_from_config(image), (count, 1, 1)),
         )
         return calibration.validate()
+
+    def for_image(self, image: ImageConfig) -> "Calibration":
+        """The same rig for another image pre-processing: every matrix rebuilt from K and
+        camera2lidar with ``image``'s ``img_aug_matrix`` (what a model that resizes differently,
+        e.g. the tiny preset, must be given)."""
+        return Calibration.from_camera2lidar(self.camera_intrinsics[:, :3, :3], self.camera2lidar, image,
+                                             self.camera_names)
 
     @classmethod
     def from_nuscenes(cls, camera_intrinsics: np.ndarray,

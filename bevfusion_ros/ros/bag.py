@@ -50,7 +50,8 @@ else:
     _MCAP_MISSING = None
 
 __all__ = ["BagError", "BagMessage", "BagWriter", "DELIMITER", "SCHEMA_ENCODING",
-           "MESSAGE_ENCODING", "bag_summary", "message_definition", "read_bag", "type_name_of"]
+           "MESSAGE_ENCODING", "bag_summary", "message_class", "message_definition", "read_bag",
+           "type_name_of"]
 
 PROFILE = "ros2"
 SCHEMA_ENCODING = "ros2msg"
@@ -178,7 +179,9 @@ def type_name_of(message: Any) -> str:
 
 
 @lru_cache(maxsize=None)
-def _message_class(type_name: str) -> type:
+def message_class(type_name: str) -> type:
+    """The rclpy message class of ``pkg/msg/Name`` (or ``pkg/Name``); BagError when it is not
+    a message type name or not importable here."""
     package, namespace, name = _split_type_name(type_name)
     try:
         module = importlib.import_module(f"{package}.{namespace}")
@@ -435,7 +438,7 @@ def _iter_bag(path: Path, topics: list[str] | None) -> Generator[BagMessage, Non
                 if channel.message_encoding != MESSAGE_ENCODING or schema is None:
                     raise BagError(f"bag {path}: topic {channel.topic} has message encoding "
                                    f"{channel.message_encoding!r}, not a ROS 2 CDR channel")
-                cls = _message_class(schema.name)
+                cls = message_class(schema.name)
                 try:
                     message: Any = deserialize_message(record.data, cls)
                 except Exception as error:  # noqa: BLE001 - rclpy raises plain exceptions

@@ -52,13 +52,14 @@ except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
 
 from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections, cuda_yaw
 from bevfusion_ros.head.decode import BOX_COLUMNS
+from bevfusion_ros.transforms import quaternion_from_matrix, transform_from_translation_quaternion
 
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
     "VELOCITY_ARROW_MIN_SPEED", "camera_info_intrinsics", "class_color", "compressed_to_rgb",
     "detections_to_markers", "detections_to_msg", "image_to_rgb", "intrinsics_to_camera_info",
     "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
-    "velocities", "yaw_to_quaternion",
+    "velocities", "yaw_to_quaternion", "quaternion_yaw",
 ]
 
 
@@ -233,41 +234,7 @@ def transform_to_matrix(transform: Transform) -> np.ndarray:
     if norm < 1e-9:
         raise CalibrationMessageError(f"transform rotation quaternion (x, y, z, w) "
                                       f"{quaternion.tolist()} has zero norm")
-    x, y, z, w = quaternion / norm
-    matrix = np.eye(4)
-    matrix[:3, :3] = [
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ]
-    matrix[:3, 3] = translation
-    return matrix
-
-
-def _rotation_to_quaternion(r: np.ndarray) -> tuple[float, float, float, float]:
-    """Unit quaternion (x, y, z, w), w >= 0, of the rotation matrix ``r`` (Shepperd's method:
-    the square root is taken of the largest of 4w^2, 4x^2, 4y^2, 4z^2, so it is well conditioned
-    for every rotation, 180 degrees included)."""
-    trace = r[0, 0] + r[1, 1] + r[2, 2]
-    candidates = (trace, r[0, 0], r[1, 1], r[2, 2])
-    best = int(np.argmax(candidates))
-    if best == 0:
-        s = 2.0 * math.sqrt(max(1.0 + trace, 0.0))  # s = 4w
-        w, x, y, z = s / 4, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s
-    elif best == 1:
-        s = 2.0 * math.sqrt(max(1.0 + r[0, 0] - r[1, 1] - r[2, 2], 0.0))  # s = 4x
-        w, x, y, z = (r[2, 1] - r[1, 2]) / s, s / 4, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s
-    elif best == 2:
-        s = 2.0 * math.sqrt(max(1.0 - r[0, 0] + r[1, 1] - r[2, 2], 0.0))  # s = 4y
-        w, x, y, z = (r[0, 2] - r[2, 0]) / s, (r[0, 1] + r[1, 0]) / s, s / 4, (r[1, 2] + r[2, 1]) / s
-    else:
-        s = 2.0 * math.sqrt(max(1.0 - r[0, 0] - r[1, 1] + r[2, 2], 0.0))  # s = 4z
-        w, x, y, z = (r[1, 0] - r[0, 1]) / s, (r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, s / 4
-    q = np.array([x, y, z, w], dtype=np.float64)
-    q /= np.linalg.norm(q)
-    if q[3] < 0:
-        q = -q
-    return float(q[0]), float(q[1]), float(q[2]), float(q[3])
+    return transform_from_translation_quaternion(translation, quaternion)
 
 
 def matrix_to_transform(matrix: np.ndarray, tolerance: float = 1e-4) -> Transform:
@@ -287,7 +254,8 @@ def matrix_to_transform(matrix: np.ndarray, tolerance: float = 1e-4) -> Transfor
     if (not np.allclose(r.T @ r, np.eye(3), atol=tolerance)
             or abs(np.linalg.det(r) - 1.0) > tolerance):
         raise ValueError(f"rotation block is not a proper rotation matrix: {r.tolist()}")
-    x, y, z, w = _rotation_to_quaternion(r)
+    quaternion = quaternion_from_matrix(r)                       # Shepperd's method, unit length
+    x, y, z, w = (quaternion if quaternion[3] >= 0 else -quaternion).tolist()
     tx, ty, tz = m[:3, 3].tolist()
     return Transform(translation=Vector3(x=tx, y=ty, z=tz), rotation=Quaternion(x=x, y=y, z=z, w=w))
 
@@ -317,6 +285,12 @@ def _duration(seconds: float) -> Duration:
 # ----------------------------------------------------------------------------------------------
 # Detections
 # ----------------------------------------------------------------------------------------------
+
+def quaternion_yaw(q: Any) -> float:
+    """Heading (rotation about +z) in radians of the quaternion ``q`` (x, y, z, w): the yaw of its
+    z-y-x Euler angles; exact for a pure rotation about z (the inverse of :func:`yaw_to_quaternion`)."""
+    return math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
+
 
 def yaw_to_quaternion(psi: float) -> Quaternion:
     """Quaternion of the rotation about +z by ``psi`` radians (REP-103 heading, CCW from +x)."""
@@ -365,7 +339,7 @@ def msg_to_detections(msg: Detection3DArray, class_names: tuple[str, ...],
         hypothesis = detection.results[0].hypothesis
         pose, size = detection.bbox.center, detection.bbox.size
         q = pose.orientation
-        heading = 2.0 * math.atan2(q.z, q.w)
+        heading = quaternion_yaw(q)
         velocity = velocities[index] if velocities else Vector3()
         rows.append([pose.position.x, pose.position.y, pose.position.z, size.y, size.x, size.z,
                      float(cuda_yaw(heading)), velocity.x, velocity.y,

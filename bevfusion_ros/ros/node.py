@@ -153,9 +153,7 @@ class BEVFusionNode(Node):
     # ---------------------------------------------------------------- callbacks (never block)
     def _on_image(self, camera: str, msg: Any) -> None:
         self._camera_frames[camera] = msg.header.frame_id
-        with self._sync_lock:
-            frames = self.sync.add_image(camera, convert.stamp_to_ns(msg.header.stamp), msg)
-        self._enqueue(frames)
+        self._synchronize(self.sync.add_image, camera, convert.stamp_to_ns(msg.header.stamp), msg)
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         try:
@@ -176,21 +174,21 @@ class BEVFusionNode(Node):
         with self.status.lock:
             self.status.frames_in += 1
         self._lidar_history.append((convert.stamp_to_ns(msg.header.stamp), msg))
+        self._synchronize(self.sync.add_lidar, convert.stamp_to_ns(msg.header.stamp),
+                          (msg, time.monotonic()), time.monotonic_ns())
+
+    def _poll_sync(self) -> None:
+        self._synchronize(self.sync.poll, time.monotonic_ns())
+
+    def _synchronize(self, step: Any, *args: Any) -> None:
+        """Run one synchronizer step (add_image, add_lidar or poll) under its lock, report a reset
+        of its buffers (stamps going backwards), and hand the frames it completed to the worker."""
         with self._sync_lock:
             resets = self.sync.resets
-            frames = self.sync.add_lidar(convert.stamp_to_ns(msg.header.stamp), (msg, time.monotonic()),
-                                         time.monotonic_ns())
+            frames: list[SyncedFrame] = step(*args)
             if self.sync.resets != resets:
                 self._report_error(f"input stamps went backwards ({self.sync.last_reset_reason}): "
                                    "buffers cleared (bag loop?)")
-        self._enqueue(frames)
-
-    def _poll_sync(self) -> None:
-        with self._sync_lock:
-            frames = self.sync.poll(time.monotonic_ns())
-        self._enqueue(frames)
-
-    def _enqueue(self, frames: list[SyncedFrame]) -> None:
         for synced in frames:
             self.worker.submit(synced)
 
@@ -280,7 +278,7 @@ class BEVFusionNode(Node):
                     missing[camera] = f"bad image: {error}"
                     self._report_error(f"camera {camera}: {error}")
                     image = None
-            images.append(image if image is not None else self.pipeline._black_image())
+            images.append(image if image is not None else self.pipeline.black_image())
         return images
 
     def _current_calibration(self, lidar_frame: str, missing: dict[str, str]) -> Calibration:

@@ -46,7 +46,6 @@ Library use (tests, the demo): :func:`play` with a node of an initialised contex
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import math
 import signal
@@ -66,7 +65,7 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
-from bevfusion_ros.ros.bag import BagError, BagMessage, bag_summary, read_bag
+from bevfusion_ros.ros.bag import BagError, BagMessage, bag_summary, message_class, read_bag
 
 TF_STATIC_TOPIC = "/tf_static"
 CLOCK_TOPIC = "/clock"
@@ -93,24 +92,6 @@ class PlayResult:
     passes: int = 0           #: passes over the bag completed
     elapsed_s: float = 0.0    #: seconds since the end of the start delay
     stopped: bool = False     #: stopped by ``stop`` (or the context shutting down) before the end
-
-
-def message_class(type_name: str) -> type:
-    """The rclpy message class of ``pkg/msg/Type`` (or ``pkg/Type``), imported from ``pkg.msg``.
-
-    Raises ValueError for a malformed name, ImportError when the package or type is missing.
-    """
-    parts = type_name.split("/")
-    if len(parts) == 2:
-        parts = [parts[0], "msg", parts[1]]
-    if len(parts) != 3 or parts[1] != "msg" or not all(parts):
-        raise ValueError(f"not a message type name (pkg/msg/Type): {type_name!r}")
-    package, _, name = parts
-    module = importlib.import_module(f"{package}.msg")
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ImportError(f"message type {type_name} not found in {package}.msg") from None
 
 
 def clock_message(ns: int) -> Any:
@@ -227,7 +208,7 @@ def play(path: str, node: Node, rate: float = 1.0, loop: bool = False, clock: bo
     (a warning then names the topics without one): the delay then lets the subscriptions'
     side of the match complete too.
     The publishers are created here and destroyed before returning. Raises BagError when the
-    bag cannot be read, ImportError when a message type is not installed.
+    bag cannot be read or a message type is not installed.
     """
     if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number > 0, got {rate}")
@@ -365,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         result = play(args.bag, node, rate=args.rate, loop=args.loop, clock=args.clock, topics=args.topics,
                       qos=args.qos, start_delay=args.start_delay, stop=stop, progress=report,
                       wait_for_subscribers=args.wait_for_subscribers)
-    except (BagError, OSError, ValueError, ImportError) as error:
+    except (BagError, OSError, ValueError) as error:
         print(f"bevfusion-play: error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -64,20 +64,15 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
-from bevfusion_ros.ros.bag import BagError, BagWriter
-from bevfusion_ros.ros.play import install_stop_handlers, message_class
+from bevfusion_ros.ros.bag import BagError, BagWriter, message_class
+from bevfusion_ros.ros.convert import quaternion_yaw
+from bevfusion_ros.ros.play import install_stop_handlers
 
 DEFAULT_TOPICS = ("/bevfusion/detections", "/bevfusion/frame_info", "/bevfusion/markers", "/diagnostics")
 DETECTION3D_ARRAY = "vision_msgs/msg/Detection3DArray"
 #: Seconds between two looks at the graph for the topics not subscribed yet.
 DISCOVERY_PERIOD_S = 0.1
 QUEUE_DEPTH = 100
-
-
-def quaternion_yaw(q: Any) -> float:
-    """Heading (rotation about +z) in radians of the quaternion ``q`` (x, y, z, w): the yaw of its
-    z-y-x Euler angles; exact for a pure rotation about z."""
-    return math.atan2(2.0 * (q.w * q.z + q.x * q.y), 1.0 - 2.0 * (q.y * q.y + q.z * q.z))
 
 
 def detections_json(msg: Any, topic: str = "", receive_time_ns: int | None = None) -> dict[str, Any]:
@@ -185,7 +180,7 @@ class Recorder:
                 self.node.get_logger().warning(f"{topic} has several types {types}; recording {type_name}")
             try:
                 cls = message_class(type_name)
-            except (ImportError, ValueError) as error:
+            except BagError as error:
                 if self.types.get(topic) != type_name:   # log once per type
                     self.node.get_logger().error(f"cannot record {topic}: {error}")
                     self.types[topic] = type_name

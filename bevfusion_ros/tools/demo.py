@@ -24,9 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
-from bevfusion_ros.config import config_to_dict, load_config
+from bevfusion_ros.config import load_config, save_config
 from bevfusion_ros.ros.environment import safe_ros_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,8 +67,7 @@ def node_params(model: Path, path: Path, backend: str) -> Path:
     """The node's parameter file: the model's pipeline config + the node section for the bag."""
     node = {"model_dir": str(model.resolve()), "backend": backend, "input_qos": "reliable",
             "time_lag_field": "time_lag", "num_sweeps": 1, "diagnostics_period_s": 0.5}
-    parameters = {**config_to_dict(load_config(model / "bevfusion.yaml")), "node": node}
-    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": parameters}}, sort_keys=False))
+    save_config(load_config(model / "bevfusion.yaml"), path, node=node)
     return path
 
 

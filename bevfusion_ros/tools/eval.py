@@ -34,7 +34,6 @@ from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import FrameError, load_example_data
-from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.pipeline import BEVFusionPipeline
@@ -120,10 +119,7 @@ def for_model(frame: Frame, config: PipelineConfig) -> Frame:
     """``frame`` with its calibration rebuilt from K and camera2lidar for the model's image
     pre-processing (its ``img_aug_matrix``), as the ROS node builds it: a scene written for one
     input resolution stays valid for a preset that resizes differently (e.g. tiny)."""
-    calibration = frame.calibration
-    rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], calibration.camera2lidar,
-                                            config.image, calibration.camera_names)
-    return dataclasses.replace(frame, calibration=rebuilt)
+    return dataclasses.replace(frame, calibration=frame.calibration.for_image(config.image))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
 from bevfusion_ros.io.calibration import pose_matrix
 from bevfusion_ros.io.frame import read_rgb_image
-from bevfusion_ros.node_config import NodeConfig
+from bevfusion_ros.node_config import NodeConfig, camera_info_topic, camera_topic
 
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
 LIDAR_CHANNEL = "LIDAR_TOP"
@@ -64,17 +64,8 @@ def camera_channel(name: str) -> str:
     return f"CAM_{name}"
 
 
-def camera_topic(name: str) -> str:
-    """Image topic of a camera (the node's default ``node.camera_topics``)."""
-    return f"/{camera_channel(name)}/image_raw"
-
-
 def compressed_topic(name: str) -> str:
     return f"{camera_topic(name)}/compressed"
-
-
-def camera_info_topic(name: str) -> str:
-    return camera_topic(name).rsplit("/", 1)[0] + "/camera_info"
 
 
 def lidar_topic() -> str:
@@ -126,7 +117,7 @@ def write_example_bag(source: str | Path, out: str | Path, *, compressed: bool =
     with BagWriter(out) as bag:
         bag.write(TF_STATIC_TOPIC, messages.tf_static, stamp_ns)
         for index, name in enumerate(frame.calibration.camera_names):
-            bag.write(camera_info_topic(name), messages.camera_infos[index], stamp_ns)
+            bag.write(camera_info_topic(camera_topic(name)), messages.camera_infos[index], stamp_ns)
             if compressed:  # the folder's JPEG file as it is
                 jpeg = (source / f"{index}-{name}.jpg").read_bytes()
                 image = CompressedImage(header=messages.images[index].header, format="jpeg",
@@ -287,7 +278,7 @@ def _nuscenes_messages(nusc: Any, dataroot: Path, events: list[_Event],
                 image = convert.rgb_to_image(rgb, camera_header)
                 topic = camera_topic(name)
             info = convert.intrinsics_to_camera_info(k, width, height, camera_header)
-            yield camera_info_topic(name), info, stamp_ns
+            yield camera_info_topic(camera_topic(name)), info, stamp_ns
             yield topic, image, stamp_ns
 
 

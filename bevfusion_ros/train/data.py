@@ -59,9 +59,7 @@ def parse_scene_range(text: str) -> list[int]:
 
 def calibration_for_preset(calibration: Calibration, preset: ModelPreset) -> Calibration:
     """The same rig with the ``img_aug_matrix`` of ``preset``'s image config (resize + crop)."""
-    return Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3],
-                                         calibration.camera2lidar, preset.pipeline.image,
-                                         calibration.camera_names)
+    return calibration.for_image(preset.pipeline.image)
 
 
 def _calibration_key(calibration: Calibration, preset: ModelPreset) -> str:

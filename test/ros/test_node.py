@@ -27,7 +27,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from tf2_msgs.msg import TFMessage
 from vision_msgs.msg import Detection3DArray
 
-from bevfusion_ros.config import config_to_dict, load_config
+from bevfusion_ros.config import load_config, save_config
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame, load_example_data
 from bevfusion_ros.model.export import export_model_set
@@ -93,7 +93,7 @@ class NodeUnderTest:
                 "sync": {"slop_s": 0.05, "missing_camera": missing_camera, "wait_timeout_s": 0.2},
                 **node_overrides}
         params = folder / "params.yaml"
-        params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {**config_to_dict(self.config), "node": node}}}))
+        save_config(self.config, params, node=node)
         self.process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args",
                                          "--params-file", str(params)], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
