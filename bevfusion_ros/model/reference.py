@@ -137,9 +137,10 @@ def bev_pool(camera_feature: torch.Tensor, depth_weights: torch.Tensor, point_id
     per_camera = depth_weights.shape[1] * pixels
     camera = point_ids // per_camera
     pixel = point_ids % pixels
-    features = camera_feature.reshape(cameras * pixels, channels)[camera * pixels + pixel]
-    weights = depth_weights.reshape(-1)[point_ids]
-    bev = torch.zeros(bev_size[0] * bev_size[1], channels, dtype=features.dtype)
+    # index_select rather than advanced indexing: its gradient is an index_add_, not a sort.
+    features = camera_feature.reshape(cameras * pixels, channels).index_select(0, camera * pixels + pixel)
+    weights = depth_weights.reshape(-1).index_select(0, point_ids)
+    bev = torch.zeros(bev_size[0] * bev_size[1], channels, dtype=features.dtype, device=features.device)
     bev.index_add_(0, cells, features * weights[:, None])
     return bev.T.reshape(1, channels, *bev_size)
 

@@ -24,6 +24,7 @@ site i = o * stride - padding + k through kernel tap k = (kx, ky, kz).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -60,9 +61,9 @@ def conv_output_shape(spatial_shape: Triple, kernel_size: Triple, stride: Triple
     return shape  # type: ignore[return-value]
 
 
-def kernel_taps(kernel_size: Triple) -> torch.Tensor:
+def kernel_taps(kernel_size: Triple, device: torch.device | str | None = None) -> torch.Tensor:
     """All kernel taps (kx, ky, kz) as int64 [kx*ky*kz, 3], in the C order of weight[kx, ky, kz]."""
-    axes = [torch.arange(k, dtype=torch.int64) for k in kernel_size]
+    axes = [torch.arange(k, dtype=torch.int64, device=device) for k in kernel_size]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
@@ -97,6 +98,18 @@ class Rulebook:
     def num_outputs(self) -> int:
         return int(self.out_coords.shape[0])
 
+    @functools.cached_property
+    def neighbours(self) -> torch.Tensor:
+        """int64 [N_out, taps]: the input row that output row o reads through tap t, or
+        ``num_inputs`` (a zero row) where none. One input at most per (output, tap): it is
+        o * stride - padding + tap."""
+        device = self.out_coords.device
+        table = torch.full((self.num_outputs, len(self.in_indices)), self.num_inputs,
+                           dtype=torch.int64, device=device)
+        taps = torch.cat([torch.full_like(rows, tap) for tap, rows in enumerate(self.out_indices)])
+        table[torch.cat(self.out_indices), taps] = torch.cat(self.in_indices)
+        return table
+
 
 class _SiteLookup:
     """Sorted site keys for key -> row lookups (binary search, no dense grid)."""
@@ -112,18 +125,22 @@ class _SiteLookup:
         return self.sorted_keys[position] == keys, self.rows[position]
 
 
-def _reached_outputs(in_coords: torch.Tensor, tap: torch.Tensor, stride: torch.Tensor,
-                     padding: torch.Tensor, out_shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs that tap ``tap`` maps onto the output grid: (input rows [P], output coords [P, 3]).
+def _reached_outputs(in_coords: torch.Tensor, kernel_size: Triple, stride: Triple, padding: Triple,
+                     out_shape: Triple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (tap, input) pair that lands on the output grid, all taps at once.
 
-    Output o is reached from input i when o * stride = i + padding - tap with 0 <= o < out_shape.
+    Output o is reached from input i through tap k when o * stride = i + padding - k with
+    0 <= o < out_shape. Returns (taps [P], input rows [P], output coords [P, 3]), ordered by tap,
+    then input row.
     """
-    scaled = in_coords + (padding - tap)
-    valid = ((scaled % stride) == 0).all(dim=1) & (scaled >= 0).all(dim=1)
-    out = torch.div(scaled, stride, rounding_mode="floor")
-    valid &= (out < out_shape).all(dim=1)
-    rows = torch.nonzero(valid).squeeze(1)
-    return rows, out[rows]
+    device = in_coords.device
+    stride_t, padding_t, out_shape_t = (torch.tensor(v, dtype=torch.int64, device=device)
+                                        for v in (stride, padding, out_shape))
+    scaled = in_coords[None, :, :] + (padding_t - kernel_taps(kernel_size, device))[:, None, :]
+    out = torch.div(scaled, stride_t, rounding_mode="floor")
+    valid = (((scaled % stride_t) == 0) & (scaled >= 0) & (out < out_shape_t)).all(dim=2)
+    taps, rows = torch.nonzero(valid, as_tuple=True)
+    return taps, rows, out[taps, rows]
 
 
 def build_rulebook(in_coords: torch.Tensor, spatial_shape: Triple, kernel_size: Triple,
@@ -138,50 +155,36 @@ def build_rulebook(in_coords: torch.Tensor, spatial_shape: Triple, kernel_size: 
     if subm and stride != (1, 1, 1):
         raise ValueError(f"a submanifold conv needs stride 1, got {stride}")
     out_shape = spatial_shape if subm else conv_output_shape(spatial_shape, kernel_size, stride, padding)
-    stride_t, padding_t, out_shape_t = (torch.tensor(v, dtype=torch.int64)
-                                        for v in (stride, padding, out_shape))
-    reached = [_reached_outputs(in_coords, tap, stride_t, padding_t, out_shape_t)
-               for tap in kernel_taps(kernel_size)]
+    taps, rows, out_coords = _reached_outputs(in_coords, kernel_size, stride, padding, out_shape)
     if subm:
-        return _subm_rulebook(in_coords, spatial_shape, reached)
-    return _regular_rulebook(in_coords.shape[0], out_shape, reached)
-
-
-def _subm_rulebook(in_coords: torch.Tensor, spatial_shape: Triple,
-                   reached: list[tuple[torch.Tensor, torch.Tensor]]) -> Rulebook:
-    """Keep the pairs whose output coordinate is itself an input site."""
-    lookup = _SiteLookup(linear_keys(in_coords, spatial_shape))
-    in_indices, out_indices = [], []
-    for rows, out_coords in reached:
-        found, out_rows = lookup.find(linear_keys(out_coords, spatial_shape))
-        in_indices.append(rows[found])
-        out_indices.append(out_rows[found])
-    return Rulebook(tuple(in_indices), tuple(out_indices), in_coords, spatial_shape,
+        found, out_rows = _SiteLookup(linear_keys(in_coords, spatial_shape)).find(
+            linear_keys(out_coords, spatial_shape))
+        taps, rows, out_rows = taps[found], rows[found], out_rows[found]
+        out_sites = in_coords
+    else:
+        unique_keys, out_rows = torch.unique(linear_keys(out_coords, out_shape), sorted=True,
+                                             return_inverse=True)
+        out_sites = coords_from_keys(unique_keys, out_shape)
+    counts = torch.bincount(taps, minlength=math.prod(kernel_size)).tolist()
+    return Rulebook(torch.split(rows, counts), torch.split(out_rows, counts), out_sites, out_shape,
                     int(in_coords.shape[0]))
-
-
-def _regular_rulebook(num_inputs: int, out_shape: Triple,
-                      reached: list[tuple[torch.Tensor, torch.Tensor]]) -> Rulebook:
-    """Output sites = union of the reached coordinates; pairs index into that sorted union."""
-    keys = [linear_keys(out_coords, out_shape) for _, out_coords in reached]
-    unique_keys, out_rows = torch.unique(torch.cat(keys), sorted=True, return_inverse=True)
-    out_indices = torch.split(out_rows, [k.numel() for k in keys])
-    return Rulebook(tuple(rows for rows, _ in reached), tuple(out_indices),
-                    coords_from_keys(unique_keys, out_shape), out_shape, num_inputs)
 
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, rulebook: Rulebook,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gather-GEMM-scatter: features [N_in, I], weight [kx, ky, kz, I, O] -> [N_out, O] (+ bias [O])."""
+    """features [N_in, I], weight [kx, ky, kz, I, O] -> [N_out, O] (+ bias [O]).
+
+    One gather and one GEMM: each output row's kernel neighbourhood (``rulebook.neighbours``,
+    missing neighbours read an appended zero row) as [N_out, taps * I] times the weight as
+    [taps * I, O] (implicit im2col)."""
     kernel_volume = math.prod(weight.shape[:3])
     if len(rulebook.in_indices) != kernel_volume or features.shape[0] != rulebook.num_inputs:
         raise ValueError(f"rulebook ({len(rulebook.in_indices)} taps, {rulebook.num_inputs} inputs) "
                          f"does not fit weight {tuple(weight.shape)} / features {tuple(features.shape)}")
-    tap_weights = weight.reshape(kernel_volume, weight.shape[3], weight.shape[4])
-    out = features.new_zeros((rulebook.num_outputs, weight.shape[4]))
-    for tap_weight, in_rows, out_rows in zip(tap_weights, rulebook.in_indices, rulebook.out_indices):
-        if in_rows.numel():
-            out.index_put_((out_rows,), features.index_select(0, in_rows) @ tap_weight, accumulate=True)
+    padded = torch.cat([features, features.new_zeros((1, features.shape[1]))])
+    columns = padded.index_select(0, rulebook.neighbours.reshape(-1)).reshape(
+        rulebook.num_outputs, kernel_volume * features.shape[1])   # backward: index_add_, no sort
+    out = columns @ weight.reshape(-1, weight.shape[4]).to(columns.dtype)
     return out if bias is None else out + bias
 
 
@@ -214,7 +217,7 @@ def sparse_input(voxel_features: torch.Tensor, voxel_coords: torch.Tensor,
     if bool((coords[:, 0] != 0).any()):
         raise ValueError("only batch index 0 is supported (one frame per call)")
     xyz = coords[:, 1:]
-    if bool((xyz < 0).any()) or bool((xyz >= torch.tensor(spatial_shape)).any()):
+    if bool((xyz < 0).any()) or bool((xyz >= torch.tensor(spatial_shape, device=xyz.device)).any()):
         raise ValueError(f"voxel coordinates outside the grid {spatial_shape}")
     if torch.unique(linear_keys(xyz, spatial_shape)).numel() != xyz.shape[0]:
         raise ValueError("voxel coordinates are not unique")

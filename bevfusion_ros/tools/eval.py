@@ -2,7 +2,7 @@
 
     bevfusion-eval --model DIR --seeds A:B [--objects N] [--backend cpu|gpu|tensorrt|auto]
                    [--precision fp16|fp32] [--config YAML] [--class-range M|nuscenes]
-                   [--keep-empty-gt] [--progress-every N] [--json OUT]
+                   [--keep-empty-gt] [--progress-every N] [--workers N] [--json OUT]
     bevfusion-eval --model DIR --data DIR ...
 
 ``--seeds A:B`` generates the synthetic scenes of seeds A, A+1, ..., B-1
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -81,14 +82,27 @@ def parse_class_range(text: str) -> float | dict[str, float]:
     return value
 
 
-def synthetic_frames(seeds: range, num_objects: int | None, keep_empty: bool) -> Iterator[EvalFrame]:
+def _synthetic_frame(task: tuple[int, int | None, bool]) -> EvalFrame:
     from bevfusion_ros.sim.scene import generate_scene
-    for seed in seeds:
-        scene = generate_scene(seed, num_objects)
-        hits = scene.point_objects[scene.point_objects >= 0]
-        counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
-        yield EvalFrame(f"seed {seed}", scene.to_frame(), scene.gt_boxes, scene.gt_labels,
-                        None if keep_empty else counts)
+    seed, num_objects, keep_empty = task
+    scene = generate_scene(seed, num_objects)
+    hits = scene.point_objects[scene.point_objects >= 0]
+    counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
+    return EvalFrame(f"seed {seed}", scene.to_frame(), scene.gt_boxes, scene.gt_labels,
+                     None if keep_empty else counts)
+
+
+def synthetic_frames(seeds: range, num_objects: int | None, keep_empty: bool,
+                     workers: int = 0) -> Iterator[EvalFrame]:
+    """The scenes of ``seeds`` in seed order; ``workers`` > 0 generates them in that many
+    processes (a few scenes ahead of the pipeline)."""
+    tasks = [(seed, num_objects, keep_empty) for seed in seeds]
+    if workers <= 0:
+        yield from map(_synthetic_frame, tasks)
+        return
+    context = multiprocessing.get_context("spawn")     # no fork of a process holding CUDA
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_synthetic_frame, tasks, chunksize=1)
 
 
 def data_folders(root: Path) -> list[Path]:
@@ -139,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         frames = folder_frames(folders, config.camera_names, args.keep_empty_gt)
     else:
         total = len(args.seeds)
-        frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt)
+        frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers)
     print(f"loaded model {args.model} ({pipeline.backend}, {args.precision}) in "
           f"{time.perf_counter() - start:.1f} s; evaluating {total} frames", flush=True)
     predictions, ground_truth, names = [], [], []
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-empty-gt", action="store_true",
                         help="keep ground-truth boxes without lidar points (nuScenes drops them)")
     parser.add_argument("--progress-every", type=int, default=10, help="progress line every N frames")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes generating synthetic scenes ahead of the pipeline (0: inline)")
     parser.add_argument("--json", type=Path, help="write the metrics as JSON here")
     args = parser.parse_args(argv)
     if args.objects is not None and args.objects < 0:

@@ -1,7 +1,8 @@
 """``bevfusion-train``: train a model-toolkit BEVFusion preset on synthetic scenes.
 
     bevfusion-train --preset tiny|nuscenes-r50 --scenes 0:N --epochs E --batch-size 1 --lr 1e-3
-                    --device cpu|cuda [--amp] --out DIR [--resume CKPT] [--export]
+                    --device cpu|cuda [--amp] --out DIR [--resume DIR] [--export]
+                    [--time-limit SECONDS | --stop-after STEPS]
 
 (or ``python -m bevfusion_ros.tools.train ...``). Scenes are ``generate_scene(seed)`` for the
 seeds of ``--scenes`` (``A:B``, ``:B`` or ``1,5,9``). Writes ``DIR/model.pt`` (state dict for
@@ -47,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: keep the running averages)")
     parser.add_argument("--objects", type=int, default=None,
                         help="objects per scene (default: 20-40 drawn from the seed)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="shorten the run (and its learning-rate schedule) to this many steps")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="pause after this many steps in total, schedule unchanged "
+                             "(continue with --resume OUT)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="pause after this many seconds (continue with --resume OUT)")
+    parser.add_argument("--log-every", type=int, default=1, help="print every n-th step")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         export_precision=args.export_precision, cache_dir=args.cache,
         memory_cache=args.memory_cache, workers=args.workers,
         rulebook_cache=args.rulebook_cache, precise_bn=args.precise_bn, num_objects=args.objects,
-        max_steps=args.max_steps)
+        max_steps=args.max_steps, stop_after=args.stop_after, time_limit=args.time_limit,
+        log_every=args.log_every)
     result = train(config)
     if result.history:
         first, last = result.history[0]["loss"], result.history[-1]["loss"]

@@ -24,7 +24,12 @@ gradient clipping at L2 norm 35 (mit-han-lab ``grad_clip``).
 Outputs in ``out_dir``: ``model.pt`` (the plain ``state_dict``, loadable by
 ``export_model_set(..., checkpoint=)``), ``train_state.pt`` (optimiser, scaler, epoch, RNG, for
 ``--resume``), ``train_log.jsonl`` (one line per step), both checkpoint files rewritten after
-every epoch; with ``export`` the ONNX model folder ``out_dir/model``.
+every epoch and when the run pauses; with ``export`` the ONNX model folder ``out_dir/model``.
+
+Pausing and resuming: ``stop_after`` (steps) or ``time_limit`` (seconds) end the run early
+without changing its schedule, after writing both checkpoint files; ``resume`` with the same
+options continues at the next step, mid-epoch included, so a run split over several
+time-limited sessions gives the same result as one (on the CPU: bit for bit).
 
 Determinism: model init (``build_model(preset, seed)``), dropout (torch's global RNG, seeded and
 saved in ``train_state.pt``) and the sample order (``seed + epoch``) follow ``seed``; on the CPU
@@ -44,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -90,7 +96,10 @@ class TrainConfig:
     rulebook_cache: int = 16
     precise_bn: int = 8                   # scenes to re-estimate BN statistics on at the end
     num_objects: int | None = None
-    max_steps: int | None = None          # stop early after this many steps in total (tests)
+    max_steps: int | None = None          # shorten the run (and its schedule) to this many steps
+    stop_after: int | None = None         # pause after this many steps in total (schedule kept)
+    time_limit: float | None = None       # pause after this many seconds of training
+    log_every: int = 1                    # print every n-th step (all go to train_log.jsonl)
     log: Callable[[str], None] | None = print
     target_config: TargetConfig = dataclasses.field(default_factory=TargetConfig)
     loss_config: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -165,25 +174,24 @@ def forward_train(model: BEVFusionModel, samples: list[Sample], device: torch.de
     """Differentiable forward of a batch of samples (see the module doc) -> the head's output."""
     device = torch.device(device)
     preset = model.preset
-    with torch.device(device):                    # the reference ops allocate on the default device
-        images = torch.stack([s["images"] for s in samples]).to(device).float()
-        depth = torch.stack([s["depth"] for s in samples]).to(device).float()
-        with autocast_context(device, amp):
-            camera_feature, depth_weights = camera_branch(model, images, depth)
-        pooled = []
-        for b, sample in enumerate(samples):
-            pooled.append(bev_pool(camera_feature[b].float(), depth_weights[b].float(),
-                                   sample["point_ids"].to(device), sample["cells"].to(device),
-                                   preset.camera_bev_size))
-        lidar = []
-        for sample in samples:
-            rulebooks = rulebook_cache.get(sample["seed"]) if rulebook_cache is not None else None
-            lidar.append(lidar_branch(model, sample["voxel_features"].to(device).float(),
-                                      sample["voxel_coords"].to(device), rulebooks))
-        with autocast_context(device, amp):
-            camera_bev = model.encoders.camera["vtransform"].downsample(torch.cat(pooled))
-            middle = model.decoder(model.fuser([camera_bev, torch.cat(lidar).to(camera_bev.dtype)]))
-            return model.heads.object(middle)
+    images = torch.stack([s["images"] for s in samples]).to(device, non_blocking=True).float()
+    depth = torch.stack([s["depth"] for s in samples]).to(device, non_blocking=True).float()
+    with autocast_context(device, amp):
+        camera_feature, depth_weights = camera_branch(model, images, depth)
+    pooled = []
+    for b, sample in enumerate(samples):
+        pooled.append(bev_pool(camera_feature[b].float(), depth_weights[b].float(),
+                               sample["point_ids"].to(device), sample["cells"].to(device),
+                               preset.camera_bev_size))
+    lidar = []
+    for sample in samples:
+        rulebooks = rulebook_cache.get(sample["seed"]) if rulebook_cache is not None else None
+        lidar.append(lidar_branch(model, sample["voxel_features"].to(device).float(),
+                                  sample["voxel_coords"].to(device), rulebooks))
+    with autocast_context(device, amp):
+        camera_bev = model.encoders.camera["vtransform"].downsample(torch.cat(pooled))
+        middle = model.decoder(model.fuser([camera_bev, torch.cat(lidar).to(camera_bev.dtype)]))
+        return model.heads.object(middle)
 
 
 def compute_loss(model: BEVFusionModel, output: HeadOutput, samples: list[Sample],
@@ -261,15 +269,15 @@ def save_checkpoint(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
 
 
 def _load_resume(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, path: Path, log) -> tuple[int, int]:
-    """Load weights (and the train state beside them, if any); returns (start epoch, step)."""
+                 scaler: torch.amp.GradScaler | None, path: Path, log) -> int:
+    """Load weights (and the train state beside them, if any); returns the steps done."""
     path = Path(path)
     model_path = path / MODEL_FILE if path.is_dir() else path
     load_checkpoint(model, model_path)
     state_path = model_path.parent / STATE_FILE
     if not state_path.is_file():
         log and log(f"resume: weights from {model_path} (no {STATE_FILE}: fresh optimiser)")
-        return 0, 0
+        return 0
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
@@ -277,8 +285,8 @@ def _load_resume(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    log and log(f"resume: {model_path} after epoch {state['epoch']} (step {state['step']})")
-    return int(state["epoch"]), int(state["step"])
+    log and log(f"resume: {model_path} at step {state['step']} (epoch {state['epoch']} done)")
+    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------- loop
@@ -290,109 +298,158 @@ def _format_step(epoch: int, epochs: int, index: int, per_epoch: int, step: int,
             f"grad {terms['grad_norm']:.2f} | {seconds:.2f} s/step, data {data_seconds:.2f} s")
 
 
-def _batches(dataset: SceneDataset, order: list[int], batch_size: int, workers: int
+def _quiet_worker(_worker_id: int) -> None:
+    """DataLoader workers: one thread each (scene generation is NumPy/OpenCV; the workers, not
+    their threads, are the parallelism)."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _batches(dataset: SceneDataset, order: list[int], batch_size: int, workers: int, pin: bool
              ) -> Iterable[list[Sample]]:
     if workers > 0:
         return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                          collate_fn=collate_samples)
+                          collate_fn=collate_samples, worker_init_fn=_quiet_worker,
+                          prefetch_factor=4, pin_memory=pin)
     return ([dataset[i] for i in order[start:start + batch_size]]
             for start in range(0, len(order), batch_size))
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.preset`` on the scenes ``config.seeds``; see the module doc."""
-    log = config.log or (lambda _message: None)
+@dataclass
+class _Trainer:
+    """The model, optimiser and loss settings of one run: :meth:`step` is one optimiser step."""
+
+    model: BEVFusionModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    config: TrainConfig
+    rulebooks: RulebookCache
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, samples: list[Sample], lr: float) -> dict[str, Any] | None:
+        """Forward, loss, backward, clip, update; the loss terms and gradient norm, or None
+        (nothing updated) when the loss is not finite."""
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        output = forward_train(self.model, samples, config.device, config.amp, self.rulebooks)
+        terms = compute_loss(self.model, output, samples, config.device, config.target_config,
+                             config.loss_config)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(terms.total):
+            return None
+        if self.scaler is not None:
+            self.scaler.scale(terms.total).backward()
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            terms.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+            self.optimizer.step()
+        return {**terms.as_dict(), "grad_norm": float(grad_norm)}   # float() waits for the device
+
+
+def _new_trainer(config: TrainConfig) -> tuple[_Trainer, int]:
+    """Model, optimiser and scaler of ``config`` (resumed if asked); returns the steps done."""
     device = torch.device(config.device)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config.preset, config.seed).to(device)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
-    start_epoch, step = 0, 0
+    done = 0
     if config.resume is not None:
-        start_epoch, step = _load_resume(model, optimizer, scaler, config.resume, log)
+        done = _load_resume(model, optimizer, scaler, config.resume, config.log)
         model.to(device)
+    return _Trainer(model, optimizer, scaler, config, RulebookCache(config.rulebook_cache)), done
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.preset`` on the scenes ``config.seeds``; see the module doc."""
+    log = config.log or (lambda _message: None)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer, step = _new_trainer(config)
+    model, device = trainer.model, torch.device(config.device)
     dataset = SceneDataset(config.preset, config.seeds, config.cache_dir, config.memory_cache,
                            config.target_config, config.num_objects)
     per_epoch = math.ceil(len(dataset) / config.batch_size)
     total = per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    rulebooks = RulebookCache(config.rulebook_cache)
+    stop = min(total, config.stop_after) if config.stop_after is not None else total
+    deadline = time.monotonic() + (config.time_limit if config.time_limit is not None else math.inf)
     history: list[dict[str, Any]] = []
-    step_seconds: list[float] = []
-    model_path = out_dir / MODEL_FILE
-    completed = start_epoch                   # epochs finished (what train_state.pt records)
     log(f"training {config.preset.name} on {len(dataset)} scenes, {config.epochs} epochs x "
         f"{per_epoch} steps (batch {config.batch_size}), device {device}, amp {config.amp}, "
-        f"{sum(p.numel() for p in parameters):,} parameters -> {out_dir}")
+        f"{sum(p.numel() for p in trainer.parameters):,} parameters -> {out_dir}"
+        + (f"; resuming at step {step}" if step else ""))
     with open(out_dir / LOG_FILE, "a" if config.resume is not None else "w") as log_file:
-        ready = time.perf_counter()
-        for epoch in range(start_epoch, config.epochs):
-            if step >= total:
-                break
+        while step < stop and time.monotonic() < deadline:
+            epoch, skip = divmod(step, per_epoch)
             order = np.random.default_rng(config.seed + epoch).permutation(len(dataset)).tolist()
-            for index, samples in enumerate(_batches(dataset, order, config.batch_size,
-                                                     config.workers), start=1):
-                if step >= total:
-                    break
+            ready = time.perf_counter()
+            for index, samples in enumerate(_batches(dataset, order[skip * config.batch_size:],
+                                                     config.batch_size, config.workers,
+                                                     device.type == "cuda"), start=skip + 1):
                 start = time.perf_counter()
-                data_seconds, ready = start - ready, start
                 lr = learning_rate(step, total, config.lr, config.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                output = forward_train(model, samples, device, config.amp, rulebooks)
-                terms = compute_loss(model, output, samples, device, config.target_config,
-                                     config.loss_config)
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(terms.total):
-                    log(f"epoch {epoch + 1} step {index}: non-finite loss, step skipped")
-                    step += 1
-                    ready = time.perf_counter()
-                    continue
-                if scaler is not None:
-                    scaler.scale(terms.total).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    terms.total.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                    optimizer.step()
+                terms = trainer.step(samples, lr)
                 step += 1
-                norm = float(grad_norm)                       # also waits for the device
-                seconds = time.perf_counter() - start
-                step_seconds.append(seconds)
-                record = {"epoch": epoch + 1, "step": step, "lr": lr, **terms.as_dict(),
-                          "grad_norm": norm, "seconds": seconds, "data_seconds": data_seconds}
-                history.append(record)
-                log_file.write(json.dumps(record) + "\n")
-                log(_format_step(epoch + 1, config.epochs, index, per_epoch, step, total, lr,
-                                 record, seconds, data_seconds))
+                if terms is None:
+                    log(f"epoch {epoch + 1} step {index}: non-finite loss, step skipped")
+                else:
+                    record = {"epoch": epoch + 1, "step": step, "lr": lr, **terms,
+                              "seconds": time.perf_counter() - start, "data_seconds": start - ready}
+                    history.append(record)
+                    log_file.write(json.dumps(record) + "\n")
+                    if step % config.log_every == 0 or step == stop:
+                        log(_format_step(epoch + 1, config.epochs, index, per_epoch, step, total, lr,
+                                         record, record["seconds"], record["data_seconds"]))
                 ready = time.perf_counter()
-            completed = epoch + 1
-            model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
-            log_file.flush()
-            log(f"epoch {epoch + 1}: checkpoint {model_path}")
-    if config.precise_bn > 0 and history:
-        count = precise_batchnorm(model, dataset, config.precise_bn, device, config.amp, rulebooks)
+                if step >= stop or time.monotonic() >= deadline:
+                    break
+            if step % per_epoch == 0 or step >= stop or time.monotonic() >= deadline:
+                model_path = save_checkpoint(model, trainer.optimizer, trainer.scaler, out_dir,
+                                             step // per_epoch, step, config)
+                log_file.flush()
+                log(f"step {step}/{total}: checkpoint {model_path}")
+    if step < total:
+        log(f"paused after step {step} of {total}: continue with --resume {out_dir}")
+    return _finish(trainer, dataset, config, out_dir, step, per_epoch, total, history)
+
+
+def _finish(trainer: _Trainer, dataset: SceneDataset, config: TrainConfig, out_dir: Path,
+            step: int, per_epoch: int, total: int, history: list[dict[str, Any]]) -> TrainResult:
+    """After the last step of the run: precise BN, checkpoint, export (not when paused)."""
+    log = config.log or (lambda _message: None)
+    model_path = out_dir / MODEL_FILE
+    finished = step >= total
+    if finished and config.precise_bn > 0 and history:
+        count = precise_batchnorm(trainer.model, dataset, config.precise_bn, config.device,
+                                  config.amp, trainer.rulebooks)
         log(f"precise BN: statistics of {count} BatchNorm layers re-estimated on "
             f"{min(config.precise_bn, len(dataset))} scenes")
-        model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
+        model_path = save_checkpoint(trainer.model, trainer.optimizer, trainer.scaler, out_dir,
+                                     step // per_epoch, step, config)
     if not model_path.is_file():
-        model_path = save_checkpoint(model, optimizer, scaler, out_dir, completed, step, config)
+        model_path = save_checkpoint(trainer.model, trainer.optimizer, trainer.scaler, out_dir,
+                                     step // per_epoch, step, config)
     export_dir = None
-    if config.export:
+    if config.export and finished:
         from bevfusion_ros.model.export import export_model_set
         export_dir = out_dir / EXPORT_DIR
         result = export_model_set(config.preset, config.export_precision, export_dir,
                                   checkpoint=model_path)
         log(f"exported {config.preset.name} ({config.export_precision}) to {export_dir} "
             f"in {result.seconds:.1f} s")
-    # The first step also builds rulebooks and caches: report the median.
+    # The first steps also build rulebooks and caches: report the median.
+    step_seconds = [record["seconds"] for record in history]
     seconds_per_step = float(np.median(step_seconds)) if step_seconds else float("nan")
     return TrainResult(history, model_path, export_dir, seconds_per_step)
