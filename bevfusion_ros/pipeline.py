@@ -134,9 +134,18 @@ class StageTimer:
         return dict(self._milliseconds)
 
 
-def _model_info(model_dir: Path) -> dict:
-    path = model_dir / "export.yaml"
+def model_info(model_dir: Path) -> dict:
+    """A model folder's ``export.yaml`` (provenance of the weights), {} when it has none."""
+    path = Path(model_dir) / "export.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def weights_note(info: dict) -> str:
+    """What the weights of a model folder (its :func:`model_info`) are, for outputs: what they
+    were trained on, UNTRAINED, or "" when the folder does not say."""
+    if info.get("trained") is False:
+        return "UNTRAINED random weights: boxes are meaningless"
+    return f"weights trained on {info['trained_on']}" if info.get("trained_on") else ""
 
 
 class BEVFusionPipeline:
@@ -187,7 +196,7 @@ class BEVFusionPipeline:
         if backend in GPU_BACKENDS:                  # engines built on torch's stream: let them land
             import cupy
             cupy.cuda.Device().synchronize()
-        pipeline = cls(config, engines, lidar_backbone, _model_info(model_dir), backend)
+        pipeline = cls(config, engines, lidar_backbone, model_info(model_dir), backend)
         gc.freeze()       # the loaded models' objects leave the collector: no 10 ms full collection
         return pipeline   # walking them in the middle of a frame
 
@@ -217,6 +226,11 @@ class BEVFusionPipeline:
     def trained(self) -> bool | None:
         """Whether the exported weights are trained (None when the folder does not say)."""
         return self.model_info.get("trained")
+
+    @property
+    def weights_note(self) -> str:
+        """:func:`weights_note` of the model folder."""
+        return weights_note(self.model_info)
 
     def update(self, calibration: Calibration) -> None:
         """Recompute the camera geometry for ``calibration`` (validated first)."""

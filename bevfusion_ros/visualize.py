@@ -196,17 +196,19 @@ def draw_bev_grid(panel: np.ndarray, layout: VisualizationLayout) -> None:
 
 
 def draw_bev_boxes(panel: np.ndarray, layout: VisualizationLayout, detections: Detections,
-                   corners: np.ndarray) -> None:
-    """Each box's footprint and a line from its centre to the middle of its front edge."""
+                   corners: np.ndarray, color: tuple[int, int, int] | None = None,
+                   thickness: int = 2) -> None:
+    """Each box's footprint and a line from its centre to the middle of its front edge, in its
+    class colour (or ``color``)."""
     footprints = layout.bev_pixels(corners[:, :4, :2])                  # [M, 4, 2]
     fronts = layout.bev_pixels((corners[:, 0, :2] + corners[:, 1, :2]) / 2)
     centres = footprints.mean(axis=1)
     for index in reversed(range(len(detections))):
-        color = class_color(int(detections.labels[index]))
-        cv2.polylines(panel, [np.round(footprints[index]).astype(np.int32)], True, color, 2,
-                      cv2.LINE_AA)
+        box_color = color if color is not None else class_color(int(detections.labels[index]))
+        cv2.polylines(panel, [np.round(footprints[index]).astype(np.int32)], True, box_color,
+                      thickness, cv2.LINE_AA)
         cv2.line(panel, tuple(np.round(centres[index]).astype(int)),
-                 tuple(np.round(fronts[index]).astype(int)), color, 2, cv2.LINE_AA)
+                 tuple(np.round(fronts[index]).astype(int)), box_color, thickness, cv2.LINE_AA)
 
 
 def draw_label(canvas: np.ndarray, text: str, origin: tuple[int, int],
@@ -232,11 +234,13 @@ def draw_caption(canvas: np.ndarray, layout: VisualizationLayout, detections: De
 
 
 def render_visualization(frame: Frame, detections: Detections, config: PipelineConfig,
-                         note: str = "", camera_width: int = 480) -> np.ndarray:
+                         note: str = "", camera_width: int = 480,
+                         ground_truth: Detections | None = None) -> np.ndarray:
     """The demo picture of ``frame`` with ``detections``: BGR uint8 ``[H, W, 3]``.
 
     The canvas size depends only on the camera count, the first image's aspect ratio and
-    ``camera_width``; the BEV shows the voxelization range.
+    ``camera_width``; the BEV shows the voxelization range, and ``ground_truth`` boxes (when
+    given) as thin white footprints under the detections.
     """
     calibration = frame.calibration
     voxel = config.voxelization
@@ -254,14 +258,17 @@ def render_visualization(frame: Frame, detections: Detections, config: PipelineC
     panel = layout.bev.view(canvas)
     draw_bev_grid(panel, layout)
     draw_bev_points(panel, layout, frame.points, (voxel.point_range_min[2], voxel.point_range_max[2]))
+    if ground_truth is not None:
+        draw_bev_boxes(panel, layout, ground_truth, ground_truth.corners_lidar(), WHITE, 1)
     draw_bev_boxes(panel, layout, detections, corners)
     draw_caption(canvas, layout, detections, config.head.score_threshold, note)
     return canvas
 
 
 def save_visualization(path: str | Path, frame: Frame, detections: Detections,
-                       config: PipelineConfig, note: str = "") -> None:
+                       config: PipelineConfig, note: str = "",
+                       ground_truth: Detections | None = None) -> None:
     """Render (see :func:`render_visualization`) and write a PNG to ``path``."""
-    image = render_visualization(frame, detections, config, note)
+    image = render_visualization(frame, detections, config, note, ground_truth=ground_truth)
     if not cv2.imwrite(str(path), image):
         raise OSError(f"cannot write visualization to {path}")

@@ -96,6 +96,21 @@ def test_bev_shows_footprints_at_their_positions(rendered):
     assert car_pixels[car_row - 8:car_row - 1].all() and not car_pixels[car_row + 2:car_row + 9].any()
 
 
+def test_ground_truth_footprints_are_white_in_the_bev_only(frame, rendered):
+    empty, _ = rendered
+    truth = render_visualization(frame, detections(), CONFIG, ground_truth=detections(CAR_AHEAD))
+    assert np.array_equal(truth[:, :3 * TILE_WIDTH], empty[:, :3 * TILE_WIDTH])    # cameras: no GT
+    changed = np.any(bev_panel(truth) != bev_panel(empty), axis=2)
+    rows, columns = np.nonzero(changed)
+    centre = BEV_SIDE / 2
+    expected_row = centre - CAR_AHEAD[1] / METRES_PER_PIXEL
+    assert rows.min() == pytest.approx(expected_row - 4.5 / 2 / METRES_PER_PIXEL, abs=3)
+    assert columns.max() == pytest.approx(centre + 1.9 / 2 / METRES_PER_PIXEL, abs=3)
+    pixels = bev_panel(truth)[changed].astype(int)
+    grey = pixels.max(axis=1) - pixels.min(axis=1) <= 1       # white anti-aliased (over grey/black)
+    assert grey.mean() > 0.75 and pixels[grey].max() >= 240
+
+
 def test_edges_behind_the_camera_are_clipped_to_the_near_plane():
     # Camera = lidar frame (z is depth), f = 100 px, principal point (50, 50); a 2 m cube around
     # the camera centre: its bottom face lies behind the camera, its vertical edges cross it.

@@ -107,8 +107,10 @@ def _nodes_matching(path: Path, fragments: Iterable[str]) -> list[str]:
 
 
 def export_model_set(preset: ModelPreset, precision: str, out_dir: Path,
-                     checkpoint: Path | None = None, seed: int = 0) -> ExportResult:
-    """Build (or load) the model, export all five files plus the YAMLs into ``out_dir``."""
+                     checkpoint: Path | None = None, seed: int = 0,
+                     trained_on: str | None = None) -> ExportResult:
+    """Build (or load) the model, export all five files plus the YAMLs into ``out_dir``.
+    ``trained_on``: what the checkpoint was trained on, recorded in ``export.yaml``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     start = time.perf_counter()
@@ -136,17 +138,18 @@ def export_model_set(preset: ModelPreset, precision: str, out_dir: Path,
                 header=f"Geometry of the {preset.name} model exported by bevfusion-export "
                        f"({precision}, {'checkpoint ' + str(checkpoint) if trained else 'seeded random weights, UNTRAINED'}).")
     files = {name: (out_dir / name).stat().st_size for name in MODEL_FILES}
-    _write_export_info(out_dir, preset, precision, checkpoint, seed, files)
+    _write_export_info(out_dir, preset, precision, checkpoint, seed, files, trained_on)
     return ExportResult(out_dir, files, time.perf_counter() - start)
 
 
 def _write_export_info(out_dir: Path, preset: ModelPreset, precision: str, checkpoint: Path | None,
-                       seed: int, files: dict[str, int]) -> None:
+                       seed: int, files: dict[str, int], trained_on: str | None) -> None:
     info = {
         "preset": preset.name,
         "precision": precision,
         "weights": f"checkpoint {checkpoint}" if checkpoint else f"seeded random (seed {seed}), untrained",
         "trained": checkpoint is not None,
+        **({"trained_on": trained_on} if checkpoint is not None and trained_on else {}),
         "seed": seed,
         "files": {name: {"bytes": size,
                          "sha256": hashlib.sha256((out_dir / name).read_bytes()).hexdigest()}
@@ -162,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--checkpoint", type=Path, help="mit-han-lab/bevfusion .pth to load")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--trained-on", help="what the checkpoint was trained on (export.yaml)")
     args = parser.parse_args(argv)
     try:
         result = export_model_set(get_preset(args.preset), args.precision, args.out,
-                                  args.checkpoint, args.seed)
+                                  args.checkpoint, args.seed, args.trained_on)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -118,6 +118,8 @@ class BEVFusionNode(Node):
             f"missing_camera={self.settings.sync.missing_camera}; sweeps={self.settings.num_sweeps}")
         if self.pipeline.trained is False:
             self.get_logger().warn("the model's weights are UNTRAINED: boxes are meaningless")
+        elif self.pipeline.weights_note:
+            self.get_logger().info(self.pipeline.weights_note)
 
     # ---------------------------------------------------------------- set-up
     def _file_calibration(self) -> Calibration | None:

@@ -4,6 +4,7 @@
                    [--precision fp16|fp32] [--config YAML] [--class-range M|nuscenes]
                    [--keep-empty-gt] [--progress-every N] [--workers N] [--json OUT]
     bevfusion-eval --model DIR --data DIR ...
+    bevfusion-eval --model DIR --seeds A:B --through-node [--node-out DIR] ...
 
 ``--seeds A:B`` generates the synthetic scenes of seeds A, A+1, ..., B-1
 (:func:`bevfusion_ros.sim.scene.generate_scene`; ``--seeds S`` is the one seed S); ``--data`` reads
@@ -15,8 +16,16 @@ nuscenes-devkit's code. Ground-truth boxes without lidar points are dropped as n
 (synthetic scenes: the ray caster's hits per box; folders: points inside the box,
 :func:`~bevfusion_ros.evaluation.count_points_in_boxes`) unless ``--keep-empty-gt``.
 
+``--through-node`` evaluates the product as a ROS user runs it: the scenes go into a bag (raw
+images, 10 Hz, :func:`bevfusion_ros.tools.make_bag.write_frames_bag`), which is replayed frame by
+frame into ``bevfusion_node`` in a child process (model ``head.score_threshold`` 0); the
+predictions are the boxes of its ``Detection3DArray`` (with the FrameInfo velocities), read back
+from what it published (:mod:`bevfusion_ros.ros.node_runner`; its log and the recording go to
+``--node-out``). A frame the node did not answer counts as one without predictions.
+
 Prints progress every N frames, the per-class table and the summary; ``--json`` writes
-``{model, backend, precision, trained, frames, seconds, metrics: EvalResult.to_dict()}``.
+``{model, backend, precision, trained, weights, through_node, frames, seconds,
+metrics: EvalResult.to_dict()}``.
 """
 from __future__ import annotations
 
@@ -25,13 +34,15 @@ import dataclasses
 import json
 import multiprocessing
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from bevfusion_ros.config import PipelineConfig, load_config
+from bevfusion_ros.detections import Detections
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import FrameError, load_example_data
@@ -39,6 +50,9 @@ from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.tools.cli import run_reporting_errors
+
+if TYPE_CHECKING:
+    from bevfusion_ros.sim.scene import Scene
 
 GT_FILES = ("gt_bboxes_3d.tensor", "gt_labels_3d.tensor")
 
@@ -82,14 +96,20 @@ def parse_class_range(text: str) -> float | dict[str, float]:
     return value
 
 
+def scene_ground_truth(scene: Scene, keep_empty: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(boxes [M, 9], labels [M], lidar hits per box [M] or None with ``keep_empty``) of a
+    generated scene, what :func:`bevfusion_ros.evaluation.evaluate` takes per frame."""
+    hits = scene.point_objects[scene.point_objects >= 0]
+    counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
+    return scene.gt_boxes, scene.gt_labels, None if keep_empty else counts
+
+
 def _synthetic_frame(task: tuple[int, int | None, bool]) -> EvalFrame:
     from bevfusion_ros.sim.scene import generate_scene
     seed, num_objects, keep_empty = task
     scene = generate_scene(seed, num_objects)
-    hits = scene.point_objects[scene.point_objects >= 0]
-    counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
-    return EvalFrame(f"seed {seed}", scene.to_frame(), scene.gt_boxes, scene.gt_labels,
-                     None if keep_empty else counts)
+    return EvalFrame(f"seed {seed}", scene.to_frame(), *scene_ground_truth(scene, keep_empty))
 
 
 def synthetic_frames(seeds: range, num_objects: int | None, keep_empty: bool,
@@ -136,7 +156,28 @@ def for_model(frame: Frame, config: PipelineConfig) -> Frame:
     return dataclasses.replace(frame, calibration=frame.calibration.for_image(config.image))
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class Evaluated:
+    """What a run produced: per frame the predictions, ground truth and name."""
+
+    predictions: list = dataclasses.field(default_factory=list)
+    ground_truth: list = dataclasses.field(default_factory=list)
+    names: list[str] = dataclasses.field(default_factory=list)
+    backend: str = ""
+    weights_note: str = ""
+    class_names: tuple[str, ...] = ()
+    trained: bool | None = None
+
+
+def _progress(index: int, total: int, every: int, name: str, gt: int, predictions: int,
+              seconds: float) -> None:
+    if index % every == 0 or index == total:
+        print(f"  [{index}/{total}] {name}: {gt} GT, {predictions} predictions; "
+              f"{seconds / index:.2f} s/frame", flush=True)
+
+
+def run_pipeline(args: argparse.Namespace) -> Evaluated:
+    """The deploy pipeline in this process over every frame."""
     start = time.perf_counter()
     config = load_config(args.config) if args.config else None
     if config is None:
@@ -146,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
     pipeline = BEVFusionPipeline.from_model_dir(args.model, config, backend=args.backend,
                                                 precision=args.precision)
     config = pipeline.config
-    class_names = config.head.class_names
     if args.data is not None:
         folders = data_folders(args.data)
         total = len(folders)
@@ -156,27 +196,67 @@ def run(args: argparse.Namespace) -> int:
         frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers)
     print(f"loaded model {args.model} ({pipeline.backend}, {args.precision}) in "
           f"{time.perf_counter() - start:.1f} s; evaluating {total} frames", flush=True)
-    predictions, ground_truth, names = [], [], []
+    out = Evaluated(backend=pipeline.backend, weights_note=pipeline.weights_note,
+                    class_names=config.head.class_names, trained=pipeline.trained)
     run_start = time.perf_counter()
     for index, item in enumerate(frames, 1):
         detections = pipeline.forward(for_model(item.frame, config))
-        predictions.append(detections)
-        ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
-        names.append(item.name)
-        if index % args.progress_every == 0 or index == total:
-            seconds = time.perf_counter() - run_start
-            print(f"  [{index}/{total}] {item.name}: {len(item.gt_boxes)} GT, {len(detections)} "
-                  f"predictions; {seconds / index:.2f} s/frame", flush=True)
-    result = evaluate(predictions, ground_truth, class_names, class_range=args.class_range)
+        out.predictions.append(detections)
+        out.ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
+        out.names.append(item.name)
+        _progress(index, total, args.progress_every, item.name, len(item.gt_boxes), len(detections),
+                  time.perf_counter() - run_start)
+    return out
+
+
+def run_through_node(args: argparse.Namespace) -> Evaluated:
+    """The scenes as a bag (raw images, 10 Hz), replayed frame by frame into ``bevfusion_node``
+    (a child process); the predictions are its published Detection3DArray boxes."""
+    from bevfusion_ros.pipeline import model_info, weights_note
+    from bevfusion_ros.ros.node_runner import replay_through_node
+    from bevfusion_ros.tools.make_bag import scene_stamp_ns, write_frames_bag
+    class_names = load_config(args.model / "bevfusion.yaml").head.class_names
+    out = Evaluated(weights_note=weights_note(model_info(args.model)), class_names=class_names,
+                    trained=model_info(args.model).get("trained"))
+
+    def frames() -> Iterator[Frame]:
+        for item in synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers):
+            out.ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
+            out.names.append(item.name)
+            yield item.frame
+
+    with tempfile.TemporaryDirectory(prefix="bevfusion-eval-bag-") as folder:
+        bag = Path(folder) / "scenes.mcap"
+        print(f"writing {len(args.seeds)} scenes into {bag}", flush=True)
+        write_frames_bag(frames(), bag, progress=lambda line: print(line, flush=True))
+        replay = replay_through_node(args.model, bag, args.node_out, args.backend, lockstep=True,
+                                     score_threshold=0.0, log=lambda line: print(line, flush=True))
+    empty = Detections(boxes=np.zeros((0, 11), np.float32), class_names=class_names)
+    out.predictions = [replay.detections.get(scene_stamp_ns(index), empty)
+                       for index in range(len(out.names))]
+    missing = len(out.names) - sum(scene_stamp_ns(i) in replay.detections for i in range(len(out.names)))
+    backends = {info.backend for info in replay.frame_infos.values()}
+    out.backend = f"bevfusion_node ({', '.join(sorted(backends))})"
+    print(f"node answered {len(out.names) - missing} of {len(out.names)} frames in "
+          f"{replay.seconds:.0f} s (outputs in {args.node_out})", flush=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    evaluated = run_through_node(args) if args.through_node else run_pipeline(args)
+    result = evaluate(evaluated.predictions, evaluated.ground_truth, evaluated.class_names,
+                      class_range=args.class_range)
     print(result.format_table())
-    if pipeline.trained is False:
-        print("note: UNTRAINED weights: expect a mAP near 0")
+    if evaluated.weights_note:
+        print(f"note: {evaluated.weights_note}" + ("; expect a mAP near 0" if evaluated.trained is False else ""))
     if args.json:
-        document = {"model": str(args.model), "backend": pipeline.backend, "precision": args.precision,
-                    "trained": pipeline.trained,
+        document = {"model": str(args.model), "backend": evaluated.backend, "precision": args.precision,
+                    "trained": evaluated.trained, "weights": evaluated.weights_note,
+                    "through_node": args.through_node,
                     "source": {"data": str(args.data)} if args.data is not None
                     else {"seeds": [args.seeds.start, args.seeds.stop], "objects": args.objects},
-                    "frames": names, "seconds": time.perf_counter() - start,
+                    "frames": evaluated.names, "seconds": time.perf_counter() - start,
                     "metrics": result.to_dict()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=1))
@@ -208,11 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0,
                         help="processes generating synthetic scenes ahead of the pipeline (0: inline)")
     parser.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    parser.add_argument("--through-node", action="store_true",
+                        help="synthetic scenes only: write them into a bag, replay it frame by frame "
+                             "into bevfusion_node and evaluate the boxes it publishes")
+    parser.add_argument("--node-out", type=Path, default=Path("out/eval-node"),
+                        help="--through-node: the node's log, parameters and recorded outputs")
     args = parser.parse_args(argv)
     if args.objects is not None and args.objects < 0:
         parser.error("--objects must be >= 0")
     if args.progress_every <= 0:
         parser.error("--progress-every must be positive")
+    if args.through_node and args.data is not None:
+        parser.error("--through-node evaluates generated scenes (--seeds), not --data")
     return run_reporting_errors(run, args)
 
 

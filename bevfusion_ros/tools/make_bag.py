@@ -1,5 +1,11 @@
-"""``bevfusion-make-bag SOURCE --out BAG``: write a rosbag2-compatible MCAP bag of nuScenes data
-with the topics and frames the bevfusion node subscribes to (``config/nuscenes.yaml``).
+"""``bevfusion-make-bag SOURCE --out BAG`` / ``bevfusion-make-bag --seeds A:B --out BAG``: write a
+rosbag2-compatible MCAP bag of nuScenes data, or of generated scenes, with the topics and frames
+the bevfusion node subscribes to (``config/nuscenes.yaml``).
+
+``--seeds A:B``: the scenes of :func:`bevfusion_ros.sim.scene.generate_scene` for seeds A .. B-1,
+one frame each, stamped 0.1 s apart from ``--stamp-ns`` (:func:`write_frames_bag`): the rendered
+images as they are (rgb8; ``--compressed``: JPEG quality 95), the cloud with ``time_lag`` 0,
+``/tf_static`` of the synthetic rig. The ground truth is the scenes' own (regenerate by seed).
 
 SOURCE is either
 
@@ -29,20 +35,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
 from bevfusion_ros.io.calibration import pose_matrix
-from bevfusion_ros.io.frame import read_rgb_image
+from bevfusion_ros.io.frame import Frame, read_rgb_image
 from bevfusion_ros.node_config import NodeConfig, camera_info_topic, camera_topic
 
+
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
+SCENE_PERIOD_NS = 100_000_000          # generated scenes: one frame every 0.1 s
 LIDAR_CHANNEL = "LIDAR_TOP"
 WORLD_FRAME = "odom"
 BASE_FRAME = "base_link"
@@ -102,31 +111,82 @@ def is_example_data(source: Path) -> bool:
     return (source / "points.tensor").is_file()
 
 
+def _write_frame(bag: Any, frame: Frame, stamp_ns: int, jpegs: Sequence[bytes] | None,
+                 tf_static: bool = True) -> None:
+    """The messages of one frame, all stamped ``stamp_ns``: ``/tf_static`` (when asked), then
+    per camera its CameraInfo and its image (raw rgb8, or CompressedImage of ``jpegs[i]``),
+    then the cloud."""
+    from sensor_msgs.msg import CompressedImage
+
+    from bevfusion_ros.ros.frame_messages import frame_messages
+
+    messages = frame_messages(frame, stamp_ns)
+    if tf_static:
+        bag.write(TF_STATIC_TOPIC, messages.tf_static, stamp_ns)
+    for index, name in enumerate(frame.calibration.camera_names):
+        bag.write(camera_info_topic(camera_topic(name)), messages.camera_infos[index], stamp_ns)
+        if jpegs is not None:
+            image = CompressedImage(header=messages.images[index].header, format="jpeg",
+                                    data=jpegs[index])
+            bag.write(compressed_topic(name), image, stamp_ns)
+        else:
+            bag.write(camera_topic(name), messages.images[index], stamp_ns)
+    bag.write(lidar_topic(), messages.cloud, stamp_ns)
+
+
 def write_example_bag(source: str | Path, out: str | Path, *, compressed: bool = False,
                       stamp_ns: int = EXAMPLE_STAMP_NS,
                       camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> BagStats:
-    """One example-data frame as a bag (see the module docstring); returns what was written."""
-    from sensor_msgs.msg import CompressedImage
-
+    """One example-data frame as a bag (see the module docstring); returns what was written.
+    ``compressed``: the folder's JPEG files as they are."""
     from bevfusion_ros.ros.bag import BagWriter
-    from bevfusion_ros.ros.frame_messages import frame_messages
 
     source = Path(source)
     frame = load_example_data(source, camera_names)
-    messages = frame_messages(frame, stamp_ns)
+    jpegs = ([(source / f"{index}-{name}.jpg").read_bytes()
+              for index, name in enumerate(frame.calibration.camera_names)] if compressed else None)
     with BagWriter(out) as bag:
-        bag.write(TF_STATIC_TOPIC, messages.tf_static, stamp_ns)
-        for index, name in enumerate(frame.calibration.camera_names):
-            bag.write(camera_info_topic(camera_topic(name)), messages.camera_infos[index], stamp_ns)
-            if compressed:  # the folder's JPEG file as it is
-                jpeg = (source / f"{index}-{name}.jpg").read_bytes()
-                image = CompressedImage(header=messages.images[index].header, format="jpeg",
-                                        data=jpeg)
-                bag.write(compressed_topic(name), image, stamp_ns)
-            else:
-                bag.write(camera_topic(name), messages.images[index], stamp_ns)
-        bag.write(lidar_topic(), messages.cloud, stamp_ns)
+        _write_frame(bag, frame, stamp_ns, jpegs)
     return _stats(bag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated scenes (bevfusion_ros.sim)
+# ----------------------------------------------------------------------------------------------
+
+def scene_stamp_ns(index: int, start_ns: int = EXAMPLE_STAMP_NS,
+                   period_ns: int = SCENE_PERIOD_NS) -> int:
+    """Stamp of the ``index``-th scene of a generated-scenes bag."""
+    return start_ns + index * period_ns
+
+
+def write_frames_bag(frames: Iterable[Frame], out: str | Path, *, compressed: bool = False,
+                     start_ns: int = EXAMPLE_STAMP_NS, period_ns: int = SCENE_PERIOD_NS,
+                     progress: Callable[[str], None] | None = None) -> BagStats:
+    """Frames, e.g. generated scenes (``Scene.to_frame()``), one after the other every
+    ``period_ns`` from ``start_ns`` (:func:`scene_stamp_ns`; 10 Hz by default, like a lidar):
+    the images exactly (raw rgb8; ``compressed``: JPEG quality 95), the cloud (x, y, z,
+    intensity, time_lag), the first frame's rig on ``/tf_static`` (once, first: one rig for all).
+    Ground truth is not in the bag: for generated scenes it is the scenes' (regenerate by seed)."""
+    from bevfusion_ros.ros.bag import BagWriter
+
+    with BagWriter(out) as bag:
+        for index, frame in enumerate(frames):
+            jpegs = [encode_jpeg(image) for image in frame.images] if compressed else None
+            _write_frame(bag, frame, scene_stamp_ns(index, start_ns, period_ns), jpegs,
+                         tf_static=index == 0)
+            if progress is not None and (index + 1) % 20 == 0:
+                progress(f"  {index + 1} frames written")
+    return _stats(bag)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """RGB uint8 [H, W, 3] -> JPEG bytes."""
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]),
+                            [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return data.tobytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                     "CUDA-BEVFusion example-data folder or of nuScenes scenes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example data: one frame. nuScenes: --scene, --version, --max-frames select.")
-    parser.add_argument("source", help="CUDA-BEVFusion example-data folder or nuScenes data root")
+    parser.add_argument("source", nargs="?",
+                        help="CUDA-BEVFusion example-data folder or nuScenes data root")
+    parser.add_argument("--seeds", metavar="A:B",
+                        help="instead of SOURCE: the generated scenes of seeds A .. B-1 "
+                             "(bevfusion_ros.sim), one frame each at 10 Hz")
     parser.add_argument("--out", required=True, help="bag file to write (.mcap), replaced if present")
     parser.add_argument("--compressed", action="store_true",
                         help="sensor_msgs/CompressedImage JPEGs on <camera topic>/compressed")
@@ -339,16 +403,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int, metavar="N",
                         help="at most N lidar sweeps per nuScenes scene")
     parser.add_argument("--stamp-ns", type=int, default=EXAMPLE_STAMP_NS,
-                        help="example data: stamp of every message, ns since the epoch "
+                        help="example data: stamp of every message (--seeds: of the first "
+                             "scene), ns since the epoch "
                              f"(default {EXAMPLE_STAMP_NS})")
     args = parser.parse_args(argv)
 
-    source, out = Path(args.source), Path(args.out)
+    if (args.source is None) == (args.seeds is None):
+        parser.error("give either SOURCE or --seeds A:B")
+    out = Path(args.out)
     from bevfusion_ros.ros.bag import BagError
 
     try:
         if out.is_dir():
             raise SourceError(f"--out {out} is a directory; give a file name (e.g. {out}/frame.mcap)")
+        if args.seeds is not None:
+            from bevfusion_ros.sim.scene import generate_scene
+            from bevfusion_ros.train.data import parse_scene_range
+            frames = (generate_scene(seed).to_frame() for seed in parse_scene_range(args.seeds))
+            stats = write_frames_bag(frames, out, compressed=args.compressed, start_ns=args.stamp_ns,
+                                     progress=lambda line: print(line, flush=True))
+            print(stats.describe())
+            return 0
+        source = Path(args.source)
         if not source.is_dir():
             raise SourceError(f"{source} is not a directory")
         if is_example_data(source):
