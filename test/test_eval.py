@@ -384,3 +384,15 @@ def test_cli_errors(tiny_model, tmp_path, capsys):
     assert "lacks" in capsys.readouterr().err
     assert main(["--model", str(tiny_model), "--data", str(tmp_path / "none"), "--backend", "cpu"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_scene_generation_in_worker_processes_gives_the_same_frames():
+    from bevfusion_ros.tools.eval import synthetic_frames
+    inline = list(synthetic_frames(range(100_000, 100_002), None, False))
+    pooled = list(synthetic_frames(range(100_000, 100_002), None, False, workers=2))
+    assert [f.name for f in pooled] == [f.name for f in inline] == ["seed 100000", "seed 100001"]
+    for a, b in zip(inline, pooled):
+        np.testing.assert_array_equal(a.frame.points, b.frame.points)
+        np.testing.assert_array_equal(a.gt_boxes, b.gt_boxes)
+        np.testing.assert_array_equal(a.num_points, b.num_points)
+        assert all(np.array_equal(x, y) for x, y in zip(a.frame.images, b.frame.images))

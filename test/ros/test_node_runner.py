@@ -97,3 +97,15 @@ def test_the_demo_runs_the_trained_model_through_the_node(tmp_path, ros_env, cap
     assert float(line.split("mAP ")[1].split()[0]) > 0.6
     for name in ("detections.mcap", "detections.json", "visualization.png", "node.log"):
         assert (tmp_path / name).is_file()
+
+
+def test_make_bag_cli_writes_generated_scenes(tmp_path, capsys):
+    from bevfusion_ros.tools.make_bag import main
+    out = tmp_path / "one.mcap"
+    assert main(["--seeds", f"{SEEDS[0]}:{SEEDS[0] + 1}", "--out", str(out)]) == 0
+    assert bag_summary(out)["/LIDAR_TOP"][1] == 1
+    assert "messages: 14" in capsys.readouterr().out          # tf_static + 6 x (info, image) + cloud
+    for wrong in ([], ["somewhere", "--seeds", "1:2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(wrong + ["--out", str(out)])
+        assert exit_info.value.code == 2
