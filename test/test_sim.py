@@ -307,6 +307,37 @@ def test_near_car_gets_points():
     assert not behind.any()
 
 
+def test_past_sweeps_are_motion_compensated_into_the_current_frame():
+    """Three sweeps 0.05 s apart while the ego drives at 10 m/s along +x: the current sweep is the
+    one-sweep scene; every past sweep was cast from where the ego was (-10 m/s * lag) and lands
+    in the current frame, so a parked car's points lie on its box, a car driving at 8 m/s along
+    +y has its points on the box moved back by 8 m/s * lag, and ground points on the ground."""
+    parked = np.array([8.0, 3.0, GROUND + 0.85, 1.9, 4.6, 1.7, -1.2 - np.pi / 2, 0, 0])
+    moving = np.array([-7.0, -9.0, GROUND + 0.85, 1.9, 4.6, 1.7, -np.pi, 0, 8.0])
+    boxes, labels = np.stack([parked, moving]), np.array([0, 0])
+    one = build_scene(boxes, labels, seed=0)
+    three = build_scene(boxes, labels, seed=0, sweeps=3, ego_velocity=(10.0, 0.0))
+    lags = three.points[:, 4]
+    np.testing.assert_allclose(np.unique(lags), [0.0, 0.05, 0.1], rtol=1e-6)
+    np.testing.assert_array_equal(three.points[lags == 0], one.points)
+    for lag in (0.05, 0.1):
+        sweep = lags == np.float32(lag)
+        on_parked = three.points[sweep & (three.point_objects == 0), :3].astype(np.float64)
+        assert len(on_parked) > 50 and surface_distance(on_parked, parked).max() < 1e-3
+        back = moving.copy()
+        back[1] -= 8.0 * lag
+        on_moving = three.points[sweep & (three.point_objects == 1), :3].astype(np.float64)
+        assert len(on_moving) > 20 and surface_distance(on_moving, back).max() < 1e-3
+        assert surface_distance(on_moving, moving).max() > 0.3
+        ground = three.points[sweep & (three.point_objects == -1), :3].astype(np.float64)
+        np.testing.assert_allclose(ground[:, 2], GROUND, atol=1e-5)
+        # The lowest beam (-30.67 deg) draws its ring around the ego position of that sweep.
+        ring = -GROUND / np.tan(np.radians(30.67))
+        around = np.hypot(ground[:, 0] + 10.0 * lag, ground[:, 1])
+        assert around.min() == pytest.approx(ring, abs=0.01)
+        assert np.hypot(ground[:, 0], ground[:, 1]).min() < ring - 0.4
+
+
 def test_every_visible_near_car_has_points(scenes):
     checked = 0
     for scene in scenes.values():
@@ -446,6 +477,13 @@ def test_make_scene_cli(tmp_path, capsys):
     assert len(read_tensor(out / "gt_labels_3d.tensor")) == 6
     reference = generate_scene(4, 6)
     assert np.array_equal(frame.points, reference.points.astype(np.float16).astype(np.float32))
+    swept = tmp_path / "swept"
+    assert make_scene.main(["--seed", "4", "--out", str(swept), "--objects", "6", "--sweeps", "2",
+                            "--ego-velocity", "5", "0"]) == 0
+    reference = generate_scene(4, 6, sweeps=2, ego_velocity=(5.0, 0.0))
+    assert np.array_equal(load_example_data(swept).points,
+                          reference.points.astype(np.float16).astype(np.float32))
+    assert len(np.unique(reference.points[:, 4])) == 2
 
 
 def test_generation_is_fast():

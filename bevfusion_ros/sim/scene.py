@@ -30,6 +30,7 @@ from bevfusion_ros.sim.rig import GROUND_Z, IMAGE_HEIGHT, IMAGE_WIDTH, lidar2ego
 
 # ----------------------------------------------------------------------------- constants
 MAX_RANGE = 70.0                 # m, lidar
+SWEEP_PERIOD_S = 0.05            # s between lidar sweeps (20 Hz, as nuScenes' LIDAR_TOP)
 MAX_OBJECT_DISTANCE = 50.0       # m, object centres
 MIN_EGO_CLEARANCE = 3.0          # m, between the lidar origin and any object footprint
 OBJECT_GAP = 0.5                 # m, minimum gap between footprints
@@ -97,7 +98,8 @@ class Scene:
     """One synthetic frame.
 
     images:        six ``[900, 1600, 3]`` uint8 RGB images in calibration order;
-    points:        float32 ``[N, 5]`` x, y, z, intensity (0-255, integer valued), time lag (0);
+    points:        float32 ``[N, 5]`` x, y, z, intensity (0-255, integer valued), time lag (s;
+                   0 in the current sweep, k * SWEEP_PERIOD_S in past sweep k);
     point_objects: int32 ``[N]`` index of the box each point hit, -1 for the ground;
     calibration:   the synthetic rig (:func:`bevfusion_ros.sim.rig.synthetic_calibration`);
     gt_boxes:      float32 ``[M, 9]`` x, y, z (centre), w, l, h, yaw, vx, vy (CUDA layout);
@@ -346,24 +348,41 @@ class GroundTexture:
 # ----------------------------------------------------------------------------- lidar
 def simulate_lidar(boxes: np.ndarray, labels: np.ndarray, texture: GroundTexture,
                    rng: np.random.Generator, class_names: Sequence[str] = NUSCENES_CLASS_NAMES,
-                   azimuth_steps: int = DEFAULT_AZIMUTH_STEPS) -> tuple[np.ndarray, np.ndarray]:
-    """One sweep of the 32-beam lidar at the origin: float32 points ``[N, 5]`` and the hit box
-    index per point (int32, -1 = ground). Intensities are integers in 0-255."""
+                   azimuth_steps: int = DEFAULT_AZIMUTH_STEPS, sweeps: int = 1,
+                   ego_velocity: Sequence[float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """The 32-beam lidar at the origin: float32 points ``[N, 5]`` (x, y, z, intensity, time lag)
+    and the hit box index per point (int32, -1 = ground). Intensities are integers in 0-255.
+
+    ``sweeps`` > 1 adds past sweeps, as nuScenes aggregates them, motion-compensated into the
+    current lidar frame: sweep k was taken ``k * SWEEP_PERIOD_S`` seconds earlier (its time lag)
+    from where the ego was then, ``-ego_velocity * lag`` (straight-line ego motion, vx, vy in
+    m/s in the lidar frame), with every box at ``centre - velocity * lag``. The ground and
+    static boxes therefore line up across sweeps; moving boxes leave a trail behind them.
+    """
+    if sweeps < 1:
+        raise ValueError(f"sweeps must be >= 1, got {sweeps}")
     directions = lidar_directions(azimuth_steps)
-    distance, index = cast_rays(directions, boxes)
-    hit = index != MISS_INDEX
-    xyz = directions[hit] * distance[hit, None]
-    index = index[hit]
     object_intensity = np.array([CLASS_SPECS[class_names[label]].intensity for label in labels])
     object_intensity = object_intensity * rng.uniform(0.8, 1.2, len(labels))
-    intensity = np.empty(len(xyz))
-    ground = index == GROUND_INDEX
-    intensity[ground] = texture.intensity(xyz[ground, 0], xyz[ground, 1])
-    intensity[~ground] = object_intensity[index[~ground]]
-    intensity += rng.uniform(-3.0, 3.0, len(xyz))
-    intensity = np.clip(np.round(intensity), 0, 255)
-    points = np.concatenate([xyz, intensity[:, None], np.zeros((len(xyz), 1))], axis=1)
-    return points.astype(np.float32), index.astype(np.int32)
+    clouds, indices = [], []
+    for sweep in range(sweeps):
+        lag = sweep * SWEEP_PERIOD_S
+        origin = np.array([-ego_velocity[0] * lag, -ego_velocity[1] * lag, 0.0])
+        past = np.array(boxes, dtype=np.float64).reshape(-1, 9)
+        past[:, [X, Y]] -= past[:, [VX, VY]] * lag
+        distance, index = cast_rays(directions, past, origin)
+        hit = index != MISS_INDEX
+        xyz = origin + directions[hit] * distance[hit, None]
+        index = index[hit]
+        intensity = np.empty(len(xyz))
+        ground = index == GROUND_INDEX
+        intensity[ground] = texture.intensity(xyz[ground, 0], xyz[ground, 1])
+        intensity[~ground] = object_intensity[index[~ground]]
+        intensity += rng.uniform(-3.0, 3.0, len(xyz))
+        intensity = np.clip(np.round(intensity), 0, 255)
+        clouds.append(np.concatenate([xyz, intensity[:, None], np.full((len(xyz), 1), lag)], axis=1))
+        indices.append(index)
+    return np.concatenate(clouds).astype(np.float32), np.concatenate(indices).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- cameras
@@ -512,9 +531,11 @@ def _validate_objects(boxes: np.ndarray, labels: np.ndarray, class_names: Sequen
 def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
                 class_names: Sequence[str] = NUSCENES_CLASS_NAMES,
                 azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
-                image: ImageConfig | None = None) -> Scene:
-    """Lidar sweep and camera images of the given boxes (CUDA layout ``[M, 9]``, stored as
-    float32) on the ground; ``seed`` drives the ground texture and the intensity noise."""
+                image: ImageConfig | None = None, sweeps: int = 1,
+                ego_velocity: Sequence[float] = (0.0, 0.0)) -> Scene:
+    """Lidar sweep(s) and camera images of the given boxes (CUDA layout ``[M, 9]``, stored as
+    float32) on the ground; ``seed`` drives the ground texture and the intensity noise;
+    ``sweeps`` and ``ego_velocity``: past sweeps with ego motion (:func:`simulate_lidar`)."""
     boxes = np.asarray(boxes, dtype=np.float32)
     boxes = boxes.reshape(0, 9) if boxes.size == 0 else boxes
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -524,7 +545,7 @@ def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
     texture = GroundTexture(np.random.default_rng(texture_seed))
     calibration = synthetic_calibration(image, NUSCENES_CAMERA_NAMES)
     points, point_objects = simulate_lidar(boxes, labels, texture, np.random.default_rng(lidar_seed),
-                                           class_names, azimuth_steps)
+                                           class_names, azimuth_steps, sweeps, ego_velocity)
     images = [render_camera(boxes, labels, calibration, camera, texture, class_names)
               for camera in range(calibration.num_cameras)]
     return Scene(seed=seed, images=images, points=points, point_objects=point_objects,
@@ -533,10 +554,14 @@ def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
 
 def generate_scene(seed: int, num_objects: int | None = None,
                    class_names: Sequence[str] = NUSCENES_CLASS_NAMES,
-                   azimuth_steps: int = DEFAULT_AZIMUTH_STEPS) -> Scene:
+                   azimuth_steps: int = DEFAULT_AZIMUTH_STEPS, sweeps: int = 1,
+                   ego_velocity: Sequence[float] = (0.0, 0.0)) -> Scene:
     """A random scene, identical for identical arguments: ``num_objects`` (default 20-40 drawn
     from the seed) objects of ``class_names`` (labels index this order; default the nuScenes
-    order of ``config/nuscenes.yaml``), the lidar sweep and the six camera images."""
+    order of ``config/nuscenes.yaml``), the lidar sweep(s) and the six camera images. One sweep
+    by default (what the shipped model was trained on); ``sweeps`` > 1 adds past sweeps taken
+    while the ego moved at ``ego_velocity`` (:func:`simulate_lidar`); the first sweep, the
+    objects and the images do not depend on them."""
     object_seed = np.random.SeedSequence(seed).spawn(3)[0]
     rng = np.random.default_rng(object_seed)
     if num_objects is None:
@@ -544,7 +569,8 @@ def generate_scene(seed: int, num_objects: int | None = None,
     if num_objects < 0:
         raise ValueError(f"num_objects must be >= 0, got {num_objects}")
     boxes, labels = sample_objects(rng, num_objects, class_names)
-    return build_scene(boxes, labels, seed, class_names, azimuth_steps)
+    return build_scene(boxes, labels, seed, class_names, azimuth_steps, sweeps=sweeps,
+                       ego_velocity=ego_velocity)
 
 
 # ----------------------------------------------------------------------------- example folder

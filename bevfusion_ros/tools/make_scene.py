@@ -1,6 +1,7 @@
 """Write a deterministic synthetic scene as a CUDA-BEVFusion example-data folder.
 
     python -m bevfusion_ros.tools.make_scene --seed S --out DIR [--objects N] [--azimuth-steps A]
+                                             [--sweeps K --ego-velocity VX VY]
 
 The folder (six ``{i}-{NAME}.jpg``, ``points.tensor``, calibration ``*.tensor``,
 ``gt_bboxes_3d.tensor``, ``gt_labels_3d.tensor``, ``token.txt``) loads with
@@ -37,13 +38,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of objects (default: 20-40, drawn from the seed)")
     parser.add_argument("--azimuth-steps", type=int, default=DEFAULT_AZIMUTH_STEPS,
                         help="lidar azimuth steps per revolution (32 beams each)")
+    parser.add_argument("--sweeps", type=int, default=1,
+                        help="lidar sweeps aggregated into the cloud (past ones 0.05 s apart, "
+                             "motion-compensated; time lag in the fifth column)")
+    parser.add_argument("--ego-velocity", type=float, nargs=2, default=(0.0, 0.0), metavar=("VX", "VY"),
+                        help="ego velocity in m/s (lidar frame) while the past sweeps were taken")
     args = parser.parse_args(argv)
     if args.objects is not None and args.objects < 0:
         parser.error("--objects must be >= 0")
     if args.azimuth_steps <= 0:
         parser.error("--azimuth-steps must be positive")
+    if args.sweeps < 1:
+        parser.error("--sweeps must be >= 1")
     start = time.perf_counter()
-    scene = generate_scene(args.seed, args.objects, azimuth_steps=args.azimuth_steps)
+    scene = generate_scene(args.seed, args.objects, azimuth_steps=args.azimuth_steps,
+                           sweeps=args.sweeps, ego_velocity=tuple(args.ego_velocity))
     seconds = time.perf_counter() - start
     directory = write_example_folder(scene, args.out)
     print(summary(scene, directory, seconds))
