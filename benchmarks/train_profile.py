@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from bevfusion_ros.model.presets import get_preset
 from bevfusion_ros.train.data import SceneDataset, collate_samples
-from bevfusion_ros.train.loop import TrainConfig, _new_trainer
+from bevfusion_ros.train.loop import TrainConfig, new_trainer
 
 
 def _build(args: tuple[str, str, int]) -> int:
@@ -55,7 +55,7 @@ def profile_batch(preset_name: str, seeds: list[int], cache: str, batch: int, st
         config = TrainConfig(preset=get_preset(preset_name), seeds=seeds, out_dir=Path(out),
                              batch_size=batch, device=device, amp=True, cache_dir=Path(cache),
                              rulebook_cache=len(seeds), log=None)
-        trainer, _ = _new_trainer(config)
+        trainer, _ = new_trainer(config)
     dataset = SceneDataset(config.preset, seeds, cache, memory_cache=True)
     samples = [dataset[i] for i in range(len(seeds))]
     batches = itertools.cycle([samples[i:i + batch] for i in range(0, len(samples), batch)])

@@ -3,13 +3,14 @@ and ``bevfusion-eval --through-node`` run the product this way, as a user would.
 
     result = replay_through_node(model_dir, bag, out_dir, backend="cpu", lockstep=True)
     result.detections    # {lidar stamp ns: Detections} from the recorded Detection3DArray
+    result.in_order(stamps)   # one Detections per stamp, empty where the node did not answer
 
 * The node gets a parameter file (:func:`node_params`): the model's pipeline config (optionally
   with ``head.score_threshold`` replaced) plus the node section for bags (reliable input QoS,
   clouds with ``time_lag``, one sweep).
-* This process sets the safe ROS environment (localhost discovery, its own domain id and
-  ROS_HOME, :func:`bevfusion_ros.ros.environment.safe_ros_environment`) before rclpy loads,
-  records ``/bevfusion/detections``, ``/bevfusion/frame_info``, ``/bevfusion/markers`` and
+* While it runs, this process's environment is the safe ROS one (localhost discovery, its own
+  domain id and a temporary ROS_HOME, :func:`bevfusion_ros.ros.environment.safe_ros_environment`;
+  restored afterwards), which the node inherits; this process records ``/bevfusion/detections``, ``/bevfusion/frame_info``, ``/bevfusion/markers`` and
   ``/diagnostics`` into ``out_dir/detections.mcap``, and plays the bag (``bevfusion-play``).
 * ``lockstep``: after each cloud the player waits until the node has answered it (a FrameInfo
   for every cloud so far, at most ``frame_timeout`` seconds), so that no frame is dropped
@@ -28,10 +29,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-from bevfusion_ros.config import load_config, save_config
-from bevfusion_ros.detections import Detections
+import numpy as np
+
+from bevfusion_ros.config import PipelineConfig, load_config, save_config
+from bevfusion_ros.detections import BOX_COLUMNS, Detections
 from bevfusion_ros.ros.environment import safe_ros_environment
 
 DETECTIONS_TOPIC = "/bevfusion/detections"
@@ -50,17 +53,24 @@ class NodeReplay:
     """What :func:`replay_through_node` saw: clouds played, the node's answers by lidar stamp."""
 
     frames: int                                  # clouds in the bag
-    detections: dict[int, Detections]            # lidar stamp (ns) -> the node's boxes
+    class_names: tuple[str, ...]                 # of the model
+    detections: dict[int, Detections] = field(default_factory=dict)  # lidar stamp (ns) -> boxes
     frame_infos: dict[int, Any] = field(default_factory=dict)   # stamp -> FrameInfo
     diagnostics: list[Any] = field(default_factory=list)
     recorded: Path | None = None
     seconds: float = 0.0
 
+    def in_order(self, stamps: Sequence[int]) -> list[Detections]:
+        """The node's boxes for each of ``stamps``; no boxes for a frame it did not answer."""
+        empty = Detections(boxes=np.zeros((0, len(BOX_COLUMNS)), np.float32),
+                           class_names=self.class_names)
+        return [self.detections.get(stamp, empty) for stamp in stamps]
 
-def node_params(model: Path, path: Path, backend: str, score_threshold: float | None = None) -> Path:
-    """The node's parameter file: the model's pipeline config (``score_threshold`` replacing
+
+def node_params(model: Path, config: PipelineConfig, path: Path, backend: str,
+                score_threshold: float | None = None) -> Path:
+    """The node's parameter file: the model's pipeline ``config`` (``score_threshold`` replacing
     ``head.score_threshold`` when given) + the node section for bags."""
-    config = load_config(model / "bevfusion.yaml")
     if score_threshold is not None:
         config = dataclasses.replace(config, head=dataclasses.replace(
             config.head, score_threshold=score_threshold)).validate()
@@ -79,22 +89,24 @@ def replay_through_node(model: Path, bag: Path, out_dir: Path, backend: str = "a
     ``domain_id``: the ROS domain of both processes (default: one derived from the pid)."""
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = node_params(model, out_dir / "node_params.yaml", backend, score_threshold)
+    config = load_config(model / "bevfusion.yaml")
+    params = node_params(model, config, out_dir / "node_params.yaml", backend, score_threshold)
     domain = domain_id if domain_id is not None else 1 + os.getpid() % 101
     with _safe_environment(domain), (out_dir / "node.log").open("w") as node_log:
         process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args",
                                     "--params-file", str(params)],
                                    env=dict(os.environ), stdout=node_log, stderr=subprocess.STDOUT)
         try:
-            replay = _play_and_record(bag, out_dir, process, lockstep, frame_timeout, timeout, log)
+            frames = _play_and_record(bag, out_dir, process, lockstep, frame_timeout, timeout, log)
         finally:
             process.terminate()
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
-    replay.seconds = time.monotonic() - started
-    return _read_outputs(replay, load_config(model / "bevfusion.yaml").head.class_names)
+    replay = NodeReplay(frames, config.head.class_names, recorded=out_dir / RECORDED_FILE,
+                        seconds=time.monotonic() - started)
+    return _read_outputs(replay)
 
 
 @contextlib.contextmanager
@@ -113,7 +125,8 @@ def _safe_environment(domain_id: int) -> Iterator[None]:
 
 
 def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockstep: bool,
-                     frame_timeout: float, timeout: float, log: Callable[[str], None]) -> NodeReplay:
+                     frame_timeout: float, timeout: float, log: Callable[[str], None]) -> int:
+    """Play ``bag`` into the running node, recording its outputs; returns the clouds played."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
@@ -155,7 +168,7 @@ def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockst
         executor.shutdown()
         node.destroy_node()
         context.try_shutdown()
-    return NodeReplay(frames=frames, detections={}, recorded=out_dir / RECORDED_FILE)
+    return frames
 
 
 def _wait_for_node(node: Any, process: subprocess.Popen, lidar_topic: str, out_dir: Path) -> None:
@@ -166,19 +179,17 @@ def _wait_for_node(node: Any, process: subprocess.Popen, lidar_topic: str, out_d
         time.sleep(0.2)
 
 
-def _wait_for_answers(recorder: Any, count: int, timeout: float, process: subprocess.Popen) -> bool:
-    """Wait until ``count`` FrameInfo messages were recorded (False after ``timeout`` s)."""
+def _wait_for_answers(recorder: Any, count: int, timeout: float, process: subprocess.Popen) -> None:
+    """Wait until ``count`` FrameInfo messages were recorded, at most ``timeout`` seconds (the
+    frames left unanswered then show as missing in :meth:`NodeReplay.in_order`)."""
     deadline = time.monotonic() + timeout
-    while recorder.counts.get(FRAME_INFO_TOPIC, 0) < count:
+    while recorder.counts.get(FRAME_INFO_TOPIC, 0) < count and time.monotonic() <= deadline:
         if process.poll() is not None:
             raise NodeRunError("the node exited while the bag was playing")
-        if time.monotonic() > deadline:
-            return False
         time.sleep(0.01)
-    return True
 
 
-def _read_outputs(replay: NodeReplay, class_names: tuple[str, ...]) -> NodeReplay:
+def _read_outputs(replay: NodeReplay) -> NodeReplay:
     """Detections (with the FrameInfo velocities) and diagnostics from the recorded bag."""
     from bevfusion_ros.ros.bag import read_bag
     from bevfusion_ros.ros.convert import msg_to_detections, stamp_to_ns
@@ -189,7 +200,8 @@ def _read_outputs(replay: NodeReplay, class_names: tuple[str, ...]) -> NodeRepla
         stamp = stamp_to_ns(bag_message.message.header.stamp)
         info = infos.get(stamp)
         replay.detections[stamp] = msg_to_detections(
-            bag_message.message, class_names, list(info.velocities) if info is not None else None)
+            bag_message.message, replay.class_names,
+            list(info.velocities) if info is not None else None)
     replay.frame_infos = infos
     replay.diagnostics = [m.message for m in read_bag(replay.recorded, ["/diagnostics"])]
     return replay

@@ -120,20 +120,22 @@ def summarize(args: argparse.Namespace, model: Path, replay, scenes: list, note:
     """detections.json, visualization.png, mAP (generated scenes) and the summary lines."""
     from bevfusion_ros.io.frame import load_example_data
     from bevfusion_ros.visualize import save_visualization
+    from bevfusion_ros.tools.make_bag import scene_stamp_ns
     config = load_config(model / "bevfusion.yaml")
-    class_names = config.head.class_names
-    stamps = sorted(replay.detections)
-    last = replay.detections[stamps[-1]]
+    if scenes:                                   # the last scene the node answered
+        stamps = [scene_stamp_ns(index) for index in range(len(scenes))]
+        index = max(i for i, stamp in enumerate(stamps) if stamp in replay.detections)
+        last_stamp = stamps[index]
+        frame, truth = scenes[index].to_frame(), ground_truth_detections(scenes[index], replay.class_names)
+    else:
+        last_stamp = max(replay.detections)
+        frame, truth = load_example_data(args.data, config.camera_names), None
+    last = replay.detections[last_stamp]
     last.to_json(args.out / "detections.json")
     shown = dataclasses.replace(last, boxes=last.boxes[last.scores >= DISPLAY_SCORE])
     shown_config = dataclasses.replace(config, head=dataclasses.replace(config.head, score_threshold=DISPLAY_SCORE))
-    if scenes:
-        scene = scenes[min(len(scenes), len(stamps)) - 1]
-        frame, truth = scene.to_frame(), ground_truth_detections(scene, class_names)
-    else:
-        frame, truth = load_example_data(args.data, config.camera_names), None
     save_visualization(args.out / "visualization.png", frame, shown, shown_config, note, truth)
-    info = replay.frame_infos.get(stamps[-1])
+    info = replay.frame_infos.get(last_stamp)
     stages = {value.key.removeprefix("stage_ms."): value.value for status in replay.diagnostics[-1:]
               for entry in status.status for value in entry.values if value.key.startswith("stage_ms.")}
     print(f"[demo] frames in: {replay.frames} lidar sweeps (+ 6 images each); answered: "
@@ -144,19 +146,16 @@ def summarize(args: argparse.Namespace, model: Path, replay, scenes: list, note:
               f"message-to-detection latency {info.latency_ms:.0f} ms)")
     print("[demo] per stage (ms): " + ", ".join(f"{name} {ms}" for name, ms in stages.items()))
     if scenes:
-        print_map(replay, scenes, stamps, class_names)
+        print_map(replay.in_order(stamps), scenes, replay.class_names)
     print(f"[demo] wrote {replay.recorded}, {args.out / 'detections.json'}, "
           f"{args.out / 'visualization.png'}" + (f" ({note})" if note else "")
           + f"; total {time.monotonic() - started:.0f} s")
 
 
-def print_map(replay, scenes: list, stamps: list[int], class_names: tuple[str, ...]) -> None:
-    """mAP of the node's boxes on the generated scenes (every frame; a missing answer scores 0)."""
+def print_map(predictions: list[Detections], scenes: list, class_names: tuple[str, ...]) -> None:
+    """mAP of the node's boxes (one per scene; no boxes where it did not answer) on the scenes."""
     from bevfusion_ros.evaluation import evaluate
     from bevfusion_ros.tools.eval import scene_ground_truth
-    from bevfusion_ros.tools.make_bag import scene_stamp_ns
-    empty = Detections(boxes=np.zeros((0, 11), np.float32), class_names=class_names)
-    predictions = [replay.detections.get(scene_stamp_ns(index), empty) for index in range(len(scenes))]
     result = evaluate(predictions, [scene_ground_truth(scene) for scene in scenes], class_names)
     car = result.class_mean_ap.get("car", float("nan"))
     print(f"[demo] through the node on {len(scenes)} generated scenes: mAP {result.mean_ap:.3f} "

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from bevfusion_ros.config import PipelineConfig, load_config
-from bevfusion_ros.detections import Detections
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import FrameError, load_example_data
@@ -215,9 +214,8 @@ def run_through_node(args: argparse.Namespace) -> Evaluated:
     from bevfusion_ros.pipeline import model_info, weights_note
     from bevfusion_ros.ros.node_runner import replay_through_node
     from bevfusion_ros.tools.make_bag import scene_stamp_ns, write_frames_bag
-    class_names = load_config(args.model / "bevfusion.yaml").head.class_names
-    out = Evaluated(weights_note=weights_note(model_info(args.model)), class_names=class_names,
-                    trained=model_info(args.model).get("trained"))
+    info = model_info(args.model)
+    out = Evaluated(weights_note=weights_note(info), trained=info.get("trained"))
 
     def frames() -> Iterator[Frame]:
         for item in synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers):
@@ -231,13 +229,12 @@ def run_through_node(args: argparse.Namespace) -> Evaluated:
         write_frames_bag(frames(), bag, progress=lambda line: print(line, flush=True))
         replay = replay_through_node(args.model, bag, args.node_out, args.backend, lockstep=True,
                                      score_threshold=0.0, log=lambda line: print(line, flush=True))
-    empty = Detections(boxes=np.zeros((0, 11), np.float32), class_names=class_names)
-    out.predictions = [replay.detections.get(scene_stamp_ns(index), empty)
-                       for index in range(len(out.names))]
-    missing = len(out.names) - sum(scene_stamp_ns(i) in replay.detections for i in range(len(out.names)))
-    backends = {info.backend for info in replay.frame_infos.values()}
+    stamps = [scene_stamp_ns(index) for index in range(len(out.names))]
+    out.predictions, out.class_names = replay.in_order(stamps), replay.class_names
+    answered = len(set(stamps) & replay.detections.keys())
+    backends = {frame_info.backend for frame_info in replay.frame_infos.values()}
     out.backend = f"bevfusion_node ({', '.join(sorted(backends))})"
-    print(f"node answered {len(out.names) - missing} of {len(out.names)} frames in "
+    print(f"node answered {answered} of {len(out.names)} frames in "
           f"{replay.seconds:.0f} s (outputs in {args.node_out})", flush=True)
     return out
 

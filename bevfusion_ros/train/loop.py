@@ -316,7 +316,7 @@ def _batches(dataset: SceneDataset, order: list[int], batch_size: int, workers: 
 
 
 @dataclass
-class _Trainer:
+class Trainer:
     """The model, optimiser and loss settings of one run: :meth:`step` is one optimiser step."""
 
     model: BEVFusionModel
@@ -353,8 +353,13 @@ class _Trainer:
             self.optimizer.step()
         return {**terms.as_dict(), "grad_norm": float(grad_norm)}   # float() waits for the device
 
+    def checkpoint(self, out_dir: Path, step: int, per_epoch: int) -> Path:
+        """:func:`save_checkpoint` after ``step`` steps of ``per_epoch`` per epoch; model.pt."""
+        return save_checkpoint(self.model, self.optimizer, self.scaler, out_dir, step // per_epoch,
+                               step, self.config)
 
-def _new_trainer(config: TrainConfig) -> tuple[_Trainer, int]:
+
+def new_trainer(config: TrainConfig) -> tuple[Trainer, int]:
     """Model, optimiser and scaler of ``config`` (resumed if asked); returns the steps done."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
@@ -367,7 +372,7 @@ def _new_trainer(config: TrainConfig) -> tuple[_Trainer, int]:
     if config.resume is not None:
         done = _load_resume(model, optimizer, scaler, config.resume, config.log)
         model.to(device)
-    return _Trainer(model, optimizer, scaler, config, RulebookCache(config.rulebook_cache)), done
+    return Trainer(model, optimizer, scaler, config, RulebookCache(config.rulebook_cache)), done
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -375,8 +380,8 @@ def train(config: TrainConfig) -> TrainResult:
     log = config.log or (lambda _message: None)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer, step = _new_trainer(config)
-    model, device = trainer.model, torch.device(config.device)
+    trainer, step = new_trainer(config)
+    device = torch.device(config.device)
     dataset = SceneDataset(config.preset, config.seeds, config.cache_dir, config.memory_cache,
                            config.target_config, config.num_objects)
     per_epoch = math.ceil(len(dataset) / config.batch_size)
@@ -416,8 +421,7 @@ def train(config: TrainConfig) -> TrainResult:
                 if step >= stop or time.monotonic() >= deadline:
                     break
             if step % per_epoch == 0 or step >= stop or time.monotonic() >= deadline:
-                model_path = save_checkpoint(model, trainer.optimizer, trainer.scaler, out_dir,
-                                             step // per_epoch, step, config)
+                model_path = trainer.checkpoint(out_dir, step, per_epoch)
                 log_file.flush()
                 log(f"step {step}/{total}: checkpoint {model_path}")
     if step < total:
@@ -425,7 +429,7 @@ def train(config: TrainConfig) -> TrainResult:
     return _finish(trainer, dataset, config, out_dir, step, per_epoch, total, history)
 
 
-def _finish(trainer: _Trainer, dataset: SceneDataset, config: TrainConfig, out_dir: Path,
+def _finish(trainer: Trainer, dataset: SceneDataset, config: TrainConfig, out_dir: Path,
             step: int, per_epoch: int, total: int, history: list[dict[str, Any]]) -> TrainResult:
     """After the last step of the run: precise BN, checkpoint, export (not when paused)."""
     log = config.log or (lambda _message: None)
@@ -436,11 +440,9 @@ def _finish(trainer: _Trainer, dataset: SceneDataset, config: TrainConfig, out_d
                                   config.amp, trainer.rulebooks)
         log(f"precise BN: statistics of {count} BatchNorm layers re-estimated on "
             f"{min(config.precise_bn, len(dataset))} scenes")
-        model_path = save_checkpoint(trainer.model, trainer.optimizer, trainer.scaler, out_dir,
-                                     step // per_epoch, step, config)
+        model_path = trainer.checkpoint(out_dir, step, per_epoch)
     if not model_path.is_file():
-        model_path = save_checkpoint(trainer.model, trainer.optimizer, trainer.scaler, out_dir,
-                                     step // per_epoch, step, config)
+        model_path = trainer.checkpoint(out_dir, step, per_epoch)
     export_dir = None
     if config.export and finished:
         from bevfusion_ros.model.export import export_model_set

@@ -58,6 +58,18 @@ def test_a_scenes_bag_holds_the_scenes_exactly(scenes, scenes_bag):
         np.testing.assert_array_equal(rgb, scene.images[back])
 
 
+def test_a_compressed_scenes_bag_holds_jpegs_of_the_images(scenes, tmp_path):
+    import cv2
+    path = tmp_path / "compressed.mcap"
+    write_frames_bag([scenes[0].to_frame()], path, compressed=True)
+    assert "/CAM_BACK/image_raw" not in bag_summary(path)
+    (message,) = [m.message for m in read_bag(path, ["/CAM_BACK/image_raw/compressed"])]
+    assert message.format == "jpeg"
+    bgr = cv2.imdecode(np.frombuffer(bytes(message.data), np.uint8), cv2.IMREAD_COLOR)
+    rgb = scenes[0].images[scenes[0].calibration.camera_names.index("BACK")]
+    assert np.abs(bgr[..., ::-1].astype(int) - rgb).mean() < 2.0          # JPEG quality 95
+
+
 def test_the_node_publishes_the_pipelines_boxes(scenes, scenes_bag, ros_env, tmp_path):
     replay = replay_through_node(MODEL, scenes_bag, tmp_path, "cpu", score_threshold=0.0,
                                  domain_id=ros_env.domain_id)
