@@ -1,6 +1,7 @@
 """Pipeline configuration as dataclasses, loaded from the node's ROS-parameter YAML.
 
-The YAML file (``config/nuscenes.yaml``) is a ROS 2 parameter file: the values live under
+The YAML file (a model folder's ``bevfusion.yaml``, or ``config/cuda-bevfusion-resnet50.yaml``
+for NVIDIA's) is a ROS 2 parameter file: the values live under
 ``<node name or /**>: ros__parameters:``.  ``load_config`` reads that section (or a plain
 mapping without the ROS wrapper) into :class:`PipelineConfig`, rejecting unknown keys and
 invalid values with a message naming the key.

@@ -182,6 +182,8 @@ class BEVFusionPipeline:
         ``fp32`` (everything float32, for parity with the CPU path).
         """
         model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelDirError(f"model folder {model_dir} does not exist (or is not a folder)")
         missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
         if config is None and not (model_dir / CONFIG_FILE).is_file():
             missing.append(f"{CONFIG_FILE} (or pass a config)")

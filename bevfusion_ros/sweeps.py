@@ -21,7 +21,8 @@ sweeps at all, is not reproduced: at run time a missing history just means fewer
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -44,12 +45,22 @@ def _rigid_inverse(matrix: np.ndarray) -> np.ndarray:
     return inverse
 
 
+def _checked_pose(world_T_lidar: np.ndarray) -> np.ndarray:
+    """``world_T_lidar`` as a float64 [4, 4]; ValueError unless finite and of that shape."""
+    pose = np.array(world_T_lidar, dtype=np.float64)
+    if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+        raise ValueError(f"world_T_lidar must be a finite [4, 4] matrix, got shape {pose.shape}")
+    return pose
+
+
 class SweepAccumulator:
     """Accumulates the current lidar sweep with up to ``num_sweeps - 1`` past ones.
 
     ``num_sweeps`` counts the current sweep (BEVFusion nuScenes: 10). Past sweeps older than
-    ``max_age_s`` are not used. After each :meth:`add`, :attr:`last_warning` holds a message
-    when the output had to be degraded (missing poses, time going backwards), else None.
+    ``max_age_s`` are not used. A past sweep stored without a pose is left out (the others are
+    used) until :meth:`refresh_poses` finds its pose; without a pose for the current sweep no
+    past sweep can be used. After each :meth:`add`, :attr:`last_warning` holds a message when
+    the output had to be degraded (missing poses, time going backwards), else None.
     """
 
     def __init__(self, num_sweeps: int = 10, close_radius_m: float = 1.0, max_age_s: float = 1.0) -> None:
@@ -99,25 +110,39 @@ class SweepAccumulator:
         history = self._history
         past = list(reversed(history))                  # newest first
         output = [np.concatenate([current, np.zeros((len(current), 1), np.float32)], axis=1)]
-        if past:
-            missing = sum(s.world_T_lidar is None for s in past)
-            if pose is None or missing:
-                which = "the current sweep" if pose is None else f"{missing} past sweep(s)"
-                self.last_warning = (
-                    f"no lidar pose for {which}: past sweeps cannot be motion-compensated; "
-                    f"using the current sweep only ({len(past)} past sweep(s) left out)")
-            else:
-                current_T_world = _rigid_inverse(pose)
-                for sweep in past:
-                    current_T_past = current_T_world @ sweep.world_T_lidar
-                    block = np.empty((len(sweep.points), 5), dtype=np.float32)
-                    block[:, :3] = sweep.points[:, :3] @ current_T_past[:3, :3].T + current_T_past[:3, 3]
-                    block[:, 3] = sweep.points[:, 3]
-                    block[:, 4] = (stamp - sweep.stamp_ns) / _NS_PER_S
-                    output.append(block)
+        if past and pose is None:
+            self.last_warning = (
+                f"no lidar pose for the current sweep: past sweeps cannot be motion-compensated; "
+                f"using the current sweep only ({len(past)} past sweep(s) left out)")
+        elif past:
+            current_T_world = _rigid_inverse(pose)
+            posed = [sweep for sweep in past if sweep.world_T_lidar is not None]
+            for sweep in posed:
+                output.append(self._compensated(sweep, current_T_world @ sweep.world_T_lidar, stamp))
+            if len(posed) < len(past):
+                self.last_warning = (f"no lidar pose for {len(past) - len(posed)} past sweep(s): "
+                                     f"left out ({len(posed)} of {len(past)} past sweep(s) used)")
 
         self._store(current, stamp, pose)
         return np.concatenate(output, axis=0)
+
+    @staticmethod
+    def _compensated(sweep: _Sweep, current_T_past: np.ndarray, stamp_ns: int) -> np.ndarray:
+        """[N, 5] float32: ``sweep`` moved into the current frame, with its time lag in s."""
+        block = np.empty((len(sweep.points), 5), dtype=np.float32)
+        block[:, :3] = sweep.points[:, :3] @ current_T_past[:3, :3].T + current_T_past[:3, 3]
+        block[:, 3] = sweep.points[:, 3]
+        block[:, 4] = (stamp_ns - sweep.stamp_ns) / _NS_PER_S
+        return block
+
+    def refresh_poses(self, pose_at: Callable[[int], np.ndarray | None]) -> None:
+        """Ask ``pose_at(stamp_ns)`` again for the pose of every stored sweep that has none
+        (odometry that arrived after its sweep); sweeps it still returns None for stay pose-less."""
+        for index, sweep in enumerate(self._history):
+            if sweep.world_T_lidar is None:
+                pose = pose_at(sweep.stamp_ns)
+                if pose is not None:
+                    self._history[index] = replace(sweep, world_T_lidar=_checked_pose(pose))
 
     def remember(self, points: np.ndarray, stamp_ns: int, world_T_lidar: np.ndarray | None) -> None:
         """Store a sweep as a past sweep without building an output (a sweep whose frame the
@@ -133,11 +158,7 @@ class SweepAccumulator:
             raise ValueError(f"points must be [N, >=4] (x, y, z, intensity, ...), got shape {points.shape}")
         current = np.ascontiguousarray(points[:, :4], dtype=np.float32)
         stamp = int(stamp_ns)
-        pose = None
-        if world_T_lidar is not None:
-            pose = np.array(world_T_lidar, dtype=np.float64)
-            if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
-                raise ValueError(f"world_T_lidar must be a finite [4, 4] matrix, got shape {pose.shape}")
+        pose = None if world_T_lidar is None else _checked_pose(world_T_lidar)
         self.last_warning = None
         history = self._history
         if history and stamp < history[-1].stamp_ns:

@@ -34,10 +34,21 @@ Policy
     A newer lidar sweep arriving while one is pending first emits the pending one as a zero_fill
     frame whose missing cameras have reason :data:`REASON_SUPERSEDED`, then is handled itself.
 
+* Lidar stamps must increase. A sweep is dropped (not emitted, nothing else changes) and listed
+  by :meth:`LidarTriggeredSync.take_drops` with a :class:`DroppedSweep` reason when its stamp
+
+  - equals the last lidar stamp (:data:`DROP_DUPLICATE`: a repeated message),
+  - is older than the last one by at most ``backwards_tolerance_s`` (:data:`DROP_OUT_OF_ORDER`:
+    jitter or a late message; emitting it would give detections older than ones already out),
+  - is ahead of ``clock_ns`` (the receiver's clock in the stamps' time base, when given) by more
+    than ``max_future_s`` (:data:`DROP_FUTURE`: a wrong sensor clock; 0 disables the check).
+
+  An image stamp ahead of ``clock_ns`` by more than ``max_future_s`` is not buffered either
+  (counted in :attr:`LidarTriggeredSync.future_images`).
 * Time going backwards (bag loop, sensor restart): a lidar stamp older than the last lidar stamp
-  seen, or an image stamp older than the newest stamp buffered for its camera by more than
-  :data:`IMAGE_BACKWARDS_TOLERANCE_NS` (1 s), clears every image buffer, the pending sweep
-  (dropped, not emitted) and the last lidar stamp, increments
+  seen by more than ``backwards_tolerance_s``, or an image stamp older than the newest stamp
+  buffered for its camera by more than ``backwards_tolerance_s``, clears every image buffer, the
+  pending sweep (dropped with reason :data:`DROP_RESET`) and the last lidar stamp, increments
   :attr:`LidarTriggeredSync.resets`, records a human-readable
   :attr:`LidarTriggeredSync.last_reset_reason`, and then handles the new message normally.
 
@@ -60,7 +71,12 @@ REASON_STALE = "stale"
 REASON_SUPERSEDED = "superseded"
 LIDAR_ONLY_PREFIX = "lidar_only: "
 
-IMAGE_BACKWARDS_TOLERANCE_NS = 1_000_000_000
+DROP_DUPLICATE = "duplicate_stamp"
+DROP_OUT_OF_ORDER = "out_of_order"
+DROP_FUTURE = "future_stamp"
+DROP_RESET = "sync_reset"
+DROP_REASONS: tuple[str, ...] = (DROP_DUPLICATE, DROP_OUT_OF_ORDER, DROP_FUTURE, DROP_RESET)
+
 NS_PER_S = 1_000_000_000
 
 
@@ -83,6 +99,16 @@ class SyncedFrame:
     def cameras_used(self) -> tuple[str, ...]:
         """Names of the cameras that have an image, in constructor order."""
         return tuple(name for name, image in self.images.items() if image is not None)
+
+
+@dataclass(frozen=True)
+class DroppedSweep:
+    """A lidar sweep the synchroniser did not emit: ``reason`` is one of :data:`DROP_REASONS`,
+    ``detail`` says why in words."""
+
+    stamp_ns: int
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -179,12 +205,15 @@ class LidarTriggeredSync:
     """Lidar-triggered approximate-time synchroniser for 1 lidar + N cameras (see module doc).
 
     Counters: ``emitted`` (frames returned), ``resets`` (time-went-backwards resets, reason in
-    ``last_reset_reason``), ``dropped_images`` (images evicted from full buffers).
+    ``last_reset_reason``), ``dropped_images`` (images evicted from full buffers),
+    ``future_images`` (images not buffered: stamp in the future); dropped sweeps are handed out
+    by :meth:`take_drops`.
     """
 
     def __init__(self, camera_names: Sequence[str], slop_s: float = 0.05,
                  missing_camera: str = "zero_fill", wait_timeout_s: float = 0.1,
-                 max_image_age_s: float = 0.5, buffer_size: int = 10) -> None:
+                 max_image_age_s: float = 0.5, buffer_size: int = 10,
+                 backwards_tolerance_s: float = 1.0, max_future_s: float = 5.0) -> None:
         self.camera_names = _validate_camera_names(camera_names)
         if missing_camera not in MISSING_CAMERA_POLICIES:
             raise ValueError(f"unknown missing_camera policy {missing_camera!r}; "
@@ -195,6 +224,8 @@ class LidarTriggeredSync:
         self.slop_ns = _seconds_to_ns("slop_s", slop_s)
         self.wait_timeout_ns = _seconds_to_ns("wait_timeout_s", wait_timeout_s)
         self.max_image_age_ns = _seconds_to_ns("max_image_age_s", max_image_age_s)
+        self.backwards_tolerance_ns = _seconds_to_ns("backwards_tolerance_s", backwards_tolerance_s)
+        self.max_future_ns = _seconds_to_ns("max_future_s", max_future_s)
         self.buffer_size = buffer_size
         self._buffers = {name: _ImageBuffer(buffer_size) for name in self.camera_names}
         self._pending: _PendingSweep | None = None
@@ -202,7 +233,9 @@ class LidarTriggeredSync:
         self.emitted = 0
         self.resets = 0
         self.dropped_images = 0
+        self.future_images = 0
         self.last_reset_reason = ""
+        self._drops: list[DroppedSweep] = []
 
     # ----------------------------------------------------------------------------- public API
 
@@ -215,21 +248,36 @@ class LidarTriggeredSync:
         """Number of images currently buffered for ``camera``."""
         return len(self._buffer_of(camera))
 
-    def add_image(self, camera: str, stamp_ns: int, message: object) -> list[SyncedFrame]:
-        """Buffer one camera image (stamp in ns); returns the pending sweep if it is now complete."""
+    def take_drops(self) -> list[DroppedSweep]:
+        """The sweeps dropped since the last call, oldest first (the list is then emptied)."""
+        drops, self._drops = self._drops, []
+        return drops
+
+    def add_image(self, camera: str, stamp_ns: int, message: object,
+                  clock_ns: int | None = None) -> list[SyncedFrame]:
+        """Buffer one camera image (stamp in ns; ``clock_ns`` the receiver's clock in the same
+        time base, None when unknown); returns the pending sweep if it is now complete."""
         buffer = self._buffer_of(camera)
         stamp_ns = operator.index(stamp_ns)
+        if self._future_by_ns(stamp_ns, clock_ns) is not None:
+            self.future_images += 1
+            return []
         newest = buffer.newest_stamp_ns
-        if newest is not None and newest - stamp_ns > IMAGE_BACKWARDS_TOLERANCE_NS:
+        if newest is not None and newest - stamp_ns > self.backwards_tolerance_ns:
             self._reset(f"camera {camera} stamp went backwards by {(newest - stamp_ns) / NS_PER_S:.6f} s "
                         f"(newest buffered {newest} ns, got {stamp_ns} ns)")
         self.dropped_images += buffer.insert(stamp_ns, message)
         return self._emit_pending_if_complete()
 
-    def add_lidar(self, stamp_ns: int, message: object, now_ns: int) -> list[SyncedFrame]:
-        """Match one lidar sweep (stamp in ns; ``now_ns`` is the receiver clock in ns)."""
+    def add_lidar(self, stamp_ns: int, message: object, now_ns: int,
+                  clock_ns: int | None = None) -> list[SyncedFrame]:
+        """Match one lidar sweep (stamp in ns; ``now_ns`` the receiver's monotonic clock in ns,
+        for the wait timeout; ``clock_ns`` its clock in the stamps' time base, None when
+        unknown); a sweep that cannot be emitted goes to :meth:`take_drops` (module docstring)."""
         stamp_ns = operator.index(stamp_ns)
         now_ns = operator.index(now_ns)
+        if self._lidar_dropped(stamp_ns, clock_ns):
+            return []
         last = self._last_lidar_stamp_ns
         if last is not None and stamp_ns < last:
             self._reset(f"lidar stamp went backwards by {(last - stamp_ns) / NS_PER_S:.6f} s "
@@ -250,6 +298,38 @@ class LidarTriggeredSync:
             return []
         self._pending = None
         return [self._emit_zero_fill(pending.stamp_ns, pending.message, self._match_all(pending.stamp_ns))]
+
+    # ---------------------------------------------------------------------- stamps checked
+
+    def _future_by_ns(self, stamp_ns: int, clock_ns: int | None) -> int | None:
+        """How far ``stamp_ns`` is ahead of ``clock_ns`` when beyond ``max_future_s``, else None."""
+        if not self.max_future_ns or not clock_ns:
+            return None
+        ahead = stamp_ns - operator.index(clock_ns)
+        return ahead if ahead > self.max_future_ns else None
+
+    def _lidar_dropped(self, stamp_ns: int, clock_ns: int | None) -> bool:
+        """Record a :class:`DroppedSweep` if the sweep at ``stamp_ns`` cannot be emitted."""
+        ahead = self._future_by_ns(stamp_ns, clock_ns)
+        last = self._last_lidar_stamp_ns
+        if ahead is not None:
+            drop = DroppedSweep(stamp_ns, DROP_FUTURE,
+                                f"lidar stamp {stamp_ns} ns is {ahead / NS_PER_S:.3f} s in the future of "
+                                f"the node's clock (limit node.sync.max_future_s = "
+                                f"{self.max_future_ns / NS_PER_S:g} s)")
+        elif last is not None and stamp_ns == last:
+            drop = DroppedSweep(stamp_ns, DROP_DUPLICATE,
+                                f"lidar stamp {stamp_ns} ns is a duplicate of the previous sweep's")
+        elif last is not None and 0 < last - stamp_ns <= self.backwards_tolerance_ns:
+            drop = DroppedSweep(stamp_ns, DROP_OUT_OF_ORDER,
+                                f"lidar stamp {stamp_ns} ns is {(last - stamp_ns) / NS_PER_S:.3f} s older "
+                                f"than the previous sweep's: out of order (within "
+                                f"node.sync.backwards_tolerance_s = "
+                                f"{self.backwards_tolerance_ns / NS_PER_S:g} s, so not a time reset)")
+        else:
+            return False
+        self._drops.append(drop)
+        return True
 
     # ------------------------------------------------------------------------------- matching
 
@@ -337,6 +417,9 @@ class LidarTriggeredSync:
         """Forget every buffered image, the pending sweep and the last lidar stamp."""
         for buffer in self._buffers.values():
             buffer.clear()
+        if self._pending is not None:
+            self._drops.append(DroppedSweep(self._pending.stamp_ns, DROP_RESET,
+                                            f"pending sweep dropped by a time reset: {reason}"))
         self._pending = None
         self._last_lidar_stamp_ns = None
         self.resets += 1

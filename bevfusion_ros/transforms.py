@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,6 +217,7 @@ class TransformBuffer:
         self.extrapolation_tolerance_ns = int(extrapolation_tolerance_ns)
         self._edges: dict[str, _Edge] = {}              # child frame -> its edge to the parent
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified by every set_transform
 
     # ---------------------------------------------------------------- filling
     def set_transform(self, parent: str, child: str, stamp_ns: int, matrix: np.ndarray,
@@ -251,6 +253,7 @@ class TransformBuffer:
                 edge.static = m
                 edge.stamps.clear()
                 edge.matrices.clear()
+                self._changed.notify_all()
                 return
             edge.static = None
             if edge.stamps and stamp < edge.stamps[-1] - self.cache_time_ns:
@@ -266,6 +269,7 @@ class TransformBuffer:
             if keep_from:
                 del edge.stamps[:keep_from]
                 del edge.matrices[:keep_from]
+            self._changed.notify_all()
 
     def clear(self) -> None:
         """Forget every transform."""
@@ -285,6 +289,20 @@ class TransformBuffer:
         except LookupError:
             return False
         return True
+
+    def wait_for_transform(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> np.ndarray:
+        """:meth:`lookup`, waiting up to ``timeout_s`` seconds for the transforms it needs to
+        arrive (as tf2's message filter waits); raises the lookup's error once that time is up."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._changed:
+            while True:
+                try:
+                    return self.lookup(target, source, stamp_ns)
+                except LookupError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise
+                    self._changed.wait(remaining)
 
     def lookup(self, target: str, source: str, stamp_ns: int) -> np.ndarray:
         """``target_T_source`` [4, 4] float64 at ``stamp_ns`` (0: the latest common time).

@@ -21,7 +21,7 @@ def generate_launch_description() -> LaunchDescription:
     share = Path(get_package_share_directory("bevfusion_ros"))
     arguments = [
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "nuscenes.yaml"),
-                              description="parameter file (pipeline sections + node section)"),
+                              description="node parameters (the geometry comes from the model folder's bevfusion.yaml)"),
         DeclareLaunchArgument("model_dir", default_value="out/models/nuscenes-r50-fp16",
                               description="CUDA-BEVFusion model folder"),
         DeclareLaunchArgument("backend", default_value="auto", description="auto | tensorrt | gpu | cpu"),

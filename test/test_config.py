@@ -8,10 +8,10 @@ import yaml
 
 from bevfusion_ros.config import ConfigError, PipelineConfig, config_from_dict, load_config, save_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "config" / "nuscenes.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "cuda-bevfusion-resnet50.yaml"
 
 
-def test_nuscenes_yaml_holds_the_resnet50_values():
+def test_resnet50_yaml_holds_the_nuscenes_values():
     config = load_config(CONFIG)
     assert config == PipelineConfig()            # the defaults are the nuScenes values too
     assert config.camera_names == ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")

@@ -177,7 +177,7 @@ def test_object_count_and_types(scenes):
 
 # ----------------------------------------------------------------------------- objects
 def test_labels_follow_config_class_order(scenes):
-    config = load_config(REPO_ROOT / "config" / "nuscenes.yaml")
+    config = load_config(REPO_ROOT / "config" / "cuda-bevfusion-resnet50.yaml")
     assert tuple(config.head.class_names) == NUSCENES_CLASS_NAMES
     all_labels = np.concatenate([scene.gt_labels for scene in scenes.values()])
     assert all_labels.min() >= 0 and all_labels.max() < 10

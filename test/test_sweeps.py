@@ -183,10 +183,13 @@ def test_missing_pose_returns_current_only_and_warns(scene):
     out = acc.add(observe(world, pose(2), ids), T0 + 2 * PERIOD, None)
     assert len(out) == len(world) and np.all(out[:, 4] == 0)
     assert "current sweep" in acc.last_warning
-    # Pose-less sweeps leave the window (num_sweeps - 1 = 2 past sweeps): full output again.
-    for k in (3, 4):                                           # sweep 2 (no pose) still a past one
+    # Only the pose-less past sweep is left out (defect: one sweep without a pose dropped every
+    # past sweep); it leaves the window (num_sweeps - 1 = 2 past sweeps) after two more sweeps.
+    for k, used in ((3, 1), (4, 3)):                           # sweep 2 (no pose) still a past one
         out = acc.add(observe(world, pose(k), ids), T0 + k * PERIOD, pose(k))
-        assert len(out) == len(world) and "1 past sweep" in acc.last_warning
+        assert "1 past sweep" in acc.last_warning and "1 of 2" in acc.last_warning
+        assert [lag for lag, _ in blocks(out)] == pytest.approx([0.0, (k - used) * PERIOD / S])
+        assert len(out) == 2 * len(world)
     out = acc.add(observe(world, pose(5), ids), T0 + 5 * PERIOD, pose(5))
     assert acc.last_warning is None and len(blocks(out)) == 3
     expected = observe(world, pose(5), ids)
@@ -262,3 +265,19 @@ def test_remember_stores_a_past_sweep_like_add():
     remembered.remember(first, 0, pose_a)
     np.testing.assert_array_equal(remembered.add(second, 50_000_000, pose_b), added.add(second, 50_000_000, pose_b))
     assert remembered.stored_stamps == added.stored_stamps == [0, 50_000_000]
+
+
+def test_refresh_poses_brings_back_a_sweep_whose_odometry_came_late(scene):
+    """A sweep stored before its odometry arrived is used once refresh_poses finds the pose."""
+    world, ids = scene
+    acc = SweepAccumulator(num_sweeps=3)
+    acc.add(observe(world, pose(0), ids), T0, pose(0))
+    acc.add(observe(world, pose(1), ids), T0 + PERIOD, None)          # its pose not there yet
+    late = {T0 + PERIOD: pose(1)}
+    acc.refresh_poses(lambda stamp: late.get(stamp))
+    out = acc.add(observe(world, pose(2), ids), T0 + 2 * PERIOD, pose(2))
+    assert acc.last_warning is None and len(blocks(out)) == 3
+    expected = observe(world, pose(2), ids)
+    for _, block in blocks(out):
+        assert np.allclose(block[:, :3], expected[block[:, 3].astype(np.int64), :3], atol=2e-4)
+    acc.refresh_poses(lambda stamp: pytest.fail("every stored sweep has a pose: no lookup"))

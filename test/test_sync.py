@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from bevfusion_ros.sync import (MISSING_CAMERA_POLICIES, REASON_NO_MATCH, REASON_STALE,
+from bevfusion_ros.sync import (DROP_DUPLICATE, DROP_FUTURE, DROP_OUT_OF_ORDER, DROP_RESET,
+                                MISSING_CAMERA_POLICIES, REASON_NO_MATCH, REASON_STALE,
                                 REASON_SUPERSEDED, LidarTriggeredSync, SyncedFrame)
 
 MS = 1_000_000  # nanoseconds per millisecond
@@ -248,11 +249,67 @@ def test_lidar_going_backwards_resets_and_next_frame_is_processed():
     assert sync.resets == 1
 
 
-def test_lidar_same_stamp_is_not_a_reset():
+def drop_reasons(sync: LidarTriggeredSync) -> list[tuple[int, str]]:
+    return [(drop.stamp_ns, drop.reason) for drop in sync.take_drops()]
+
+
+def test_repeated_lidar_stamp_is_dropped_as_duplicate_not_a_reset():
     sync = LidarTriggeredSync(["a"])
-    sync.add_lidar(ms(100), "s1", now_ns=0)
-    sync.add_lidar(ms(100), "s2", now_ns=0)
-    assert sync.resets == 0 and sync.last_reset_reason == ""
+    assert only(sync.add_lidar(ms(100), "s1", now_ns=0)).lidar == "s1"
+    assert sync.add_lidar(ms(100), "s2", now_ns=0) == []
+    assert drop_reasons(sync) == [(ms(100), DROP_DUPLICATE)]
+    assert sync.resets == 0 and sync.last_reset_reason == "" and sync.emitted == 1
+    assert sync.take_drops() == []                       # handed out once
+
+
+def test_lidar_jitter_backwards_within_tolerance_is_dropped_and_keeps_the_images():
+    """A sweep 30 ms older than the last one (defect: it cleared every image buffer, so the next
+    good frame ran with every camera black) is dropped; the next sweep still finds its images."""
+    sync = LidarTriggeredSync(["a", "b"], slop_s=0.05, backwards_tolerance_s=0.5)
+    add_images(sync, "a", ms(1000), ms(1100))
+    add_images(sync, "b", ms(1000), ms(1100))
+    only(sync.add_lidar(ms(1000), "s1", now_ns=0))
+    assert sync.add_lidar(ms(970), "late", now_ns=0) == []
+    drops = sync.take_drops()
+    assert [(d.stamp_ns, d.reason) for d in drops] == [(ms(970), DROP_OUT_OF_ORDER)]
+    assert "0.030 s older" in drops[0].detail and "backwards_tolerance_s" in drops[0].detail
+    assert sync.resets == 0
+    frame = only(sync.add_lidar(ms(1100), "s2", now_ns=0))
+    assert frame.missing == {} and frame.image_stamps_ns == {"a": ms(1100), "b": ms(1100)}
+    assert sync.add_lidar(ms(1100) - ms(500), "at tolerance", now_ns=0) == []   # exactly 0.5 s: dropped
+    assert sync.add_lidar(ms(1100) - ms(500) - 1, "beyond", now_ns=0) != []     # 1 ns more: a reset
+    assert sync.resets == 1
+
+
+def test_future_lidar_stamp_is_dropped_and_does_not_poison_later_sweeps():
+    """A sweep a day ahead of the clock (defect: the next good sweep counted as going backwards
+    and cleared every buffer) is dropped; without a clock there is no check."""
+    day = 86_400 * S
+    sync = LidarTriggeredSync(["a"], slop_s=0.05, max_future_s=5.0)
+    add_images(sync, "a", 100 * S)
+    assert sync.add_lidar(100 * S + day, "future", now_ns=0, clock_ns=100 * S) == []
+    drops = sync.take_drops()
+    assert [(d.stamp_ns, d.reason) for d in drops] == [(100 * S + day, DROP_FUTURE)]
+    assert "86400.000 s in the future" in drops[0].detail
+    frame = only(sync.add_lidar(100 * S, "good", now_ns=0, clock_ns=100 * S))
+    assert frame.missing == {} and sync.resets == 0
+    assert only(sync.add_lidar(101 * S + 5 * S, "5 s ahead", now_ns=0, clock_ns=101 * S))   # at the limit
+    assert only(sync.add_lidar(200 * S + day, "no clock", now_ns=0, clock_ns=None))
+
+
+def test_future_image_is_not_buffered():
+    day = 86_400 * S
+    sync = LidarTriggeredSync(["a"], slop_s=0.05)
+    add_images(sync, "a", 100 * S)
+    assert sync.add_image("a", 100 * S + day, "future", clock_ns=100 * S) == []
+    assert sync.future_images == 1 and sync.buffered_image_count("a") == 1
+    sync.add_image("a", 100 * S + ms(100), "next", clock_ns=100 * S)   # not "backwards by a day"
+    assert sync.resets == 0 and sync.buffered_image_count("a") == 2
+
+
+def test_zero_max_future_disables_the_check():
+    sync = LidarTriggeredSync(["a"], max_future_s=0.0)
+    assert only(sync.add_lidar(10**6 * S, "far", now_ns=0, clock_ns=S))
 
 
 def test_image_going_backwards_more_than_one_second_resets():
@@ -280,6 +337,7 @@ def test_reset_drops_pending_sweep():
     assert sync.add_lidar(10 * S, "s1", now_ns=0) == []
     assert sync.add_lidar(2 * S, "s2", now_ns=0) == []    # reset: s1 dropped, s2 pending
     assert sync.resets == 1 and sync.pending_lidar_stamp_ns == 2 * S
+    assert drop_reasons(sync) == [(10 * S, DROP_RESET)]
     assert [frame.lidar for frame in sync.poll(10 * S)] == ["s2"]
     assert sync.emitted == 1
 
@@ -331,6 +389,8 @@ def test_buffers_are_per_camera():
     ({"camera_names": ["a"], "max_image_age_s": -0.5}, "max_image_age_s"),
     ({"camera_names": ["a"], "buffer_size": 0}, "buffer_size"),
     ({"camera_names": ["a"], "buffer_size": 2.5}, "buffer_size"),
+    ({"camera_names": ["a"], "backwards_tolerance_s": -0.1}, "backwards_tolerance_s"),
+    ({"camera_names": ["a"], "max_future_s": float("inf")}, "max_future_s"),
 ])
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -395,7 +455,7 @@ def test_matches_agree_with_brute_force_reference(seed):
     for _ in range(300):
         t_ms += rng.uniform(0, 15)
         if rng.random() < 0.2:
-            lidar_ns = max(lidar_ns, ms(t_ms + rng.uniform(-30, 30)))  # never backwards
+            lidar_ns = max(lidar_ns + 1, ms(t_ms + rng.uniform(-30, 30)))  # always forwards
             frame = only(sync.add_lidar(lidar_ns, "sweep", now_ns=0))
             for camera in cameras:
                 stamp, reason = reference_match(added[camera], lidar_ns, buffer_size, slop_ns, max_age_ns)

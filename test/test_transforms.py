@@ -362,3 +362,37 @@ def test_constructor_validation():
         TransformBuffer(cache_time_s=0)
     with pytest.raises(ValueError):
         TransformBuffer(extrapolation_tolerance_ns=-1)
+
+
+def test_wait_for_transform_returns_once_the_sample_arrives_from_another_thread():
+    """The worker waits for odometry at a sweep's stamp that a /tf callback delivers later."""
+    import threading
+    buffer = TransformBuffer()
+    pose = np.eye(4)
+    pose[:3, 3] = [1.0, 2.0, 0.0]
+    buffer.set_transform("odom", "lidar", 100, np.eye(4))
+    waiting = threading.Event()
+    result: list[np.ndarray] = []
+
+    def worker() -> None:
+        waiting.set()
+        result.append(buffer.wait_for_transform("odom", "lidar", 200, timeout_s=30.0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    waiting.wait()
+    buffer.set_transform("odom", "lidar", 200, pose)      # the sample at the sweep's stamp
+    thread.join(timeout=30.0)
+    assert not thread.is_alive()
+    np.testing.assert_allclose(result[0], pose)
+
+
+def test_wait_for_transform_gives_the_lookup_error_after_the_timeout():
+    from bevfusion_ros.transforms import ExtrapolationError
+    buffer = TransformBuffer()
+    buffer.set_transform("odom", "lidar", 100, np.eye(4))
+    with pytest.raises(ExtrapolationError):
+        buffer.wait_for_transform("odom", "lidar", 200, timeout_s=0.01)
+    with pytest.raises(LookupError):
+        buffer.wait_for_transform("odom", "nowhere", 100, timeout_s=0.0)
+    np.testing.assert_allclose(buffer.wait_for_transform("odom", "lidar", 100, timeout_s=0.0), np.eye(4))

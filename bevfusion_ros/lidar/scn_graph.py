@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bevfusion_ros.engines.base import EngineError
+
 Triple = tuple[int, int, int]
 
 SPARSE_CONVOLUTION = "SparseConvolution"
@@ -170,6 +172,9 @@ def read_scn_onnx(path: Union[str, Path]) -> list[ScnNode]:
 
     Raises ValueError for ops, attributes or initializer types that libspconv would not run.
     """
-    graph = onnx.load(str(path)).graph
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as error:  # onnx raises DecodeError, OSError, ValueError, ...
+        raise EngineError(f"cannot load model file {path}: {error}") from error
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     return [_read_node(node, initializers) for node in graph.node]

@@ -19,22 +19,41 @@ Data flow:
   ``~/frame_info`` (``bevfusion_ros_msgs/FrameInfo``: cameras used/missing, per-box velocity,
   backend, latency), ``~/markers`` (``visualization_msgs/MarkerArray``), ``/diagnostics``.
 
-Bad input (undecodable images, a cloud without x/y/z, NaN points, an empty cloud, invalid
-calibration, stamps going backwards) is reported on ``/diagnostics`` and the log; the node keeps
-running and processes the next good frame. Invalid calibration keeps the last valid one.
+Bad input is reported on ``/diagnostics`` and the log, and costs at most its own frame; the node
+keeps running and processes the next good frame:
+
+* a frame that had to be degraded (points dropped or truncated, past sweeps without odometry,
+  cameras missing or undecodable, byte order corrected, calibration kept from before) is
+  published, with the reasons in ``FrameInfo.warnings``, and the diagnostic is WARN with them
+  until a clean frame clears it;
+* a cloud that cannot be read (broken layout, no x/y/z) fails its frame (ERROR once, counted in
+  ``frames_failed``) and is never read again (not kept as a past sweep);
+* a sweep with a duplicate, out-of-order (within ``node.sync.backwards_tolerance_s``) or future
+  (beyond ``node.sync.max_future_s``) stamp is dropped and counted by reason; a larger jump back
+  in time (bag loop) clears the buffers;
+* counters add up: ``frames_in = frames_out + frames_dropped + frames_failed +
+  frames_in_progress``; calibration and TF message errors are counted apart.
+
+Past sweeps are motion-compensated with the odometry at each sweep's stamp: the worker waits for
+it up to ``node.tf_timeout_s`` after the sweep arrived (as tf2's message filter does), then
+reports and leaves out only the sweeps without a pose; a pose that arrives later is still used
+for the following frames.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import rclpy
+import rclpy.logging
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -49,11 +68,13 @@ from visualization_msgs.msg import MarkerArray
 from bevfusion_ros.config import ConfigError, load_config
 from bevfusion_ros.io.calibration import Calibration, CalibrationError
 from bevfusion_ros.io.frame import Frame
-from bevfusion_ros.node_config import NodeConfig, configs_from_parameters, nest_dotted
-from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError
-from bevfusion_ros.ros import convert, pointcloud2
+from bevfusion_ros.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
+                                       nest_dotted)
+from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
+from bevfusion_ros.ros import convert
+from bevfusion_ros.ros.cloud_input import cloud_points
 from bevfusion_ros.sweeps import SweepAccumulator
-from bevfusion_ros.sync import LidarTriggeredSync, SyncedFrame
+from bevfusion_ros.sync import DROP_REASONS, DROP_RESET, DroppedSweep, LidarTriggeredSync, SyncedFrame
 from bevfusion_ros.transforms import TransformBuffer, TransformError
 from bevfusion_ros.worker import FrameWorker
 from bevfusion_ros_msgs.msg import FrameInfo
@@ -63,6 +84,10 @@ RCLPY_PARAMETERS = {"use_sim_time", "start_type_description_service"}   # declar
 POLL_PERIOD_S = 0.02
 #: Stand-in calibration of a camera without CameraInfo/TF yet: its image is black anyway.
 PLACEHOLDER_K = np.array([[1000.0, 0, 800], [0, 1000, 450], [0, 0, 1]])
+#: Diagnostic levels as ints (DiagnosticStatus.OK/WARN/ERROR are bytes).
+OK, WARN, ERROR = (ord(level) for level in (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR))
+#: Frames dropped by the worker's queue (newer frames arrived while it was busy).
+DROP_QUEUE_FULL = "queue_full"
 RELIABLE_INPUTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
                              reliability=ReliabilityPolicy.RELIABLE)
 TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
@@ -72,13 +97,22 @@ TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 
 @dataclass
 class NodeStatus:
-    """What /diagnostics reports; written by callbacks and the worker (under ``lock``)."""
+    """What /diagnostics reports; written by callbacks and the worker (under ``lock``).
+
+    ``event_level``/``event``: the most severe event (failed frame, dropped sweep, calibration or
+    TF error) since the last diagnostic, reported once; ``frame_warnings``: why the last frame
+    out was degraded, empty once a clean frame followed.
+    """
 
     frames_in: int = 0
     frames_out: int = 0
-    errors: int = 0
-    last_error: str = ""
-    last_warnings: tuple[str, ...] = ()
+    frames_failed: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)   # reason -> sweeps
+    calibration_errors: int = 0
+    tf_errors: int = 0
+    event_level: int = 0
+    event: str = ""
+    frame_warnings: tuple[str, ...] = ()
     cameras_used: tuple[str, ...] = ()
     cameras_missing: dict[str, str] = field(default_factory=dict)
     stage_ms: dict[str, float] = field(default_factory=dict)
@@ -88,21 +122,29 @@ class NodeStatus:
 
 
 class BEVFusionNode(Node):
-    """The node; ``parameter_overrides`` (tests) add to the command line's parameters."""
+    """The node; ``parameter_overrides`` (tests) add to the command line's parameters, and
+    ``command_line`` (``sys.argv`` for ``main``) is read again for ``-p`` values of a wrong type."""
 
-    def __init__(self, **node_options: Any) -> None:
+    def __init__(self, command_line: Sequence[str] = (), **node_options: Any) -> None:
         super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
         flat = {name: parameter.value for name, parameter in self._parameters.items()
                 if name not in RCLPY_PARAMETERS and not name.startswith("qos_overrides.")}
+        flat.update((name, value) for name, value in command_line_parameters(command_line).items()
+                    if name not in RCLPY_PARAMETERS)
         model_dir = Path(str(flat.get("node.model_dir", NodeConfig.model_dir)))
-        model_config = load_config(model_dir / CONFIG_FILE) if (model_dir / CONFIG_FILE).is_file() else None
-        self.config, self.settings = configs_from_parameters(nest_dotted(flat), model_config)
+        if not model_dir.is_dir():
+            raise ModelDirError(f"model folder {model_dir} (node.model_dir) does not exist")
+        model_config_path = model_dir / CONFIG_FILE
+        model_config = load_config(model_config_path) if model_config_path.is_file() else None
+        self.config, self.settings = configs_from_parameters(nest_dotted(flat), model_config, model_config_path)
         self.pipeline = BEVFusionPipeline.from_model_dir(model_dir, self.config, self.settings.backend,
                                                          self.settings.precision)
         self.status = NodeStatus()
-        self.sync = LidarTriggeredSync(self.config.camera_names, self.settings.sync.slop_s,
-                                       self.settings.sync.missing_camera, self.settings.sync.wait_timeout_s,
-                                       self.settings.sync.max_image_age_s)
+        sync = self.settings.sync
+        self.sync = LidarTriggeredSync(self.config.camera_names, sync.slop_s, sync.missing_camera,
+                                       sync.wait_timeout_s, sync.max_image_age_s,
+                                       backwards_tolerance_s=sync.backwards_tolerance_s,
+                                       max_future_s=sync.max_future_s)
         self._sync_lock = threading.Lock()
         self.transforms = TransformBuffer()
         self.sweeps = SweepAccumulator(self.settings.num_sweeps)
@@ -153,15 +195,26 @@ class BEVFusionNode(Node):
         self.create_timer(settings.diagnostics_period_s, self.publish_diagnostics)
 
     # ---------------------------------------------------------------- callbacks (never block)
+    def _clock_ns(self) -> int | None:
+        """The node's clock (ROS time) in ns, None before a simulated clock has started."""
+        return self.get_clock().now().nanoseconds or None
+
     def _on_image(self, camera: str, msg: Any) -> None:
         self._camera_frames[camera] = msg.header.frame_id
-        self._synchronize(self.sync.add_image, camera, convert.stamp_to_ns(msg.header.stamp), msg)
+        future = self.sync.future_images
+        self._synchronize(self.sync.add_image, camera, convert.stamp_to_ns(msg.header.stamp), msg,
+                          self._clock_ns())
+        if self.sync.future_images != future:
+            self._report(WARN, f"image of camera {camera} dropped: stamp "
+                         f"{convert.stamp_to_ns(msg.header.stamp)} ns is more than node.sync.max_future_s "
+                         f"= {self.settings.sync.max_future_s:g} s ahead of the node's clock")
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         try:
             self._intrinsics[camera] = convert.camera_info_intrinsics(msg)
         except ValueError as error:
-            self._report_error(f"CameraInfo of {camera}: {error} (keeping the last valid one)")
+            self._report(WARN, f"CameraInfo of {camera}: {error} (keeping the last valid one)",
+                         "calibration_errors")
 
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for transform in msg.transforms:
@@ -170,79 +223,104 @@ class BEVFusionNode(Node):
                                               convert.stamp_to_ns(transform.header.stamp),
                                               convert.transform_to_matrix(transform.transform), static)
             except (ValueError, TransformError) as error:
-                self._report_error(f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}")
+                self._report(WARN,
+                             f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}", "tf_errors")
 
     def _on_cloud(self, msg: PointCloud2) -> None:
+        stamp_ns = convert.stamp_to_ns(msg.header.stamp)
         with self.status.lock:
             self.status.frames_in += 1
-        self._lidar_history.append((convert.stamp_to_ns(msg.header.stamp), msg))
-        self._synchronize(self.sync.add_lidar, convert.stamp_to_ns(msg.header.stamp),
-                          (msg, time.monotonic()), time.monotonic_ns())
+        resets = self.sync.resets
+        drops = self._synchronize(self.sync.add_lidar, stamp_ns, (msg, time.monotonic()), time.monotonic_ns(),
+                                  self._clock_ns())
+        if self.sync.resets != resets:
+            self._lidar_history.clear()                 # sweeps of the time before the reset
+        if not any(drop.stamp_ns == stamp_ns and drop.reason != DROP_RESET for drop in drops):
+            self._lidar_history.append((stamp_ns, msg))
 
     def _poll_sync(self) -> None:
         self._synchronize(self.sync.poll, time.monotonic_ns())
 
-    def _synchronize(self, step: Any, *args: Any) -> None:
+    def _synchronize(self, step: Any, *args: Any) -> list[DroppedSweep]:
         """Run one synchronizer step (add_image, add_lidar or poll) under its lock, report a reset
-        of its buffers (stamps going backwards), and hand the frames it completed to the worker."""
+        of its buffers (stamps going backwards) and every sweep it dropped, and hand the frames it
+        completed to the worker; returns the dropped sweeps."""
         with self._sync_lock:
             resets = self.sync.resets
             frames: list[SyncedFrame] = step(*args)
-            if self.sync.resets != resets:
-                self._report_error(f"input stamps went backwards ({self.sync.last_reset_reason}): "
-                                   "buffers cleared (bag loop?)")
+            drops = self.sync.take_drops()
+            reset = self.sync.resets != resets
+        if reset:
+            self._report(WARN, f"input stamps went backwards ({self.sync.last_reset_reason}): "
+                         "buffers cleared (bag loop?)")
+        for drop in drops:
+            with self.status.lock:
+                self.status.dropped[drop.reason] += 1
+            self._report(WARN, f"sweep dropped: {drop.detail}")
         for synced in frames:
             self.worker.submit(synced)
+        return drops
 
     # ---------------------------------------------------------------- worker thread
     def _on_frame_error(self, synced: SyncedFrame, error: BaseException) -> None:
+        with self.status.lock:
+            self.status.frames_failed += 1
         if isinstance(error, (ValueError, LookupError)):          # InputError is a ValueError
-            self._report_error(f"frame at {synced.lidar_stamp_ns} ns skipped: {error}")
+            self._report(ERROR, f"frame at {synced.lidar_stamp_ns} ns skipped: {error}")
             return
-        self._report_error(f"frame at {synced.lidar_stamp_ns} ns failed: {error!r}")
+        self._report(ERROR, f"frame at {synced.lidar_stamp_ns} ns failed: {error!r}")
         self.get_logger().error("".join(traceback.format_exception(error)))
 
     def _process(self, synced: SyncedFrame) -> None:
         cloud, received = synced.lidar
         lidar_frame = cloud.header.frame_id
-        points = self._points(cloud, lidar_frame, synced.lidar_stamp_ns)
+        warnings: list[str] = []
+        points = self._points(cloud, synced.lidar_stamp_ns, received, warnings)
         missing = dict(synced.missing)
         images = self._images(synced, missing)
-        calibration = self._current_calibration(lidar_frame, missing)
+        calibration = self._current_calibration(lidar_frame, missing, warnings)
         used = tuple(name for name in self.config.camera_names if name not in missing)
         frame = Frame(images, points, calibration, lidar_stamp_ns=synced.lidar_stamp_ns)
         detections = self.pipeline.forward(frame, used)
+        warnings.extend(detections.warnings)
+        if missing:
+            warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
         latency_ms = (time.monotonic() - received) * 1e3
-        self._publish(cloud.header, detections, missing, latency_ms)
+        self._publish(cloud.header, detections, missing, latency_ms, tuple(warnings))
 
-    def _points(self, cloud: PointCloud2, lidar_frame: str, stamp_ns: int) -> np.ndarray:
+    def _points(self, cloud: PointCloud2, stamp_ns: int, received: float, warnings: list[str]) -> np.ndarray:
         """The cloud as [N, 5] float32 (x, y, z, intensity, time lag s), past sweeps included:
         the cloud's own lag channel (``node.time_lag_field``), or the last ``node.num_sweeps``
-        sweeps motion-compensated into this one (sweeps whose frames were dropped included)."""
+        sweeps motion-compensated into this one (sweeps whose frames were dropped included).
+        Why the points are degraded goes to ``warnings``."""
         lag_field = self.settings.time_lag_field
-        points = self._cloud_columns(cloud, (lag_field,) if lag_field else ())
+        points = self._decode(cloud, stamp_ns, (lag_field,) if lag_field else (), warnings)
         if lag_field:
             return points
-        self._remember_skipped_sweeps(lidar_frame, stamp_ns)
-        pose = self._lidar_pose(lidar_frame, stamp_ns) if self.settings.num_sweeps > 1 else None
+        pose = None
+        if self.settings.num_sweeps > 1:
+            lidar_frame = cloud.header.frame_id
+            self._remember_skipped_sweeps(lidar_frame, stamp_ns)
+            self.sweeps.refresh_poses(lambda past_stamp: self._lidar_pose(lidar_frame, past_stamp))
+            pose = self._sweep_pose(lidar_frame, stamp_ns, received, warnings)
         points = self.sweeps.add(points, stamp_ns, pose)
         if self.sweeps.last_warning and self.settings.num_sweeps > 1:
-            with self.status.lock:
-                self.status.last_warnings = (self.sweeps.last_warning,)
+            warnings.append(self.sweeps.last_warning)
         return points
 
-    def _cloud_columns(self, cloud: PointCloud2, extra: tuple[str, ...] = ()) -> np.ndarray:
-        """float32 [N, 4 + len(extra)]: x, y, z, intensity (0 when the cloud has none), ``extra``."""
-        fields = {f.name for f in cloud.fields}
-        absent = [name for name in ("x", "y", "z", *extra) if name not in fields]
-        if absent:
-            raise InputError(f"PointCloud2 on {self.settings.lidar_topic} lacks field(s) {absent}; "
-                             f"has {sorted(fields)}")
-        records = pointcloud2.read_points(cloud)
-        columns = [records[name] for name in ("x", "y", "z")]
-        columns.append(records["intensity"] if "intensity" in fields else np.zeros(len(records), np.float32))
-        columns.extend(records[name] for name in extra)
-        return np.stack(columns, axis=1).astype(np.float32, copy=False)
+    def _decode(self, cloud: PointCloud2, stamp_ns: int, extra: tuple[str, ...] = (),
+                warnings: list[str] | None = None) -> np.ndarray:
+        """:func:`cloud_points` of a cloud; one that cannot be read leaves the sweep history, so
+        that no later frame reads it again."""
+        try:
+            decoded = cloud_points(cloud, extra)
+        except InputError as error:
+            with contextlib.suppress(ValueError):
+                self._lidar_history.remove((stamp_ns, cloud))
+            raise InputError(f"PointCloud2 on {self.settings.lidar_topic}: {error}") from error
+        if warnings is not None:
+            warnings.extend(decoded.warnings)
+        return decoded.points
 
     def _remember_skipped_sweeps(self, lidar_frame: str, stamp_ns: int) -> None:
         """Give the accumulator the sweeps received since its newest one and before this one."""
@@ -251,15 +329,26 @@ class BEVFusionNode(Node):
         for past_stamp, past_cloud in list(self._lidar_history):
             if newest < past_stamp < stamp_ns:
                 try:
-                    self.sweeps.remember(self._cloud_columns(past_cloud), past_stamp,
-                                         self._lidar_pose(lidar_frame, past_stamp))
-                except (InputError, ValueError):
+                    points = self._decode(past_cloud, past_stamp)
+                except InputError:
                     continue                          # that frame's own diagnostic said why
+                self.sweeps.remember(points, past_stamp, self._lidar_pose(lidar_frame, past_stamp))
 
     def _lidar_pose(self, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
         try:
             return self.transforms.lookup(self.settings.world_frame, lidar_frame, stamp_ns)
         except LookupError:
+            return None
+
+    def _sweep_pose(self, lidar_frame: str, stamp_ns: int, received: float, warnings: list[str]) -> np.ndarray | None:
+        """The odometry at the sweep's stamp, waited for until ``node.tf_timeout_s`` after the
+        sweep arrived; None (and a warning) when it did not come."""
+        timeout_s = received + self.settings.tf_timeout_s - time.monotonic()
+        try:
+            return self.transforms.wait_for_transform(self.settings.world_frame, lidar_frame, stamp_ns, timeout_s)
+        except LookupError as error:
+            warnings.append(f"no odometry {self.settings.world_frame} <- {lidar_frame} at the sweep's stamp "
+                            f"within node.tf_timeout_s = {self.settings.tf_timeout_s:g} s: {error}")
             return None
 
     def _images(self, synced: SyncedFrame, missing: dict[str, str]) -> list[np.ndarray | None]:
@@ -278,14 +367,15 @@ class BEVFusionNode(Node):
                                          f"{expected[1]}x{expected[0]}")
                 except ValueError as error:
                     missing[camera] = f"bad image: {error}"
-                    self._report_error(f"camera {camera}: {error}")
+                    self.get_logger().warn(f"camera {camera}: {error}")
                     image = None
             images.append(image if image is not None else self.pipeline.black_image())
         return images
 
-    def _current_calibration(self, lidar_frame: str, missing: dict[str, str]) -> Calibration:
+    def _current_calibration(self, lidar_frame: str, missing: dict[str, str], warnings: list[str]) -> Calibration:
         """The rig calibration now: from the file, or from CameraInfo + TF (cameras without
-        either are marked missing and get a placeholder); the last valid one if it is invalid."""
+        either are marked missing and get a placeholder); the last valid one if it is invalid
+        (said in ``warnings``)."""
         if self.settings.calibration_source == "file":
             assert self._calibration is not None
             return self._calibration
@@ -312,63 +402,87 @@ class BEVFusionNode(Node):
         except CalibrationError as error:
             if self._calibration is None:
                 raise
-            self._report_error(f"invalid calibration ({error}); keeping the last valid one")
+            message = f"invalid calibration ({error}); keeping the last valid one"
+            warnings.append(message)
+            self._report(WARN, message, "calibration_errors")
         assert self._calibration is not None
         return self._calibration
 
     # ---------------------------------------------------------------- outputs
-    def _publish(self, header: Header, detections: Any, missing: dict[str, str], latency_ms: float) -> None:
+    def _publish(self, header: Header, detections: Any, missing: dict[str, str], latency_ms: float,
+                 warnings: tuple[str, ...]) -> None:
         if not self.context.ok():
             return
         out_header = Header(stamp=header.stamp, frame_id=header.frame_id)
         self.detections_pub.publish(convert.detections_to_msg(detections, out_header))
         info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
                          cameras_missing=list(missing), velocities=convert.velocities(detections),
-                         backend=self.pipeline.backend, latency_ms=float(latency_ms))
+                         backend=self.pipeline.backend, latency_ms=float(latency_ms), warnings=list(warnings))
         self.frame_info_pub.publish(info)
         if self.settings.publish_markers:
             self.markers_pub.publish(convert.detections_to_markers(detections, out_header))
         now_ns = self.get_clock().now().nanoseconds
         with self.status.lock:
             status = self.status
+            state_changed = bool(status.frame_warnings) != bool(warnings)
             status.frames_out += 1
             status.cameras_used, status.cameras_missing = detections.cameras_used, dict(missing)
             status.stage_ms, status.latency_ms = dict(detections.stage_ms), latency_ms
             status.input_age_ms = (now_ns - convert.stamp_to_ns(header.stamp)) / 1e6
-            if detections.warnings:
-                status.last_warnings = detections.warnings
-        if missing:
+            status.frame_warnings = warnings
+        for warning in warnings:
+            self.get_logger().warn(f"frame at {convert.stamp_to_ns(header.stamp)} ns degraded: {warning}")
+        if state_changed:                                 # degraded <-> clean: say so at once
             self.publish_diagnostics()
 
-    def _report_error(self, message: str) -> None:
-        self.get_logger().warn(message)
+    def _report(self, level: int, message: str, counter: str | None = None) -> None:
+        """Log ``message``, count it in ``counter`` (a NodeStatus field), make it the event of the
+        next diagnostic (unless a more severe one is pending) and publish that at once."""
+        log = self.get_logger().error if level >= ERROR else self.get_logger().warn
+        log(message)
         with self.status.lock:
-            self.status.errors += 1
-            self.status.last_error = message
+            if counter:
+                setattr(self.status, counter, getattr(self.status, counter) + 1)
+            if level >= self.status.event_level:
+                self.status.event_level, self.status.event = level, message
         self.publish_diagnostics()
 
+    def diagnostic_values(self) -> dict[str, Any]:
+        """The counters and state /diagnostics carries (under ``status.lock``)."""
+        status = self.status
+        dropped = {reason: status.dropped[reason] for reason in DROP_REASONS}
+        dropped[DROP_QUEUE_FULL] = self.worker.dropped
+        frames_dropped = sum(dropped.values())
+        return {"backend": self.pipeline.backend, "frames_in": status.frames_in,
+                "frames_out": status.frames_out, "frames_dropped": frames_dropped,
+                "frames_failed": status.frames_failed,
+                "frames_in_progress": status.frames_in - status.frames_out - frames_dropped - status.frames_failed,
+                **{f"dropped.{reason}": count for reason, count in dropped.items()},
+                "sync_resets": self.sync.resets, "future_images": self.sync.future_images,
+                "calibration_errors": status.calibration_errors, "tf_errors": status.tf_errors,
+                "cameras_used": ",".join(status.cameras_used),
+                "cameras_missing": "; ".join(f"{k}: {v}" for k, v in status.cameras_missing.items()),
+                "frame_warnings": "; ".join(status.frame_warnings),
+                "latency_ms": round(status.latency_ms, 3), "input_age_ms": round(status.input_age_ms, 3),
+                "last_event": status.event,
+                **{f"stage_ms.{name}": round(ms, 3) for name, ms in status.stage_ms.items()}}
+
     def publish_diagnostics(self) -> None:
-        """One DiagnosticStatus with the node's state: ERROR after an error since the last
-        frame out, WARN when cameras are missing, else OK."""
+        """One DiagnosticStatus with the node's state: the pending event's level (ERROR for a
+        failed frame, WARN for drops, resets and calibration/TF errors; reported once), at least
+        WARN while the last frame out was degraded, else OK."""
         if not self.context.ok():                         # shutting down (SIGINT/SIGTERM)
             return
         with self.status.lock:
             status = self.status
-            values = {"backend": self.pipeline.backend, "frames_in": status.frames_in,
-                      "frames_out": status.frames_out, "frames_dropped": self.worker.dropped,
-                      "errors": status.errors, "sync_resets": self.sync.resets,
-                      "cameras_used": ",".join(status.cameras_used),
-                      "cameras_missing": "; ".join(f"{k}: {v}" for k, v in status.cameras_missing.items()),
-                      "latency_ms": round(status.latency_ms, 3), "input_age_ms": round(status.input_age_ms, 3),
-                      "last_error": status.last_error, "warnings": "; ".join(status.last_warnings),
-                      **{f"stage_ms.{name}": round(ms, 3) for name, ms in status.stage_ms.items()}}
-            level, message = DiagnosticStatus.OK, "ok"
-            if status.cameras_missing:
-                level, message = DiagnosticStatus.WARN, f"cameras missing: {', '.join(status.cameras_missing)}"
-            if status.last_error:
-                level, message = DiagnosticStatus.ERROR, status.last_error
-                status.last_error = ""                    # reported once
-        diagnostic = DiagnosticStatus(level=level, name=f"{self.get_name()}: pipeline", message=message,
+            values = self.diagnostic_values()
+            level, message = OK, "ok"
+            if status.frame_warnings:
+                level, message = WARN, "degraded: " + "; ".join(status.frame_warnings)
+            if status.event and status.event_level >= level:
+                level, message = status.event_level, status.event
+            status.event_level, status.event = OK, ""     # reported once
+        diagnostic = DiagnosticStatus(level=bytes([level]), name=f"{self.get_name()}: pipeline", message=message,
                                       hardware_id=self.pipeline.backend,
                                       values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[diagnostic])
@@ -394,9 +508,26 @@ def calibration_from_yaml(path: Path, config: Any) -> Calibration:
         raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error
 
 
-def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = BEVFusionNode()
+def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
+    """The node, or None after logging why it cannot start in one line (a bad model folder,
+    parameter or calibration; the traceback too with ``--log-level debug``)."""
+    from bevfusion_ros.tools.cli import USER_ERRORS
+    try:
+        return BEVFusionNode(command_line=command_line)
+    except USER_ERRORS as error:
+        logger = rclpy.logging.get_logger(NODE_NAME)
+        logger.fatal("cannot start: " + " ".join(str(error).split()))
+        logger.debug("".join(traceback.format_exception(error)))
+        return None
+
+
+def main(args: list[str] | None = None) -> int:
+    command_line = sys.argv if args is None else args
+    rclpy.init(args=command_line)
+    node = start_node(command_line)
+    if node is None:
+        rclpy.try_shutdown()
+        return 1
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
@@ -409,7 +540,8 @@ def main(args: list[str] | None = None) -> None:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -558,7 +558,7 @@ def generate_scene(seed: int, num_objects: int | None = None,
                    ego_velocity: Sequence[float] = (0.0, 0.0)) -> Scene:
     """A random scene, identical for identical arguments: ``num_objects`` (default 20-40 drawn
     from the seed) objects of ``class_names`` (labels index this order; default the nuScenes
-    order of ``config/nuscenes.yaml``), the lidar sweep(s) and the six camera images. One sweep
+    order of ``config/cuda-bevfusion-resnet50.yaml``), the lidar sweep(s) and the six camera images. One sweep
     by default (what the shipped model was trained on); ``sweeps`` > 1 adds past sweeps taken
     while the ego moved at ``ego_velocity`` (:func:`simulate_lidar`); the first sweep, the
     objects and the images do not depend on them."""
