@@ -151,6 +151,7 @@ class BEVFusionNode(Node):
         self._lidar_history: collections.deque = collections.deque(maxlen=self.settings.num_sweeps)
         self._intrinsics: dict[str, np.ndarray] = {}
         self._camera_frames: dict[str, str] = {}
+        self._rejected_infos: dict[str, str] = {}      # camera -> why its last CameraInfo was refused
         self._calibration: Calibration | None = self._file_calibration()
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self._make_io()
@@ -159,7 +160,7 @@ class BEVFusionNode(Node):
             f"cameras {list(self.config.camera_names)}; lidar {self.settings.lidar_topic}; "
             f"missing_camera={self.settings.sync.missing_camera}; sweeps={self.settings.num_sweeps}")
         if self.pipeline.trained is False:
-            self.get_logger().warn("the model's weights are UNTRAINED: boxes are meaningless")
+            self.get_logger().warning("the model's weights are UNTRAINED: boxes are meaningless")
         elif self.pipeline.weights_note:
             self.get_logger().info(self.pipeline.weights_note)
 
@@ -212,9 +213,11 @@ class BEVFusionNode(Node):
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         try:
             self._intrinsics[camera] = convert.camera_info_intrinsics(msg)
+            self._rejected_infos.pop(camera, None)
         except ValueError as error:
-            self._report(WARN, f"CameraInfo of {camera}: {error} (keeping the last valid one)",
-                         "calibration_errors")
+            message = f"CameraInfo of {camera}: {error} (keeping the last valid one)"
+            self._rejected_infos[camera] = message
+            self._report(WARN, message, "calibration_errors")
 
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for transform in msg.transforms:
@@ -367,7 +370,7 @@ class BEVFusionNode(Node):
                                          f"{expected[1]}x{expected[0]}")
                 except ValueError as error:
                     missing[camera] = f"bad image: {error}"
-                    self.get_logger().warn(f"camera {camera}: {error}")
+                    self.get_logger().warning(f"camera {camera}: {error}")
                     image = None
             images.append(image if image is not None else self.pipeline.black_image())
         return images
@@ -379,6 +382,7 @@ class BEVFusionNode(Node):
         if self.settings.calibration_source == "file":
             assert self._calibration is not None
             return self._calibration
+        warnings.extend(self._rejected_infos.values())
         intrinsics, extrinsics = [], []
         for camera in self.config.camera_names:
             K, camera2lidar = self._intrinsics.get(camera), None
@@ -431,15 +435,17 @@ class BEVFusionNode(Node):
             status.input_age_ms = (now_ns - convert.stamp_to_ns(header.stamp)) / 1e6
             status.frame_warnings = warnings
         for warning in warnings:
-            self.get_logger().warn(f"frame at {convert.stamp_to_ns(header.stamp)} ns degraded: {warning}")
+            self.get_logger().warning(f"frame at {convert.stamp_to_ns(header.stamp)} ns degraded: {warning}")
         if state_changed:                                 # degraded <-> clean: say so at once
             self.publish_diagnostics()
 
     def _report(self, level: int, message: str, counter: str | None = None) -> None:
         """Log ``message``, count it in ``counter`` (a NodeStatus field), make it the event of the
         next diagnostic (unless a more severe one is pending) and publish that at once."""
-        log = self.get_logger().error if level >= ERROR else self.get_logger().warn
-        log(message)
+        if level >= ERROR:                       # (rclpy wants one severity per call site)
+            self.get_logger().error(message)
+        else:
+            self.get_logger().warning(message)
         with self.status.lock:
             if counter:
                 setattr(self.status, counter, getattr(self.status, counter) + 1)
@@ -522,23 +528,26 @@ def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
 
 
 def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM (at any time, start-up included: no traceback);
+    exit status 1 when it cannot start."""
     command_line = sys.argv if args is None else args
     rclpy.init(args=command_line)
-    node = start_node(command_line)
-    if node is None:
-        rclpy.try_shutdown()
-        return 1
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
+    node = None
     try:
+        node = start_node(command_line)
+        if node is None:
+            return 1
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception:                      # a callback racing the shutdown of the context
-        if node.context.ok():
+        if node is None or node.context.ok():
             raise
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
 
