@@ -156,11 +156,11 @@ def _model_config_with(model_config: PipelineConfig, parameters: Mapping[str, An
     return merged
 
 
-def command_line_parameters(argv: Sequence[str]) -> dict[str, Any]:
-    """The ``-p NAME:=VALUE`` / ``--param NAME:=VALUE`` parameters of a ROS command line, values
-    parsed as YAML like rcl does (``NODE:NAME:=VALUE`` too). rcl silently keeps a parameter
-    file's value when a ``-p`` value has another type; reading them here lets the node refuse
-    such a value instead of ignoring it."""
+def command_line_parameters(argv: Sequence[str], node_name: str = "bevfusion") -> dict[str, Any]:
+    """The ``-p NAME:=VALUE`` / ``--param NAME:=VALUE`` parameters of a ROS command line for
+    ``node_name`` (``NODE:NAME:=VALUE`` of another node left out), values parsed as YAML like
+    rcl does. rcl silently keeps a parameter file's value when a ``-p`` value has another type;
+    reading them here lets the node refuse such a value instead of ignoring it."""
     parameters: dict[str, Any] = {}
     in_ros_args = False
     args = list(argv)
@@ -170,12 +170,18 @@ def command_line_parameters(argv: Sequence[str]) -> dict[str, Any]:
         elif arg == "--":
             in_ros_args = False
         elif in_ros_args and arg in ("-p", "--param") and index + 1 < len(args) and ":=" in args[index + 1]:
-            name, text = args[index + 1].split(":=", 1)
-            try:
-                parameters[name.rsplit(":", 1)[-1]] = yaml.safe_load(text)
-            except yaml.YAMLError:
-                parameters[name.rsplit(":", 1)[-1]] = text
+            target, text = args[index + 1].split(":=", 1)
+            node, _, name = target.rpartition(":")
+            if node in ("", node_name):
+                parameters[name] = _yaml_value(text)
     return parameters
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def nest_dotted(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ silently misread:
 * the layout (:func:`check_layout`): every field inside ``point_step``, ``row_step`` at least a
   row, ``data`` as long as ``width x height`` points need. A violation raises
   :class:`CloudError` (an :class:`~bevfusion_ros.pipeline.InputError`) naming the numbers;
+* NaN/inf rows are dropped, with a warning;
 * the byte order: a cloud whose ``is_bigendian`` does not match its data reads as garbage
   (huge, tiny or NaN coordinates). When fewer than :data:`PLAUSIBLE_FRACTION_LOW` of the points
   are plausible (finite, within :data:`PLAUSIBLE_RANGE_M` of the sensor) as declared, but at
@@ -80,15 +81,12 @@ def plausible_fraction(xyz: np.ndarray) -> float:
     return float(plausible.mean())
 
 
-def _columns(records: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
-    """float32 [N, len(names)]; a missing ``intensity`` is zeros."""
+def _read(cloud: PointCloud2, names: tuple[str, ...]) -> np.ndarray:
+    """float32 [N, len(names)] of ``cloud``; a field it lacks (``intensity``) is zeros."""
+    records = pointcloud2.read_points(cloud)
     columns = [records[name] if name in (records.dtype.names or ()) else np.zeros(len(records), np.float32)
                for name in names]
-    return np.stack(columns, axis=1).astype(np.float32, copy=False) if columns else np.zeros((0, 0), np.float32)
-
-
-def _read(cloud: PointCloud2, names: tuple[str, ...]) -> np.ndarray:
-    return _columns(pointcloud2.read_points(cloud), names)
+    return np.stack(columns, axis=1).astype(np.float32, copy=False)
 
 
 def _other_byte_order(cloud: PointCloud2) -> PointCloud2:
@@ -106,31 +104,39 @@ def _order_name(bigendian: bool) -> str:
 
 def cloud_points(cloud: PointCloud2, extra: tuple[str, ...] = ()) -> CloudPoints:
     """x, y, z, intensity and ``extra`` of ``cloud`` as float32 [N, 4 + len(extra)] (see the
-    module docstring). Raises :class:`CloudError` for a cloud without x, y, z or ``extra``, or
-    with a broken layout."""
+    module docstring); rows with a NaN/inf value are dropped (and counted in a warning) here, so
+    that they do not come back with the sweep in later frames. Raises :class:`CloudError` for a
+    cloud without x, y, z or ``extra``, or with a broken layout."""
     fields = {f.name for f in cloud.fields}
     absent = [name for name in (*XYZ, *extra) if name not in fields]
     if absent:
         raise CloudError(f"PointCloud2 lacks field(s) {absent}; has {sorted(fields)}")
     check_layout(cloud)
     names = (*XYZ, "intensity", *extra)
+    points, warnings = _in_plausible_byte_order(cloud, names)
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        warnings.append(f"dropped {int((~finite).sum())} points with NaN/inf values")
+        points = points[finite]
+    return CloudPoints(points, tuple(warnings))
+
+
+def _in_plausible_byte_order(cloud: PointCloud2, names: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
+    """The points read as declared, or in the other byte order when only that reads plausibly."""
     points = _read(cloud, names)
     declared = plausible_fraction(points[:, :3])
     if declared >= PLAUSIBLE_FRACTION_LOW:
-        return CloudPoints(points)
-    flipped = _other_byte_order(cloud)
-    swapped_points = _read(flipped, names)
+        return points, []
+    swapped_points = _read(_other_byte_order(cloud), names)
     swapped = plausible_fraction(swapped_points[:, :3])
     stated = _order_name(bool(cloud.is_bigendian))
     if swapped >= PLAUSIBLE_FRACTION_HIGH:
-        return CloudPoints(swapped_points, (
+        return swapped_points, [
             f"PointCloud2 says is_bigendian={bool(cloud.is_bigendian)} but its data are "
             f"{_order_name(not cloud.is_bigendian)}: {declared:.0%} of the points are plausible as "
             f"{stated}, {swapped:.0%} in the other byte order; read in the other byte order "
-            f"(input corrected: fix the driver's is_bigendian)",))
-    return CloudPoints(points, (
+            f"(input corrected: fix the driver's is_bigendian)"]
+    return points, [
         f"only {declared:.0%} of the PointCloud2's points are finite and within "
         f"{PLAUSIBLE_RANGE_M:.0f} m ({swapped:.0%} in the other byte order): check its fields, "
-        f"offsets and is_bigendian",))
-
-
+        f"offsets and is_bigendian"]

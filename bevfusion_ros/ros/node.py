@@ -129,7 +129,7 @@ class BEVFusionNode(Node):
         super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
         flat = {name: parameter.value for name, parameter in self._parameters.items()
                 if name not in RCLPY_PARAMETERS and not name.startswith("qos_overrides.")}
-        flat.update((name, value) for name, value in command_line_parameters(command_line).items()
+        flat.update((name, value) for name, value in command_line_parameters(command_line, NODE_NAME).items()
                     if name not in RCLPY_PARAMETERS)
         model_dir = Path(str(flat.get("node.model_dir", NodeConfig.model_dir)))
         if not model_dir.is_dir():
