@@ -230,16 +230,21 @@ class BEVFusionNode(Node):
                              f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}", "tf_errors")
 
     def _on_cloud(self, msg: PointCloud2) -> None:
+        """Count the sweep, keep it as a candidate past sweep (before the worker can see it: a
+        cloud the worker cannot read is removed again there) and synchronise it."""
         stamp_ns = convert.stamp_to_ns(msg.header.stamp)
         with self.status.lock:
             self.status.frames_in += 1
+        entry = (stamp_ns, msg)
+        self._lidar_history.append(entry)
         resets = self.sync.resets
         drops = self._synchronize(self.sync.add_lidar, stamp_ns, (msg, time.monotonic()), time.monotonic_ns(),
                                   self._clock_ns())
-        if self.sync.resets != resets:
-            self._lidar_history.clear()                 # sweeps of the time before the reset
-        if not any(drop.stamp_ns == stamp_ns and drop.reason != DROP_RESET for drop in drops):
-            self._lidar_history.append((stamp_ns, msg))
+        if self.sync.resets != resets:                  # forget the sweeps of the time before
+            self._lidar_history.clear()
+            self._lidar_history.append(entry)
+        if any(drop.stamp_ns == stamp_ns and drop.reason != DROP_RESET for drop in drops):
+            self._lidar_history.remove(entry)           # a dropped sweep is no past sweep either
 
     def _poll_sync(self) -> None:
         self._synchronize(self.sync.poll, time.monotonic_ns())

@@ -37,7 +37,7 @@ from bevfusion_ros.sweeps import SweepAccumulator
 
 MODEL = REPO_ROOT / "models" / "tiny-synthetic"
 PERIOD_NS = 100_000_000
-TF_TIMEOUT_S = 1.0            # the sweeps node waits this long for odometry
+TF_TIMEOUT_S = 3.0            # the sweeps node waits this long for odometry
 TF_LATE_S = 0.3               # odometry sent this long after its cloud: well within the timeout
 
 
