@@ -166,6 +166,7 @@ def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockst
     finally:
         recorder.close()
         executor.shutdown()
+        spinner.join(timeout=10.0)              # no spin left on the node being destroyed
         node.destroy_node()
         context.try_shutdown()
     return frames

@@ -76,6 +76,7 @@ def test_frame_info_fields():
         "velocities": "sequence<geometry_msgs/Vector3>",
         "backend": "string",
         "latency_ms": "float",
+        "warnings": "sequence<string>",
     }
 
 
