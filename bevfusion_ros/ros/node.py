@@ -325,7 +325,7 @@ class BEVFusionNode(Node):
         except InputError as error:
             with contextlib.suppress(ValueError):
                 self._lidar_history.remove((stamp_ns, cloud))
-            raise InputError(f"PointCloud2 on {self.settings.lidar_topic}: {error}") from error
+            raise InputError(f"{self.settings.lidar_topic}: {error}") from error
         if warnings is not None:
             warnings.extend(decoded.warnings)
         return decoded.points
@@ -547,8 +547,8 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except Exception:                      # a callback racing the shutdown of the context
-        if node is None or node.context.ok():
+    except Exception:                      # start-up or a callback racing the shutdown of the context
+        if rclpy.ok():
             raise
     finally:
         if node is not None:
