@@ -537,12 +537,12 @@ def main(args: list[str] | None = None) -> int:
     exit status 1 when it cannot start."""
     command_line = sys.argv if args is None else args
     rclpy.init(args=command_line)
-    node = None
+    executor = SingleThreadedExecutor()    # before the (slow) node: a SIGINT meanwhile shuts the
+    node = None                            # context down, and an executor made then is half-built
     try:
         node = start_node(command_line)
         if node is None:
             return 1
-        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
