@@ -7,8 +7,11 @@ Pass it as ``env=`` to subprocesses, or apply it to ``os.environ`` before rclpy 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "bevfusion_ros"
@@ -64,3 +67,20 @@ def safe_ros_environment(domain_id: int, ros_home: str) -> dict[str, str]:
         FASTDDS_DEFAULT_PROFILES_FILE=str(fastdds_profile_path()),
     )
     return env
+
+
+@contextlib.contextmanager
+def safe_ros_process(domain_id: int) -> Iterator[dict[str, str]]:
+    """This process's ``os.environ`` made safe (:func:`safe_ros_environment` with ``domain_id`` and
+    a temporary ROS_HOME, removed afterwards) while the block runs: rcl reads it when a context
+    starts, child processes inherit it. Yields that environment; the old one is restored after."""
+    saved = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="bevfusion-ros-home-") as ros_home:
+        env = safe_ros_environment(domain_id, ros_home)
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            yield dict(env)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)

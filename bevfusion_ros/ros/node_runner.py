@@ -9,7 +9,7 @@ and ``bevfusion-eval --through-node`` run the product this way, as a user would.
   with ``head.score_threshold`` replaced) plus the node section for bags (reliable input QoS,
   clouds with ``time_lag``, one sweep).
 * While it runs, this process's environment is the safe ROS one (localhost discovery, its own
-  domain id and a temporary ROS_HOME, :func:`bevfusion_ros.ros.environment.safe_ros_environment`;
+  domain id and a temporary ROS_HOME, :func:`bevfusion_ros.ros.environment.safe_ros_process`;
   restored afterwards), which the node inherits; this process records ``/bevfusion/detections``, ``/bevfusion/frame_info``, ``/bevfusion/markers`` and
   ``/diagnostics`` into ``out_dir/detections.mcap``, and plays the bag (``bevfusion-play``).
 * ``lockstep``: after each cloud the player waits until the node has answered it (a FrameInfo
@@ -19,23 +19,21 @@ and ``bevfusion-eval --through-node`` run the product this way, as a user would.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from bevfusion_ros.config import PipelineConfig, load_config, save_config
 from bevfusion_ros.detections import BOX_COLUMNS, Detections
-from bevfusion_ros.ros.environment import safe_ros_environment
+from bevfusion_ros.ros.environment import safe_ros_process
 
 DETECTIONS_TOPIC = "/bevfusion/detections"
 FRAME_INFO_TOPIC = "/bevfusion/frame_info"
@@ -92,7 +90,7 @@ def replay_through_node(model: Path, bag: Path, out_dir: Path, backend: str = "a
     config = load_config(model / "bevfusion.yaml")
     params = node_params(model, config, out_dir / "node_params.yaml", backend, score_threshold)
     domain = domain_id if domain_id is not None else 1 + os.getpid() % 101
-    with _safe_environment(domain), (out_dir / "node.log").open("w") as node_log:
+    with safe_ros_process(domain), (out_dir / "node.log").open("w") as node_log:
         process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args",
                                     "--params-file", str(params)],
                                    env=dict(os.environ), stdout=node_log, stderr=subprocess.STDOUT)
@@ -107,21 +105,6 @@ def replay_through_node(model: Path, bag: Path, out_dir: Path, backend: str = "a
     replay = NodeReplay(frames, config.head.class_names, recorded=out_dir / RECORDED_FILE,
                         seconds=time.monotonic() - started)
     return _read_outputs(replay)
-
-
-@contextlib.contextmanager
-def _safe_environment(domain_id: int) -> Iterator[None]:
-    """This process's environment made safe (localhost discovery, ``domain_id``, a temporary
-    ROS_HOME: rcl reads them when a context starts, the child inherits them), restored after."""
-    saved = dict(os.environ)
-    with tempfile.TemporaryDirectory(prefix="bevfusion-node-run-") as ros_home:
-        os.environ.clear()
-        os.environ.update(safe_ros_environment(domain_id, ros_home))
-        try:
-            yield
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockstep: bool,

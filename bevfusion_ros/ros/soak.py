@@ -11,7 +11,7 @@ in, checking that the node survives, accounts for every frame and does not leak 
   file written into ``out_dir`` (:func:`node_parameters`: CPU backend, reliable input QoS, the
   soak's own input topics, ``num_sweeps`` past sweeps motion-compensated with TF odometry in
   ``odom``), its log in ``out_dir/node.log``. This process and the node share the safe ROS
-  environment (:func:`bevfusion_ros.ros.environment.safe_ros_environment`: localhost
+  environment (:func:`bevfusion_ros.ros.environment.safe_ros_process`: localhost
   discovery, the soak's own domain id, a temporary ROS_HOME removed afterwards).
 * The messages of a few generated scenes are built once; each frame re-stamps their headers in
   place and publishes 6 CameraInfo, 6 Image, the ``odom -> lidar`` odometry on ``/tf`` (the ego
@@ -47,14 +47,13 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from bevfusion_ros.ros.environment import safe_ros_environment
+from bevfusion_ros.ros.environment import safe_ros_process
 
 NS_PER_S = 1_000_000_000
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -203,23 +202,6 @@ class SoakReport:
 
 
 # ------------------------------------------------------------------------------- environment
-@contextlib.contextmanager
-def ros_environment(domain_id: int) -> Iterator[dict[str, str]]:
-    """``os.environ`` made safe for ROS 2 (localhost discovery, ``domain_id``, a temporary
-    ROS_HOME, removed afterwards) while the block runs: rcl reads it when a context starts and
-    the node inherits it. Yields the environment for child processes; restores the old one."""
-    saved = dict(os.environ)
-    with tempfile.TemporaryDirectory(prefix="bevfusion-soak-ros-home-") as ros_home:
-        env = safe_ros_environment(domain_id, ros_home)
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            yield dict(env)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-
 def default_domain_id() -> int:
     """A domain id in 1..101 derived from this process's id."""
     return 1 + os.getpid() % 101
@@ -761,7 +743,7 @@ def run_soak(options: SoakOptions, log: Callable[[str], None] = print) -> SoakRe
                         log_path=str(options.out_dir / "node.log"))
     params = node_parameters(options, options.out_dir / "node_params.yaml")
     domain_id = options.domain_id if options.domain_id is not None else default_domain_id()
-    with ros_environment(domain_id) as env:
+    with safe_ros_process(domain_id) as env:
         node = NodeProcess(params, options.out_dir / "node.log", env)
         sampler = RssSampler(node.pid, options.rss_period_s)
         driver = None
