@@ -95,6 +95,29 @@ TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
+@dataclass(frozen=True)
+class CloudArrival:
+    """When a sweep reached the node: ``monotonic_s`` of its callback, and ``transport_ms`` from
+    the publisher's write (the DDS source timestamp, same host clock) to that callback."""
+
+    monotonic_s: float
+    transport_ms: float
+
+
+class FramePhases:
+    """Consecutive phases of one frame, milliseconds by name in order: :meth:`lap` closes the
+    phase that ran since the previous lap (or since ``start_s``, a ``time.monotonic()``)."""
+
+    def __init__(self, start_s: float, **earlier_ms: float) -> None:
+        self.ms: dict[str, float] = dict(earlier_ms)
+        self._last_s = start_s
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._last_s) * 1e3
+        self._last_s = now
+
+
 @dataclass
 class NodeStatus:
     """What /diagnostics reports; written by callbacks and the worker (under ``lock``).
@@ -116,6 +139,7 @@ class NodeStatus:
     cameras_used: tuple[str, ...] = ()
     cameras_missing: dict[str, str] = field(default_factory=dict)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    phase_ms: dict[str, float] = field(default_factory=dict)
     latency_ms: float = 0.0
     input_age_ms: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,7 +208,7 @@ class BEVFusionNode(Node):
                                      lambda msg, name=camera: self._on_image(name, msg), inputs)
             self.create_subscription(CameraInfo, info_topic,
                                      lambda msg, name=camera: self._on_camera_info(name, msg), RELIABLE_INPUTS)
-        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs)
+        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs)   # (msg, info)
         self.create_subscription(TFMessage, "/tf", lambda msg: self._on_tf(msg, False), RELIABLE_INPUTS)
         self.create_subscription(TFMessage, "/tf_static", lambda msg: self._on_tf(msg, True), TF_STATIC_QOS)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -229,16 +253,18 @@ class BEVFusionNode(Node):
                 self._report(WARN,
                              f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}", "tf_errors")
 
-    def _on_cloud(self, msg: PointCloud2) -> None:
+    def _on_cloud(self, msg: PointCloud2, info: Any) -> None:
         """Count the sweep, keep it as a candidate past sweep (before the worker can see it: a
-        cloud the worker cannot read is removed again there) and synchronise it."""
+        cloud the worker cannot read is removed again there) and synchronise it. ``info`` is
+        rclpy's MessageInfo (its ``source_timestamp``: when the publisher wrote the sweep)."""
+        arrival = CloudArrival(time.monotonic(), (time.time_ns() - info["source_timestamp"]) / 1e6)
         stamp_ns = convert.stamp_to_ns(msg.header.stamp)
         with self.status.lock:
             self.status.frames_in += 1
         entry = (stamp_ns, msg)
         self._lidar_history.append(entry)
         resets = self.sync.resets
-        drops = self._synchronize(self.sync.add_lidar, stamp_ns, (msg, time.monotonic()), time.monotonic_ns(),
+        drops = self._synchronize(self.sync.add_lidar, stamp_ns, (msg, arrival), time.monotonic_ns(),
                                   self._clock_ns())
         if self.sync.resets != resets:                  # forget the sweeps of the time before
             self._lidar_history.clear()
@@ -266,11 +292,12 @@ class BEVFusionNode(Node):
                 self.status.dropped[drop.reason] += 1
             self._report(WARN, f"sweep dropped: {drop.detail}")
         for synced in frames:
-            self.worker.submit(synced)
+            self.worker.submit((synced, time.monotonic()))
         return drops
 
     # ---------------------------------------------------------------- worker thread
-    def _on_frame_error(self, synced: SyncedFrame, error: BaseException) -> None:
+    def _on_frame_error(self, item: tuple[SyncedFrame, float], error: BaseException) -> None:
+        synced = item[0]
         with self.status.lock:
             self.status.frames_failed += 1
         if isinstance(error, (ValueError, LookupError)):          # InputError is a ValueError
@@ -279,22 +306,31 @@ class BEVFusionNode(Node):
         self._report(ERROR, f"frame at {synced.lidar_stamp_ns} ns failed: {error!r}")
         self.get_logger().error("".join(traceback.format_exception(error)))
 
-    def _process(self, synced: SyncedFrame) -> None:
-        cloud, received = synced.lidar
+    def _process(self, item: tuple[SyncedFrame, float]) -> None:
+        """One synchronized frame (queued at monotonic ``item[1]``): read, infer, publish, each
+        phase timed (:class:`FramePhases`)."""
+        synced, queued_s = item
+        cloud, arrival = synced.lidar
+        phases = FramePhases(arrival.monotonic_s, transport=arrival.transport_ms)
+        phases.ms["sync"] = (queued_s - arrival.monotonic_s) * 1e3
+        phases.lap("queue")
         lidar_frame = cloud.header.frame_id
         warnings: list[str] = []
-        points = self._points(cloud, synced.lidar_stamp_ns, received, warnings)
+        points = self._points(cloud, synced.lidar_stamp_ns, arrival.monotonic_s, warnings)
+        phases.lap("points")
         missing = dict(synced.missing)
         images = self._images(synced, missing)
+        phases.lap("images")
         calibration = self._current_calibration(lidar_frame, missing, warnings)
         used = tuple(name for name in self.config.camera_names if name not in missing)
         frame = Frame(images, points, calibration, lidar_stamp_ns=synced.lidar_stamp_ns)
+        phases.lap("calibration")
         detections = self.pipeline.forward(frame, used)
+        phases.lap("forward")
         warnings.extend(detections.warnings)
         if missing:
             warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
-        latency_ms = (time.monotonic() - received) * 1e3
-        self._publish(cloud.header, detections, missing, latency_ms, tuple(warnings))
+        self._publish(cloud.header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
 
     def _points(self, cloud: PointCloud2, stamp_ns: int, received: float, warnings: list[str]) -> np.ndarray:
         """The cloud as [N, 5] float32 (x, y, z, intensity, time lag s), past sweeps included:
@@ -418,18 +454,24 @@ class BEVFusionNode(Node):
         return self._calibration
 
     # ---------------------------------------------------------------- outputs
-    def _publish(self, header: Header, detections: Any, missing: dict[str, str], latency_ms: float,
-                 warnings: tuple[str, ...]) -> None:
+    def _publish(self, header: Header, detections: Any, missing: dict[str, str], arrival_s: float,
+                 phases: FramePhases, warnings: tuple[str, ...]) -> None:
+        """Detections first (what latency is measured to), markers, then the FrameInfo that
+        carries the frame's timings (``outputs``: the two before it)."""
         if not self.context.ok():
             return
         out_header = Header(stamp=header.stamp, frame_id=header.frame_id)
         self.detections_pub.publish(convert.detections_to_msg(detections, out_header))
-        info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
-                         cameras_missing=list(missing), velocities=convert.velocities(detections),
-                         backend=self.pipeline.backend, latency_ms=float(latency_ms), warnings=list(warnings))
-        self.frame_info_pub.publish(info)
+        latency_ms = (time.monotonic() - arrival_s) * 1e3
         if self.settings.publish_markers:
             self.markers_pub.publish(convert.detections_to_markers(detections, out_header))
+        phases.lap("outputs")
+        timings = {**phases.ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
+        info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
+                         cameras_missing=list(missing), velocities=convert.velocities(detections),
+                         backend=self.pipeline.backend, latency_ms=float(latency_ms), warnings=list(warnings),
+                         timing_names=list(timings), timing_ms=[float(ms) for ms in timings.values()])
+        self.frame_info_pub.publish(info)
         now_ns = self.get_clock().now().nanoseconds
         with self.status.lock:
             status = self.status
@@ -437,6 +479,7 @@ class BEVFusionNode(Node):
             status.frames_out += 1
             status.cameras_used, status.cameras_missing = detections.cameras_used, dict(missing)
             status.stage_ms, status.latency_ms = dict(detections.stage_ms), latency_ms
+            status.phase_ms = dict(phases.ms)
             status.input_age_ms = (now_ns - convert.stamp_to_ns(header.stamp)) / 1e6
             status.frame_warnings = warnings
         for warning in warnings:
@@ -476,7 +519,8 @@ class BEVFusionNode(Node):
                 "frame_warnings": "; ".join(status.frame_warnings),
                 "latency_ms": round(status.latency_ms, 3), "input_age_ms": round(status.input_age_ms, 3),
                 "last_event": status.event,
-                **{f"stage_ms.{name}": round(ms, 3) for name, ms in status.stage_ms.items()}}
+                **{f"stage_ms.{name}": round(ms, 3) for name, ms in status.stage_ms.items()},
+                **{f"phase_ms.{name}": round(ms, 3) for name, ms in status.phase_ms.items()}}
 
     def publish_diagnostics(self) -> None:
         """One DiagnosticStatus with the node's state: the pending event's level (ERROR for a

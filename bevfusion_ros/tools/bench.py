@@ -13,6 +13,7 @@ same device as the benchmarked backend (needs the ``model`` extra), in the same 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import json
 import sys
@@ -134,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the CPU pipeline K times")
     parser.add_argument("--compare-reference", type=int, default=0, metavar="K",
                         help="also time the eager float32 PyTorch reference K times")
+    parser.add_argument("--through-node", action="store_true",
+                        help="time bevfusion_node fed over ROS 2 instead (bevfusion_ros.ros.node_bench)")
+    add_node_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")   # e.g. the backend choice
+    if args.through_node:
+        return bench_through_node(args)
     frame = load_example_data(args.data)
     pipeline = BEVFusionPipeline.from_model_dir(args.model, backend=args.backend,
                                                 precision=args.precision)
@@ -153,6 +159,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--through-node`` options; they need only argparse, the benchmark needs ROS 2."""
+    group = parser.add_argument_group("--through-node (publish -> detections over ROS 2)")
+    group.add_argument("--rates", type=float, nargs="+", default=[12.0], help="Hz, each held for --duration")
+    group.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
+    group.add_argument("--warmup-s", type=float, default=5.0, help="seconds at the first rate, not measured")
+    group.add_argument("--compressed", action="store_true", help="CompressedImage input (the folder's JPEGs)")
+    group.add_argument("--sweeps", type=int, default=1, help="> 1: past sweeps motion-compensated with /tf")
+    group.add_argument("--out", type=Path, default=Path("out/node_bench"), help="node log, published.jsonl")
+    group.add_argument("--check-boxes", action="store_true",
+                       help="compare the node's boxes with the library path's on the same frame")
+
+
+def bench_through_node(args: argparse.Namespace) -> int:
+    from bevfusion_ros.ros.node_bench import NodeBenchOptions, format_report, run_node_bench
+    options = NodeBenchOptions(model_dir=args.model, data_dir=args.data, out_dir=args.out, backend=args.backend,
+                               precision=args.precision, rates_hz=tuple(args.rates), duration_s=args.duration,
+                               warmup_s=args.warmup_s, compressed=args.compressed, num_sweeps=args.sweeps,
+                               check_boxes=args.check_boxes)
+    report = run_node_bench(options)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(dataclasses.asdict(report), indent=1))
+    return 0 if report.windows and report.node_exit_code == 0 and not report.traceback_in_log else 1
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def test_frame_info_fields():
         "backend": "string",
         "latency_ms": "float",
         "warnings": "sequence<string>",
+        "timing_names": "sequence<string>",
+        "timing_ms": "sequence<float>",
     }
 
 
