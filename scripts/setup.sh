@@ -13,17 +13,51 @@
 #    nuscenes-devkit (bevfusion-make-bag on a nuScenes data root; requirements/nuscenes.txt);
 # 6. installs the tensorrt-stubs used by the TensorRT backend's type check (build/typecheck-stubs).
 #
-# Nothing outside the repository is touched (no sudo, no ~/.bashrc); the only network used is PyPI.
+# Nothing outside the repository (and VENV, below) is touched (no sudo, no ~/.bashrc); the only
+# network used is PyPI.
 # Afterwards .venv/bin/python imports rclpy and all messages with no environment setup.
-# Environment: PYTHON (interpreter used to create .venv, default python3.11).
+#
+#   bash scripts/setup.sh --ros-only
+#
+# does steps 1-4 only (ROS wheels and interface packages), then the rclpy + messages import check:
+# for a machine that runs the node with its own Python packages (e.g. a GPU machine's torch venv).
+#
+# Environment:
+#   PYTHON  interpreter that creates the venv when one must be made (default python3.11). Naming
+#           another one (e.g. PYTHON=python3.12) makes its version the one .venv must have.
+#   VENV    an existing venv (or prefix with bin/python) to install into instead of .venv, e.g.
+#           /opt/torch/.venv: used as it is (any Python the wheels exist for), never recreated;
+#           created with $PYTHON only when the path does not exist. Its CMake builds and stamps
+#           go to build/setup-<hash of the path> (those of .venv stay in build/setup).
+#   ROS_WHEELS_DIR  a folder of wheels (e.g. .whl): the ROS wheels come from it alone
+#           (pip --no-index --find-links); what the venv already has (numpy, PyYAML, ...) is kept,
+#           since no requirement pins it. pip also reads its own PIP_* variables (PIP_NO_INDEX,
+#           PIP_FIND_LINKS, ...), which work the same way.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="$(realpath -m "${VENV:-$ROOT/.venv}")"
+if [ "$VENV" = "$(realpath -m "$ROOT/.venv")" ]; then
+  VENV_GIVEN=0
+  VENV_NAME=.venv                 # how messages name it
+  BUILD="$ROOT/build/setup"
+else
+  VENV_GIVEN=1
+  VENV_NAME="$VENV"
+  BUILD="$ROOT/build/setup-$(printf '%s' "$VENV" | sha256sum | cut -c1-12)"
+fi
 VPY="$VENV/bin/python"
-BUILD="$ROOT/build/setup"
+if [ ! -x "$VPY" ] && [ -x "$VENV/bin/python3" ]; then VPY="$VENV/bin/python3"; fi
 STAMPS="$BUILD/stamps"
+PYTHON_GIVEN="${PYTHON:+1}"
 PYTHON="${PYTHON:-python3.11}"
+ROS_ONLY=0
+# pip's options for the ROS and build-tool wheels: PyPI, or ROS_WHEELS_DIR alone.
+PIP_SOURCE=()
+if [ -n "${ROS_WHEELS_DIR:-}" ]; then
+  [ -d "$ROS_WHEELS_DIR" ] || { echo "[setup] error: ROS_WHEELS_DIR=$ROS_WHEELS_DIR is no folder" >&2; exit 1; }
+  PIP_SOURCE=(--no-index --find-links "$(realpath "$ROS_WHEELS_DIR")")
+fi
 # Used only when the machine lacks cmake or ninja: pinned wheels from PyPI, installed into .venv.
 CMAKE_WHEEL="cmake==3.31.10"
 NINJA_WHEEL="ninja==1.13.2"
@@ -52,21 +86,49 @@ stamp_matches() {
   [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]
 }
 
+# Prints the major.minor version of the Python interpreter $1 (nothing if it does not run).
+python_version() {
+  "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
+}
+
+# Makes sure pip runs in the venv (one made by uv has none): ensurepip needs no network.
+ensure_pip() {
+  "$VPY" -m pip --version >/dev/null 2>&1 && return
+  log "installing pip into $VENV_NAME (ensurepip)"
+  "$VPY" -m ensurepip --upgrade >/dev/null
+}
+
 create_venv() {
-  if [ -x "$VPY" ] && "$VPY" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
-    log "skip: .venv exists ($("$VPY" -V))"
+  local want=3.11
+  if [ "$VENV_GIVEN" = 1 ] && [ -x "$VPY" ]; then
+    # A given environment is used as it is, whatever its Python: never recreated.
+    ensure_pip
+    log "skip: using the existing environment $VENV ($("$VPY" -V))"
+    return
+  fi
+  if [ "$VENV_GIVEN" = 1 ] && [ -e "$VENV" ]; then
+    log "error: VENV=$VENV exists but has no bin/python (it is never deleted: point VENV elsewhere)"
+    exit 1
+  fi
+  if [ -n "$PYTHON_GIVEN" ]; then
+    command -v "$PYTHON" >/dev/null || { log "error: PYTHON=$PYTHON not found"; exit 1; }
+    want="$(python_version "$PYTHON")"
+  fi
+  if [ -x "$VPY" ] && [ "$(python_version "$VPY")" = "$want" ]; then
+    log "skip: $VENV_NAME exists ($("$VPY" -V))"
     return
   fi
   command -v "$PYTHON" >/dev/null || { log "error: $PYTHON not found (set PYTHON=...)"; exit 1; }
   if [ -e "$VENV" ]; then
-    log "recreating .venv: it has no working Python 3.11"
+    log "recreating $VENV_NAME: it has no working Python $want"
   else
-    log "creating .venv with $PYTHON"
+    log "creating $VENV_NAME with $PYTHON"
   fi
   rm -rf "$VENV" "$STAMPS"       # stamps describe what is inside a venv: a new venv has nothing
   "$PYTHON" -m venv "$VENV"
+  VPY="$VENV/bin/python"
   "$VPY" -m pip install --quiet --upgrade pip
-  log "done: .venv created ($("$VPY" -V), pip $("$VPY" -m pip --version | cut -d' ' -f2))"
+  log "done: $VENV_NAME created ($("$VPY" -V), pip $("$VPY" -m pip --version | cut -d' ' -f2))"
 }
 
 install_ros_wheels() {
@@ -77,7 +139,7 @@ install_ros_wheels() {
     return
   fi
   log "installing ROS 2 wheels (requirements/ros.txt, requirements/ros-build.txt)"
-  "$VPY" -m pip install --quiet -r requirements/ros.txt -r requirements/ros-build.txt
+  "$VPY" -m pip install --quiet "${PIP_SOURCE[@]}" -r requirements/ros.txt -r requirements/ros-build.txt
   mkdir -p "$STAMPS"
   printf '%s' "$key" > "$STAMPS/ros-wheels"
   log "done: ROS wheels installed"
@@ -87,11 +149,14 @@ install_ros_wheels() {
 # (/opt/python/cp311-cp311/include/python3.11 and .../site-packages/numpy/_core/include).
 # Rewrites every such path that does not exist here to this venv's equivalent.
 fix_cmake_include_paths() {
-  "$VPY" - "$VENV/share" <<'PY'
+  "$VPY" - "$VENV/share" "$VENV_NAME" <<'PY'
 import pathlib, re, sys, sysconfig
 import numpy
 
 share = pathlib.Path(sys.argv[1])
+if not pathlib.Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+    sys.exit(f"[setup] error: no Python.h in {sysconfig.get_paths()['include']}: the interface "
+             "packages' Python bindings need this Python's headers (e.g. the python3-dev package)")
 replacements = (
     (re.compile(r'/[^";\s]*/include/python3\.\d+'), sysconfig.get_paths()["include"]),
     (re.compile(r'/[^";\s]*/site-packages/numpy/(?:_core|core)/include'), numpy.get_include()),
@@ -108,7 +173,7 @@ for path in sorted(share.rglob("*.cmake")):
 if changed:
     print(f"[setup] done: rewrote foreign include paths in {len(changed)} *.cmake files")
 else:
-    print("[setup] skip: no foreign include paths left in .venv/share/**/*.cmake")
+    print(f"[setup] skip: no foreign include paths left in {sys.argv[2]}/share/**/*.cmake")
 PY
 }
 
@@ -119,12 +184,12 @@ ensure_build_tools() {
   command -v cmake >/dev/null || [ -x "$VENV/bin/cmake" ] || missing+=("$CMAKE_WHEEL")
   command -v ninja >/dev/null || [ -x "$VENV/bin/ninja" ] || missing+=("$NINJA_WHEEL")
   if [ ${#missing[@]} -gt 0 ]; then
-    log "installing build tools into .venv: ${missing[*]}"
-    "$VPY" -m pip install --quiet "${missing[@]}"
+    log "installing build tools into $VENV_NAME: ${missing[*]}"
+    "$VPY" -m pip install --quiet "${PIP_SOURCE[@]}" "${missing[@]}"
   fi
 }
 
-# Builds and installs one ament_cmake interface package into .venv, unless its sources and the
+# Builds and installs one ament_cmake interface package into the venv, unless its sources and the
 # ROS wheels are unchanged since its last successful build and its install is still there.
 build_msg_package() {
   local src="$1" name key stamp bdir start
@@ -137,7 +202,7 @@ build_msg_package() {
   fi
   bdir="$BUILD/$name"
   start=$SECONDS
-  log "building $name ($src -> .venv)"
+  log "building $name ($src -> $VENV_NAME)"
   rm -f "$stamp"
   cmake -S "$src" -B "$bdir" -G Ninja --log-level=WARNING \
     -DCMAKE_BUILD_TYPE=Release \
@@ -190,6 +255,11 @@ install_typecheck_stubs() {
 
 main() {
   local start=$SECONDS pkg
+  case "${1:-}" in
+    "") ;;
+    --ros-only) ROS_ONLY=1 ;;
+    *) log "usage: bash scripts/setup.sh [--ros-only]  (unknown argument: $1)"; exit 2 ;;
+  esac
   mkdir -p "$BUILD"
   create_venv
   mkdir -p "$STAMPS"
@@ -202,11 +272,17 @@ main() {
   for pkg in "${MSG_PACKAGES[@]}"; do
     build_msg_package "$pkg"
   done
-  install_project
-  install_typecheck_stubs
+  if [ "$ROS_ONLY" = 0 ]; then
+    install_project
+    install_typecheck_stubs
+  fi
   "$VPY" -c 'import rclpy, vision_msgs.msg, tf2_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg' \
     || { log "error: the venv cannot import rclpy and the messages"; exit 1; }
-  log "ready in $((SECONDS - start)) s: use .venv/bin/python (rclpy and all messages import directly)"
+  if [ "$ROS_ONLY" = 1 ]; then
+    log "ready (ROS only) in $((SECONDS - start)) s: $VPY imports rclpy and all messages directly"
+  else
+    log "ready in $((SECONDS - start)) s: use .venv/bin/python (rclpy and all messages import directly)"
+  fi
 }
 
 main "$@"

@@ -71,7 +71,7 @@ from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
                                        nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
-from bevfusion_ros.ros import convert
+from bevfusion_ros.ros import cdr, convert
 from bevfusion_ros.ros.cloud_input import cloud_points
 from bevfusion_ros.sweeps import SweepAccumulator
 from bevfusion_ros.sync import DROP_REASONS, DROP_RESET, DroppedSweep, LidarTriggeredSync, SyncedFrame
@@ -204,11 +204,11 @@ class BEVFusionNode(Node):
         for camera, topic, info_topic in zip(self.config.camera_names, settings.camera_topics,
                                              settings.info_topics()):
             image_topic = f"{topic}/compressed" if settings.compressed_images else topic
-            self.create_subscription(image_type, image_topic,
-                                     lambda msg, name=camera: self._on_image(name, msg), inputs)
+            self.create_subscription(image_type, image_topic,    # serialized: cdr reads it without copies
+                                     lambda raw, name=camera: self._on_image(name, raw), inputs, raw=True)
             self.create_subscription(CameraInfo, info_topic,
                                      lambda msg, name=camera: self._on_camera_info(name, msg), RELIABLE_INPUTS)
-        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs)   # (msg, info)
+        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs, raw=True)  # (raw, info)
         self.create_subscription(TFMessage, "/tf", lambda msg: self._on_tf(msg, False), RELIABLE_INPUTS)
         self.create_subscription(TFMessage, "/tf_static", lambda msg: self._on_tf(msg, True), TF_STATIC_QOS)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -224,7 +224,12 @@ class BEVFusionNode(Node):
         """The node's clock (ROS time) in ns, None before a simulated clock has started."""
         return self.get_clock().now().nanoseconds or None
 
-    def _on_image(self, camera: str, msg: Any) -> None:
+    def _on_image(self, camera: str, raw: bytes) -> None:
+        try:
+            msg = (cdr.read_compressed_image if self.settings.compressed_images else cdr.read_image)(raw)
+        except cdr.CdrError as error:
+            self._report(WARN, f"camera {camera}: unreadable image message: {error}")
+            return
         self._camera_frames[camera] = msg.header.frame_id
         future = self.sync.future_images
         self._synchronize(self.sync.add_image, camera, convert.stamp_to_ns(msg.header.stamp), msg,
@@ -253,14 +258,22 @@ class BEVFusionNode(Node):
                 self._report(WARN,
                              f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}", "tf_errors")
 
-    def _on_cloud(self, msg: PointCloud2, info: Any) -> None:
+    def _on_cloud(self, raw: bytes, info: Any) -> None:
         """Count the sweep, keep it as a candidate past sweep (before the worker can see it: a
-        cloud the worker cannot read is removed again there) and synchronise it. ``info`` is
-        rclpy's MessageInfo (its ``source_timestamp``: when the publisher wrote the sweep)."""
+        cloud the worker cannot read is removed again there) and synchronise it. ``raw`` is the
+        serialized PointCloud2, ``info`` rclpy's MessageInfo (``source_timestamp``: when the
+        publisher wrote it)."""
         arrival = CloudArrival(time.monotonic(), (time.time_ns() - info["source_timestamp"]) / 1e6)
-        stamp_ns = convert.stamp_to_ns(msg.header.stamp)
         with self.status.lock:
             self.status.frames_in += 1
+        try:
+            msg = cdr.read_point_cloud(raw)
+        except cdr.CdrError as error:
+            with self.status.lock:
+                self.status.frames_failed += 1
+            self._report(ERROR, f"{self.settings.lidar_topic}: unreadable PointCloud2 message: {error}")
+            return
+        stamp_ns = convert.stamp_to_ns(msg.header.stamp)
         entry = (stamp_ns, msg)
         self._lidar_history.append(entry)
         resets = self.sync.resets

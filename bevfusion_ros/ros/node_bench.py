@@ -82,6 +82,7 @@ class NodeBenchOptions:
     domain_id: int | None = None
     startup_timeout_s: float = 300.0    # node start (model load, GPU warm-up) until its topics match
     check_boxes: bool = False           # compare the node's boxes with the library path's (same backend)
+    node_source: Path | None = None     # run the node of another checkout (e.g. a baseline); None: this one
 
     def validate(self) -> "NodeBenchOptions":
         if not self.rates_hz or min(self.rates_hz) <= 0 or self.duration_s <= 0 or self.warmup_s < 0:
@@ -441,7 +442,7 @@ def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any) -> d
 
 def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchReport:
     """Run the benchmark (module docstring); the report is also written to ``out_dir/node_bench.json``."""
-    from bevfusion_ros.ros.soak import NodeProcess, default_domain_id, wait_for
+    from bevfusion_ros.ros.soak import REPO_ROOT, NodeProcess, default_domain_id, wait_for
     options.validate()
     started = time.monotonic()
     out = options.out_dir
@@ -453,7 +454,7 @@ def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchRepo
     params = node_parameters(options, out / "node_params.yaml")
     domain_id = options.domain_id if options.domain_id is not None else default_domain_id()
     with safe_ros_process(domain_id) as env:
-        node = NodeProcess(params, out / "node.log", env)
+        node = NodeProcess(params, out / "node.log", env, options.node_source or REPO_ROOT)
         sampler = _NodeSampler(node.pid)
         recorder = publisher = None
         try:
@@ -522,7 +523,7 @@ def _rss(samples: list[tuple[int, float, int]]) -> dict[str, float]:
 
 def _options_json(options: NodeBenchOptions) -> dict:
     return {key: (str(value) if isinstance(value, Path) else value)
-            for key, value in dataclasses.asdict(options).items()}
+            for key, value in dataclasses.asdict(options).items() if key != "node_source"}
 
 
 def options_from_json(text: str) -> NodeBenchOptions:

@@ -267,11 +267,12 @@ class RssSampler:
 
 
 class NodeProcess:
-    """``bevfusion_node`` as a child process with ``params``, stdout and stderr in ``log_path``."""
+    """``bevfusion_node`` as a child process with ``params``, stdout and stderr in ``log_path``,
+    running the ``bevfusion_ros`` of ``source_root`` (default: this checkout)."""
 
-    def __init__(self, params: Path, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, params: Path, log_path: Path, env: dict[str, str], source_root: Path = REPO_ROOT) -> None:
         env = dict(env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source_root), env.get("PYTHONPATH", "")) if p)
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(

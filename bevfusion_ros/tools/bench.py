@@ -172,6 +172,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", type=Path, default=Path("out/node_bench"), help="node log, published.jsonl")
     group.add_argument("--check-boxes", action="store_true",
                        help="compare the node's boxes with the library path's on the same frame")
+    group.add_argument("--node-source", type=Path, help="run the node of this checkout (e.g. a baseline)")
 
 
 def bench_through_node(args: argparse.Namespace) -> int:
@@ -179,7 +180,7 @@ def bench_through_node(args: argparse.Namespace) -> int:
     options = NodeBenchOptions(model_dir=args.model, data_dir=args.data, out_dir=args.out, backend=args.backend,
                                precision=args.precision, rates_hz=tuple(args.rates), duration_s=args.duration,
                                warmup_s=args.warmup_s, compressed=args.compressed, num_sweeps=args.sweeps,
-                               check_boxes=args.check_boxes)
+                               check_boxes=args.check_boxes, node_source=args.node_source)
     report = run_node_bench(options)
     print(format_report(report))
     if args.json:

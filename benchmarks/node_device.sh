@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call: bevfusion_node on the GPU, fed over ROS 2 at sensor rate, beside the library
+# path's figure from the same machine. Run on the GPU machine from the repository root with the
+# example data in .device/data and the Python 3.12 ROS wheels in .whl (the device tool's carry:
+# [".device", ".whl"]):
+#   bash benchmarks/node_device.sh
+# Steps: ROS 2 from the carried wheels + the interface packages (benchmarks/device_ros_setup.sh)
+# while the full-size model is exported (CPU work); `bevfusion-bench` (library path); then
+# `bevfusion-bench --through-node` with raw Image input at RATES (each DURATION s, boxes compared
+# with the library path) and with CompressedImage input at COMPRESSED_RATES. With a baseline
+# checkout in .baseline (e.g. `git archive COMMIT bevfusion_ros config | tar -x -C .baseline`, carried
+# too), the same node benchmarks first run its node (BEFORE_RATES, BEFORE_COMPRESSED_RATES):
+# before and after from one call, one machine.
+# Everything goes to WORK (/tmp/node_device); $OUT gets the JSON reports (library.json,
+# [before_]raw.json, [before_]compressed.json) and logs.tar.gz (every log, the node's included).
+set -uo pipefail
+OUT="${OUT:-out/node_device}"
+WORK="${WORK:-/tmp/node_device}"
+RATES="${RATES:-12 25 30}"
+COMPRESSED_RATES="${COMPRESSED_RATES:-12}"
+BEFORE_RATES="${BEFORE_RATES:-12 25}"
+BEFORE_COMPRESSED_RATES="${BEFORE_COMPRESSED_RATES:-12}"
+DURATION="${DURATION:-60}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=8
+data="$PWD/.device/data/cuda-bevfusion-example"
+model="${MODEL_DIR:-/tmp/r50-fp16}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+if [ ! -f "$model/export.yaml" ]; then
+  python3 -m bevfusion_ros.model.export --preset nuscenes-r50 --out "$model" > "$WORK/export.log" 2>&1 &
+  export_pid=$!
+fi
+OUT="$WORK" bash benchmarks/device_ros_setup.sh || exit 1
+[ -n "${export_pid:-}" ] && { wait "$export_pid"; echo "r50 export: $(tail -1 "$WORK/export.log")"; }
+python3 -m bevfusion_ros.tools.bench --model "$model" --data "$data" --backend gpu --iters 300 --warmup 30 \
+  --json "$WORK/library.json" > "$WORK/library.log" 2>&1
+echo "library path (bevfusion-bench, 300 iterations):"; grep -A3 "^end-to-end" "$WORK/library.log"
+node_bench() {   # name, then bevfusion-bench options
+  local name="$1"; shift
+  python3 -m bevfusion_ros.tools.bench --through-node --model "$model" --data "$data" --backend gpu \
+    --duration "$DURATION" --out "$WORK/$name" --json "$WORK/$name.json" "$@" > "$WORK/$name.log" 2>&1
+  echo "--- node, $name: exit $?"; grep -v "^    stage\.\|engine backend" "$WORK/$name.log" | tail -40
+  cp "$WORK/$name.json" "$OUT/" 2>/dev/null
+}
+# shellcheck disable=SC2086
+if [ -d .baseline/bevfusion_ros ]; then
+  node_bench before_raw --rates $BEFORE_RATES --node-source "$PWD/.baseline"
+  [ -n "$BEFORE_COMPRESSED_RATES" ] && \
+    node_bench before_compressed --rates $BEFORE_COMPRESSED_RATES --compressed --node-source "$PWD/.baseline"
+fi
+node_bench raw --rates $RATES --check-boxes
+[ -n "$COMPRESSED_RATES" ] && node_bench compressed --rates $COMPRESSED_RATES --compressed
+cp "$WORK/library.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.jsonl' --exclude='*.onnx' . 2>/dev/null
+exit 0
