@@ -37,7 +37,7 @@ import yaml
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
-from bevfusion_ros.array_module import to_numpy
+from bevfusion_ros.array_module import is_cupy, to_numpy
 from bevfusion_ros.camera.normalize import check_images, normalize_images
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
@@ -209,9 +209,32 @@ class BEVFusionPipeline:
         import cupy
         return cupy.asarray(array)
 
+    def _check_images(self, images: list) -> None:
+        """:func:`check_images` for this pipeline, as :class:`InputError`: NumPy images on the
+        CPU; NumPy or CuPy images (on the pipeline's device) on the GPU."""
+        device_images = [index for index, image in enumerate(images) if is_cupy(image)]
+        if device_images and self.device == "cpu":
+            raise InputError(
+                f"camera {device_images[0]}: a CuPy (GPU) image was given to a CPU pipeline "
+                f"(backend {self.backend!r}); pass NumPy images (cupy.asnumpy) or load the "
+                f"pipeline with a GPU backend")
+        try:
+            if self.device == "cpu":
+                check_images(images, self.config.image, self.config.num_cameras)
+            else:
+                import cupy
+                check_images(images, self.config.image, self.config.num_cameras, (np.ndarray, cupy.ndarray))
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        for index in device_images:
+            if images[index].device.id != self._uploader.device_id:
+                raise InputError(f"camera {index}: image on GPU {images[index].device.id}, the "
+                                 f"pipeline computes on GPU {self._uploader.device_id}")
+
     def _upload_images(self, images) -> object:
         """The N raw images as one [N, H, W, 3] uint8 array where the pipeline computes (on the GPU
-        through the pinned staging buffers, only the rows normalization reads)."""
+        through the pinned staging buffers, only the rows normalization reads; CuPy images are
+        copied device to device)."""
         if self._uploader is None:
             return np.stack(images)
         import cupy
@@ -263,6 +286,13 @@ class BEVFusionPipeline:
         ``missing_camera: zero_fill``); with none, the camera branch is skipped and the fuser
         gets an all-zero camera BEV (lidar only). The result's ``cameras_used`` says which.
 
+        Images are NumPy ``[H, W, 3]`` uint8 arrays; a GPU pipeline also takes CuPy arrays on its
+        device (e.g. from :class:`~bevfusion_ros.camera.jpeg.ImageDecoder`), mixed with NumPy
+        ones if need be (e.g. :meth:`black_image` for a missing camera): they are copied device
+        to device, with no host round trip. CuPy images are read after the work queued so far
+        on the caller's current CuPy stream (the camera stream waits for it), so images written
+        asynchronously on that stream need no synchronisation.
+
         On the GPU the camera side starts first, in the camera thread (image upload and
         normalization need no points), while this thread cleans and uploads the points, hands
         them over through ``points_ready`` and queues the lidar branch; the fuser joins both.
@@ -275,19 +305,20 @@ class BEVFusionPipeline:
         if len(images) == self.config.num_cameras:           # else check_images says so
             images = [image if name in used else self.black_image()
                       for name, image in zip(self.config.camera_names, images)]
-        try:
-            check_images(images, self.config.image, self.config.num_cameras)
-        except ValueError as error:
-            raise InputError(str(error)) from error
+        self._check_images(images)
+        # Device images: the camera stream waits for what the caller queued on its stream.
+        images_ready = (_record_event(self.device) if self.device == "cuda" and any(map(is_cupy, images))
+                        else None)
         camera_stream, lidar_stream = self._streams
         points_ready: Future = Future()     # (device points, event recorded after their upload)
         with _short_gil_switches(self._camera_thread is not None and bool(used)):
             if not used:
                 camera: Any = _Deferred(self._zero_camera_bev)
             elif self._camera_thread is None:
-                camera = _Deferred(self._camera_side, images, points_ready, timer)
+                camera = _Deferred(self._camera_side, images, points_ready, timer, images_ready)
             else:
-                camera = self._camera_thread.submit(self._camera_side, images, points_ready, timer)
+                camera = self._camera_thread.submit(self._camera_side, images, points_ready, timer,
+                                                    images_ready)
             try:
                 prepared = prepare_points(frame.points, self.config)
                 with lidar_stream:           # overlaps the camera branch on the GPU
@@ -344,13 +375,14 @@ class BEVFusionPipeline:
                 self._zero_bev = self._to_device(np.zeros(spec.shape, dtype=spec.dtype))
         return self._zero_bev
 
-    def _camera_side(self, raw_images, points_ready: Future, timer: StageTimer):
+    def _camera_side(self, raw_images, points_ready: Future, timer: StageTimer, images_ready=None):
         """Camera branch on the camera stream: raw images [N, H, W, 3] uint8 -> camera BEV
         [1, C, X/2, Y/2]. Upload and normalization run at once; the depth map waits for the
         points [P, C] and their upload event from ``points_ready``."""
         image = self.config.image
         camera_stream = self._streams[0]
         with camera_stream:
+            _wait_event(camera_stream, images_ready)    # device images written on the caller's stream
             with timer.stage("upload_images"):
                 uploaded = self._upload_images(raw_images)
             with timer.stage("normalize"):

@@ -17,6 +17,9 @@ The host copies run on a small thread pool (NumPy releases the GIL while copying
 copies at a few GB/s, far below the host's memory bandwidth, and 15 MB of image rows plus 5 MB
 of points would otherwise take milliseconds.
 
+Images already on the GPU (CuPy arrays, e.g. decoded by nvJPEG) skip the host: their row band
+is copied device to device into the same device buffer; a frame may mix both kinds.
+
 The returned device arrays are views of buffers reused by the next call: the caller must be done
 with a frame (the pipeline synchronises at the end of ``forward``) before uploading the next.
 CuPy is imported inside the methods, so this module imports on a machine without it.
@@ -66,14 +69,30 @@ class FrameUploader:
         self._threads = max(1, min(COPY_THREADS, os.cpu_count() or 1))
         self._copiers = ThreadPoolExecutor(self._threads, thread_name_prefix="bevfusion-upload")
 
-    def images(self, images: Sequence[np.ndarray], stream: Any) -> Any:
-        """uint8 ``[H, W, 3]`` host images (checked by the caller) -> the device ``[N, H, W, 3]``
-        buffer, rows :attr:`row_band` filled; the copies are queued on ``stream``."""
+    @property
+    def device_id(self) -> int:
+        """The CUDA device of the buffers."""
+        return self._device_images.device.id
+
+    def images(self, images: Sequence[Any], stream: Any) -> Any:
+        """uint8 ``[H, W, 3]`` images (checked by the caller) -> the device ``[N, H, W, 3]``
+        buffer, rows :attr:`row_band` filled; the copies are queued on ``stream``.
+
+        Host (NumPy) images go through the pinned staging buffer; device (CuPy) images, on this
+        buffer's device, are copied device to device (their band only), with no host round
+        trip; the two kinds may be mixed. Device images are read in ``stream``'s order: work
+        that writes them on another stream must be waited for by ``stream`` first.
+        """
+        import cupy
         band = self.row_band
-        staged = [self._host_images[index, band] for index in range(len(images))]
-        copies = self._copiers.map(np.copyto, staged, [image[band] for image in images])
-        for index, _ in enumerate(copies):             # in camera order, as each copy lands
-            self._device_images[index, band].set(staged[index], stream)
+        on_host = [index for index, image in enumerate(images) if not isinstance(image, cupy.ndarray)]
+        for index, image in enumerate(images):
+            if isinstance(image, cupy.ndarray):
+                _copy_on_device(self._device_images[index, band], image[band], stream)
+        staged = [self._host_images[index, band] for index in on_host]
+        copies = self._copiers.map(np.copyto, staged, [images[index][band] for index in on_host])
+        for index, target, _ in zip(on_host, staged, copies):   # in camera order, as each copy lands
+            self._device_images[index, band].set(target, stream)
         return self._device_images[:len(images)]
 
     def points(self, points: np.ndarray, stream: Any) -> Any:
@@ -92,3 +111,16 @@ class FrameUploader:
                                    [points[part] for part in slices]))
             device.set(staged, stream)
         return device
+
+
+def _copy_on_device(target: Any, source: Any, stream: Any) -> None:
+    """Queue ``target[...] = source`` (CuPy arrays of one shape) on ``stream``: one
+    ``cudaMemcpyAsync`` when both are C-contiguous, else an element-wise copy kernel."""
+    import cupy
+    if source.device.id != target.device.id:
+        raise ValueError(f"a device image is on GPU {source.device.id}, the pipeline on GPU {target.device.id}")
+    if source.flags.c_contiguous and target.flags.c_contiguous:
+        target.data.copy_from_device_async(source.data, source.nbytes, stream)
+    else:
+        with stream:
+            cupy.copyto(target, source)

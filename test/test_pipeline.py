@@ -151,6 +151,25 @@ def test_bad_images_raise_clear_errors(pipeline, frame, edit, message):
     assert message in str(error.value)
 
 
+class FakeCupyImage:
+    """Looks like a CuPy array to ``is_cupy`` (which reads the type's module name only)."""
+    __module__ = "cupy._core.core"
+
+    def __init__(self, image: np.ndarray):
+        self.dtype, self.shape, self.ndim = image.dtype, image.shape, image.ndim
+
+
+def test_cpu_pipeline_rejects_device_images(pipeline, frame):
+    images = list(frame.images)
+    images[4] = FakeCupyImage(images[4])
+    with pytest.raises(InputError, match=r"camera 4: a CuPy \(GPU\) image was given to a CPU pipeline "
+                                         r"\(backend 'cpu'\); pass NumPy images"):
+        pipeline.forward(unchecked_frame(frame, images=images))
+    images[4] = [[0]]
+    with pytest.raises(InputError, match=r"camera 4: expected a uint8 numpy image, got list$"):
+        pipeline.forward(unchecked_frame(frame, images=images))
+
+
 def test_points_with_too_few_columns(pipeline, frame):
     with pytest.raises(InputError, match=r"points must be \[N, >=5\]"):
         pipeline.forward(unchecked_frame(frame, points=frame.points[:, :4]))

@@ -118,18 +118,23 @@ def normalize_tables(image: ImageConfig) -> NormalizeTables:
 
 
 def check_images(images: Sequence[Any], image: ImageConfig, num_cameras: int | None,
-                 array_type: type[Any] = np.ndarray) -> None:
+                 array_type: type[Any] | tuple[type[Any], ...] = np.ndarray) -> None:
     """Raise ``ValueError`` naming the camera unless ``images`` are ``num_cameras`` uint8
-    ``array_type`` ``[H, W, 3]`` images of the configured input size."""
+    ``array_type`` ``[H, W, 3]`` images of the configured input size (``array_type`` may be a
+    tuple of types, e.g. NumPy and CuPy arrays mixed)."""
     if len(images) == 0 or (num_cameras is not None and len(images) != num_cameras):
         expected = "at least one" if num_cameras is None else str(num_cameras)
         raise ValueError(f"expected {expected} camera image(s), got {len(images)}")
     expected_shape = (image.input_height, image.input_width, 3)
-    library = array_type.__module__.split(".")[0]
+    types = array_type if isinstance(array_type, tuple) else (array_type,)
+    library = " or ".join(kind.__module__.split(".")[0] for kind in types)
     for index, rgb in enumerate(images):
-        if not isinstance(rgb, array_type) or rgb.dtype != np.uint8:
+        if not isinstance(rgb, types) or rgb.dtype != np.uint8:
+            module = type(rgb).__module__.split(".")[0]
+            got = "" if isinstance(rgb, types) else \
+                f"{'' if module == 'builtins' else module + '.'}{type(rgb).__name__} "
             raise ValueError(f"camera {index}: expected a uint8 {library} image, got "
-                             f"{getattr(rgb, 'dtype', type(rgb).__name__)}")
+                             f"{got}{getattr(rgb, 'dtype', '')}".rstrip())
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"camera {index}: expected an [H, W, 3] RGB image, got shape {list(rgb.shape)}")
         if rgb.shape != expected_shape:

@@ -50,6 +50,7 @@ try:  # OpenCV converts channel orders ~5x faster than numpy; compressed_to_rgb 
 except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
     cv2 = None  # type: ignore[assignment]
 
+from bevfusion_ros.camera.jpeg import ImageError, decode_rgb, uint8_buffer
 from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections, cuda_yaw
 from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.transforms import quaternion_from_matrix, transform_from_translation_quaternion
@@ -61,10 +62,6 @@ __all__ = [
     "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
     "velocities", "yaw_to_quaternion", "quaternion_yaw",
 ]
-
-
-class ImageError(ValueError):
-    """An Image/CompressedImage message that cannot be turned into RGB pixels."""
 
 
 class CalibrationMessageError(ValueError):
@@ -83,13 +80,7 @@ if cv2 is not None:
                    "bgra8": cv2.COLOR_BGRA2RGB, "mono8": cv2.COLOR_GRAY2RGB}
 
 
-def _uint8_buffer(data: Any) -> np.ndarray:
-    """``data`` (array.array, bytes, memoryview, list) as a flat uint8 array, without copying
-    when it exposes the buffer protocol."""
-    try:
-        return np.frombuffer(data, dtype=np.uint8)
-    except TypeError:  # e.g. a plain list of ints
-        return np.asarray(data, dtype=np.uint8).reshape(-1)
+_uint8_buffer = uint8_buffer      # flat uint8 view of a message's data (bevfusion_ros.camera.jpeg)
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
@@ -137,23 +128,12 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     """Decodes ``msg`` (JPEG, PNG, ... whatever OpenCV reads) to a ``[H, W, 3]`` uint8 RGB array.
 
-    Grey images are replicated to 3 channels, alpha is dropped, 16-bit images are scaled to 8 bit.
+    Grey images are replicated to 3 channels, alpha is dropped, 16-bit images are scaled to 8 bit
+    (:func:`bevfusion_ros.camera.jpeg.decode_rgb`; :class:`~bevfusion_ros.camera.jpeg.ImageDecoder`
+    decodes a frame's images in parallel or with nvJPEG).
     Raises :class:`ImageError` when the data is empty or cannot be decoded.
     """
-    if cv2 is None:
-        raise ImportError("compressed_to_rgb needs OpenCV (pip install opencv-python-headless)")
-    buffer = _uint8_buffer(msg.data)
-    if buffer.size == 0:
-        raise ImageError(f"empty CompressedImage (format {msg.format!r})")
-    try:
-        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error as error:
-        raise ImageError(f"cannot decode CompressedImage (format {msg.format!r}, "
-                         f"{buffer.size} bytes): {error}") from error
-    if bgr is None or bgr.size == 0:
-        raise ImageError(f"cannot decode CompressedImage (format {msg.format!r}, "
-                         f"{buffer.size} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return decode_rgb(msg.data, "CompressedImage", msg.format)
 
 
 def rgb_to_image(rgb: np.ndarray, header: Header, encoding: str = "rgb8") -> Image:

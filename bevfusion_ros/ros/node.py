@@ -65,9 +65,11 @@ from tf2_msgs.msg import TFMessage
 from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
+from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError
 from bevfusion_ros.config import ConfigError, load_config
 from bevfusion_ros.io.calibration import Calibration, CalibrationError
 from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.memory import keep_large_buffers
 from bevfusion_ros.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
                                        nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
@@ -177,6 +179,10 @@ class BEVFusionNode(Node):
         self._camera_frames: dict[str, str] = {}
         self._rejected_infos: dict[str, str] = {}      # camera -> why its last CameraInfo was refused
         self._calibration: Calibration | None = self._file_calibration()
+        self.decoder: ImageDecoder | None = None
+        if self.settings.compressed_images:
+            self.decoder, why = ImageDecoder.for_pipeline(self.pipeline.device)
+            self.get_logger().info(f"CompressedImage decoding: {why}")
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self._make_io()
         self.get_logger().info(
@@ -408,16 +414,33 @@ class BEVFusionNode(Node):
                             f"within node.tf_timeout_s = {self.settings.tf_timeout_s:g} s: {error}")
             return None
 
-    def _images(self, synced: SyncedFrame, missing: dict[str, str]) -> list[np.ndarray | None]:
-        """RGB images in camera order; an image that cannot be decoded joins ``missing``."""
-        images: list[np.ndarray | None] = []
-        for camera in self.config.camera_names:
-            message = synced.images.get(camera)
-            image = None
-            if message is not None:
+    def _decoded(self, synced: SyncedFrame) -> dict[str, Any]:
+        """Each camera's image (RGB array, or the ImageError of an undecodable one); compressed
+        images decoded all at once (:class:`ImageDecoder`: nvJPEG on the GPU, else threads)."""
+        messages = {camera: synced.images.get(camera) for camera in self.config.camera_names}
+        present = [camera for camera, message in messages.items() if message is not None]
+        if self.decoder is None:
+            decoded: list[Any] = []
+            for camera in present:
                 try:
-                    image = (convert.compressed_to_rgb(message) if self.settings.compressed_images
-                             else convert.image_to_rgb(message))
+                    decoded.append(convert.image_to_rgb(messages[camera]))
+                except ImageError as error:
+                    decoded.append(error)
+        else:
+            decoded = self.decoder.decode([messages[camera].data for camera in present], names=present)
+        return dict(zip(present, decoded))
+
+    def _images(self, synced: SyncedFrame, missing: dict[str, str]) -> list[Any]:
+        """RGB images in camera order (NumPy, or CuPy from the GPU decoder); an image that cannot
+        be decoded joins ``missing``."""
+        images: list[Any] = []
+        decoded = self._decoded(synced)
+        for camera in self.config.camera_names:
+            image = decoded.get(camera)
+            if image is not None:
+                try:
+                    if isinstance(image, ImageError):
+                        raise image
                     expected = (self.config.image.input_height, self.config.image.input_width, 3)
                     if image.shape != expected:
                         raise ValueError(f"size {image.shape[1]}x{image.shape[0]}, expected "
@@ -559,6 +582,8 @@ class BEVFusionNode(Node):
 
     def destroy_node(self) -> None:
         self.worker.close()
+        if self.decoder is not None:
+            self.decoder.close()
         super().destroy_node()
 
 
@@ -593,6 +618,7 @@ def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (at any time, start-up included: no traceback);
     exit status 1 when it cannot start."""
     command_line = sys.argv if args is None else args
+    keep_large_buffers()                   # images and clouds reuse heap blocks: no page faults per frame
     rclpy.init(args=command_line)
     executor = SingleThreadedExecutor()    # before the (slow) node: a SIGINT meanwhile shuts the
     node = None                            # context down, and an executor made then is half-built

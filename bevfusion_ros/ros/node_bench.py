@@ -83,6 +83,7 @@ class NodeBenchOptions:
     startup_timeout_s: float = 300.0    # node start (model load, GPU warm-up) until its topics match
     check_boxes: bool = False           # compare the node's boxes with the library path's (same backend)
     node_source: Path | None = None     # run the node of another checkout (e.g. a baseline); None: this one
+    score_threshold: float | None = None  # head.score_threshold of node and library path (None: the model's)
 
     def validate(self) -> "NodeBenchOptions":
         if not self.rates_hz or min(self.rates_hz) <= 0 or self.duration_s <= 0 or self.warmup_s < 0:
@@ -109,10 +110,20 @@ def camera_topics(camera_names: Sequence[str]) -> list[str]:
     return [f"{TOPIC_PREFIX}/{name}/image_raw" for name in camera_names]
 
 
+def pipeline_config(options: NodeBenchOptions) -> Any:
+    """The model's pipeline config, with ``score_threshold`` when given."""
+    from bevfusion_ros.config import load_config
+    config = load_config(options.model_dir / "bevfusion.yaml")
+    if options.score_threshold is None:
+        return config
+    return dataclasses.replace(config, head=dataclasses.replace(
+        config.head, score_threshold=options.score_threshold)).validate()
+
+
 def node_parameters(options: NodeBenchOptions, path: Path) -> Path:
     """The node's parameter file: the model's pipeline config + the benchmark's node section."""
-    from bevfusion_ros.config import load_config, save_config
-    config = load_config(options.model_dir / "bevfusion.yaml")
+    from bevfusion_ros.config import save_config
+    config = pipeline_config(options)
     sweeps = options.num_sweeps > 1
     node = {"model_dir": str(options.model_dir.resolve()), "backend": options.backend,
             "precision": options.precision, "lidar_topic": LIDAR_TOPIC,
@@ -422,8 +433,8 @@ def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any) -> d
     from bevfusion_ros.pipeline import BEVFusionPipeline
     from bevfusion_ros.ros.convert import msg_to_detections
     from bevfusion_ros.tools.parity import match_boxes
-    pipeline = BEVFusionPipeline.from_model_dir(options.model_dir, backend=options.backend,
-                                                precision=options.precision)
+    pipeline = BEVFusionPipeline.from_model_dir(options.model_dir, pipeline_config(options), options.backend,
+                                                options.precision)
     frame = load_example_data(options.data_dir)
     calibration = frame.calibration       # as the node builds it: K + camera2lidar, the model's image aug
     frame = dataclasses.replace(frame, calibration=Calibration.from_camera2lidar(
@@ -547,7 +558,7 @@ def format_report(report: NodeBenchReport) -> str:
     for w in report.windows:
         lat, over = w.latency_ms, w.overhead_ms
         lines.append(f"{w.rate_hz:g} Hz: {w.answered}/{w.published} answered, {w.dropped} dropped, "
-                     f"publisher late {w.publisher_late}; node CPU {w.node_cpu_percent} %")
+                     f"publisher late {w.publisher_late}; node CPU {w.node_cpu_percent} %; {w.boxes} boxes")
         if lat:
             lines.append(f"  publish -> detections ms: p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  "
                          f"p99 {lat['p99']:.1f}  max {lat['max']:.1f}   (from the first image: p50 "
@@ -568,4 +579,6 @@ def format_report(report: NodeBenchReport) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
+    from bevfusion_ros.memory import keep_large_buffers
+    keep_large_buffers()                 # a driver's buffers are reused, as the node's are
     sys.exit(publish(options_from_json(sys.argv[2]), float(sys.argv[3])))

@@ -276,7 +276,8 @@ class NodeProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args", "--params-file", str(params)],
+            # -P: the working directory does not go first on sys.path (its bevfusion_ros would win over source_root's)
+            [sys.executable, "-P", "-m", "bevfusion_ros.ros.node", "--ros-args", "--params-file", str(params)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property

@@ -25,6 +25,7 @@ import numpy as np
 
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.memory import keep_large_buffers
 from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.tools.infer import STAGE_ORDER
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     add_node_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")   # e.g. the backend choice
+    keep_large_buffers()                                            # as the node does
     if args.through_node:
         return bench_through_node(args)
     frame = load_example_data(args.data)
@@ -173,6 +175,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--check-boxes", action="store_true",
                        help="compare the node's boxes with the library path's on the same frame")
     group.add_argument("--node-source", type=Path, help="run the node of this checkout (e.g. a baseline)")
+    group.add_argument("--score-threshold", type=float, help="head.score_threshold (default: the model's)")
 
 
 def bench_through_node(args: argparse.Namespace) -> int:
@@ -180,7 +183,8 @@ def bench_through_node(args: argparse.Namespace) -> int:
     options = NodeBenchOptions(model_dir=args.model, data_dir=args.data, out_dir=args.out, backend=args.backend,
                                precision=args.precision, rates_hz=tuple(args.rates), duration_s=args.duration,
                                warmup_s=args.warmup_s, compressed=args.compressed, num_sweeps=args.sweeps,
-                               check_boxes=args.check_boxes, node_source=args.node_source)
+                               check_boxes=args.check_boxes, node_source=args.node_source,
+                               score_threshold=args.score_threshold)
     report = run_node_bench(options)
     print(format_report(report))
     if args.json:
