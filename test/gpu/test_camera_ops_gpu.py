@@ -22,7 +22,6 @@ from bevfusion_ros.camera.depth import depth_map, project_points
 from bevfusion_ros.camera.geometry import compute_geometry
 from bevfusion_ros.camera.normalize import normalize_images
 from bevfusion_ros.config import ImageConfig
-from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
 
 from gpu_timing import median_ms, report
@@ -34,11 +33,6 @@ POOL_RTOL = 1e-5
 # Small configs whose taps leave the image (clamping): downscale by 2 and upscale by 2.
 DOWNSCALE = ImageConfig(input_width=40, input_height=30, output_width=20, output_height=15, resize_scale=0.5)
 UPSCALE = ImageConfig(input_width=10, input_height=8, output_width=20, output_height=16, resize_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def frame(example_data_dir):
-    return load_example_data(example_data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import pytest
 
 from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError, decode_rgb, nvjpeg_unavailable
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
-from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline, InputError
 
 cupy = pytest.importorskip("cupy")
@@ -46,18 +45,6 @@ def decoder():
 def example_jpegs(example_data_dir) -> list[bytes]:
     return [(example_data_dir / f"{index}-{name}.jpg").read_bytes()
             for index, name in enumerate(NUSCENES_CAMERA_NAMES)]
-
-
-@pytest.fixture(scope="module")
-def frame(example_data_dir):
-    return load_example_data(example_data_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from bevfusion_ros.model.export import export_model_set
-    from bevfusion_ros.model.presets import TINY
-    return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=11).out_dir
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ import numpy as np
 import pytest
 
 from bevfusion_ros.config import PipelineConfig, load_config
-from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.tools.parity import both_chains, match_boxes, relative_l2
 
@@ -41,7 +40,7 @@ pytest.importorskip("cupy")
 torch = pytest.importorskip("torch")
 
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
-from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
+from bevfusion_ros.model.presets import NUSCENES_R50  # noqa: E402
 
 FP32_ATOL = 5e-3
 FP32_PAIRED = 0.8
@@ -51,16 +50,6 @@ STAGES_TO_MIDDLE = ("normalize", "depth", "backbone.camera_feature", "backbone.c
                "bevpool", "vtransform", "voxels", "lidar_bev", "middle")
 STAGES = {"upload_points", "upload_images", "normalize", "depth", "camera_backbone", "bevpool",
           "vtransform", "voxelize", "lidar_backbone", "fuser", "head", "decode"}
-
-
-@pytest.fixture(scope="module")
-def frame(example_data_dir):
-    return load_example_data(example_data_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=11).out_dir
 
 
 @pytest.fixture(scope="session")
