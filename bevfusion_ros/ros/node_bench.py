@@ -60,6 +60,7 @@ PUBLISHED_FILE = "published.jsonl"
 REPORT_FILE = "node_bench.json"
 PHASE_GAP_S = 1.0           # pause between two rates: the node's queue drains
 ANSWER_GRACE_S = 3.0        # after the last frame, wait this long for late answers
+COUNTERS_GRACE_S = 10.0     # then this long for a diagnostic that accounts for every frame sent
 POLL_S = 0.05
 PERCENTILES = (50, 90, 99)
 
@@ -311,6 +312,17 @@ class Recorder:
     def node_publishing(self) -> bool:
         return all(self.node.count_publishers(topic) > 0 for topic in (DETECTIONS_TOPIC, FRAME_INFO_TOPIC))
 
+    def counters_settled(self, frames_sent: int) -> bool:
+        """The node's last pipeline diagnostic counts ``frames_sent`` frames in, each one answered,
+        dropped or failed (none still in flight)."""
+        with self.lock:
+            status = dict(self.status)
+        try:
+            frames_in, out, dropped, failed = (int(status[f"frames_{k}"]) for k in ("in", "out", "dropped", "failed"))
+        except (KeyError, ValueError):
+            return False
+        return frames_in >= frames_sent and frames_in == out + dropped + failed
+
     def answered(self, stamps: Sequence[int]) -> int:
         with self.lock:
             return sum(stamp in self.answers for stamp in stamps)
@@ -485,7 +497,7 @@ def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchRepo
             frames = read_published(out / PUBLISHED_FILE)
             stamps = [frame["stamp_ns"] for frame in frames]
             wait_for(lambda: recorder.answered(stamps) == len(stamps), ANSWER_GRACE_S, lambda: not node.alive())
-            time.sleep(1.0)                   # one more diagnostic (period 0.5 s) after the last answer
+            wait_for(lambda: recorder.counters_settled(len(frames)), COUNTERS_GRACE_S, lambda: not node.alive())
             samples = sampler.stop()
             with recorder.lock:
                 answers, infos, report.node_counters = dict(recorder.answers), dict(recorder.frame_infos), dict(recorder.status)
