@@ -16,6 +16,9 @@ primitive aligned to its size counted from the end of that header; strings are a
 (including the terminating NUL) and the bytes; sequences a uint32 count and the elements.
 Anything else (other encapsulations, a truncated buffer, a count beyond the end) raises
 :class:`CdrError`.
+
+:class:`CdrWriter` writes the same format (little-endian), for outputs published as bytes
+(``Publisher.publish(bytes)``) instead of being built field by field as Python messages.
 """
 from __future__ import annotations
 
@@ -86,6 +89,44 @@ class CdrReader:
     def header(self) -> Header:
         sec, nanosec = self.int32(), self.uint32()
         return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=self.string())
+
+
+_U32 = struct.Struct("<I")
+_PADDING = tuple(bytes(n) for n in range(8))
+
+
+def cdr_string(text: str) -> bytes:
+    """A CDR string as it is written: uint32 length (NUL included), the UTF-8 bytes, the NUL."""
+    encoded = text.encode("utf-8")
+    return _U32.pack(len(encoded) + 1) + encoded + b"\0"
+
+
+class CdrWriter:
+    """Sequential little-endian plain-CDR writer (what :class:`CdrReader` reads). Each ``put``
+    aligns to ``align`` first (counted from the end of the encapsulation header), as the field's
+    first primitive requires; :meth:`getvalue` is the serialized message."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(b"\x00\x01\x00\x00")          # CDR_LE, no options
+
+    def put(self, data: bytes, align: int) -> None:
+        buffer = self.buffer
+        buffer += _PADDING[(ENCAPSULATION_HEADER - len(buffer)) % align]
+        buffer += data
+
+    def uint32(self, value: int) -> None:
+        self.put(_U32.pack(value), 4)
+
+    def string(self, text: str) -> None:
+        self.put(cdr_string(text), 4)
+
+    def getvalue(self) -> bytes:
+        return bytes(self.buffer)
+
+
+def header_bytes(header: Header) -> bytes:
+    """``std_msgs/Header`` as CDR (starts 4-aligned: stamp sec int32, nanosec uint32, frame_id)."""
+    return struct.pack("<iI", header.stamp.sec, header.stamp.nanosec) + cdr_string(header.frame_id)
 
 
 @dataclass(eq=False)

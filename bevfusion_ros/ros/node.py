@@ -497,10 +497,10 @@ class BEVFusionNode(Node):
         if not self.context.ok():
             return
         out_header = Header(stamp=header.stamp, frame_id=header.frame_id)
-        self.detections_pub.publish(convert.detections_to_msg(detections, out_header))
+        self.detections_pub.publish(convert.serialize_detections(detections, out_header))
         latency_ms = (time.monotonic() - arrival_s) * 1e3
         if self.settings.publish_markers:
-            self.markers_pub.publish(convert.detections_to_markers(detections, out_header))
+            self.markers_pub.publish(convert.serialize_markers(detections, out_header))
         phases.lap("outputs")
         timings = {**phases.ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
         info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),

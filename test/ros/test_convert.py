@@ -546,6 +546,27 @@ def test_detections_to_msg_matches_to_rep103() -> None:
         np.testing.assert_allclose([vector.x, vector.y, vector.z], [*expected["velocity"], 0.0], atol=1e-12)
 
 
+@pytest.mark.parametrize("frame_id", ["l", "li", "lid", "lida", "lidar", "lidar_", "lidar_t", "lidar_to"])
+def test_serialized_outputs_read_back_for_every_alignment(frame_id: str) -> None:
+    """Strings of every length mod 8 before the float64 fields: the bytes the node publishes read
+    back through rclpy's own deserializer into the expected fields, and rclpy writes the same
+    message in exactly as many bytes (the same layout, padding included)."""
+    detections, hdr = random_detections(25, RNG_SEED + len(frame_id)), header(frame_id)
+    expected = detections.to_rep103()
+    data = convert.serialize_detections(detections, hdr)
+    msg = deserialize_message(data, Detection3DArray)
+    assert len(serialize_message(msg)) == len(data) and msg.header == hdr
+    assert [d.id for d in msg.detections] == [str(i) for i in range(25)]
+    assert [d.results[0].hypothesis.class_id for d in msg.detections] == [e["label"] for e in expected]
+    np.testing.assert_allclose([d.bbox.size.z for d in msg.detections], [e["size"][2] for e in expected], atol=1e-12)
+    data = convert.serialize_markers(detections, hdr, namespace="n" * len(frame_id))
+    markers = deserialize_message(data, MarkerArray).markers
+    assert len(serialize_message(MarkerArray(markers=markers))) == len(data)
+    assert all(marker.header == hdr for marker in markers)
+    labels = [m.text for m in markers if m.ns == "n" * len(frame_id) + "/labels"]
+    assert labels == [f"{e['label']} {e['score']:.2f}" for e in expected]
+
+
 def test_velocities_fit_frame_info() -> None:
     from bevfusion_ros_msgs.msg import FrameInfo
 
