@@ -107,33 +107,36 @@ class SweepAccumulator:
         frame, with their time lag in seconds.
         """
         current, stamp, pose = self._begin(points, stamp_ns, world_T_lidar)
-        history = self._history
-        past = list(reversed(history))                  # newest first
-        output = [np.concatenate([current, np.zeros((len(current), 1), np.float32)], axis=1)]
+        past = list(reversed(self._history))            # newest first
+        posed: list[_Sweep] = []
         if past and pose is None:
             self.last_warning = (
                 f"no lidar pose for the current sweep: past sweeps cannot be motion-compensated; "
                 f"using the current sweep only ({len(past)} past sweep(s) left out)")
         elif past:
-            current_T_world = _rigid_inverse(pose)
             posed = [sweep for sweep in past if sweep.world_T_lidar is not None]
-            for sweep in posed:
-                output.append(self._compensated(sweep, current_T_world @ sweep.world_T_lidar, stamp))
             if len(posed) < len(past):
                 self.last_warning = (f"no lidar pose for {len(past) - len(posed)} past sweep(s): "
                                      f"left out ({len(posed)} of {len(past)} past sweep(s) used)")
-
+        # One output array, written once (a 250k-point sweep is 5 MB: no intermediate copies).
+        output = np.empty((len(current) + sum(len(sweep.points) for sweep in posed), 5), dtype=np.float32)
+        output[:len(current), :4] = current
+        output[:len(current), 4] = 0.0
+        start, current_T_world = len(current), _rigid_inverse(pose) if posed else None
+        for sweep in posed:
+            end = start + len(sweep.points)
+            self._compensate(output[start:end], sweep, current_T_world @ sweep.world_T_lidar, stamp)
+            start = end
         self._store(current, stamp, pose)
-        return np.concatenate(output, axis=0)
+        return output
 
     @staticmethod
-    def _compensated(sweep: _Sweep, current_T_past: np.ndarray, stamp_ns: int) -> np.ndarray:
-        """[N, 5] float32: ``sweep`` moved into the current frame, with its time lag in s."""
-        block = np.empty((len(sweep.points), 5), dtype=np.float32)
+    def _compensate(block: np.ndarray, sweep: _Sweep, current_T_past: np.ndarray, stamp_ns: int) -> None:
+        """Write ``sweep`` moved into the current frame, with its time lag in s, into ``block``
+        (float32 ``[N, 5]``)."""
         block[:, :3] = sweep.points[:, :3] @ current_T_past[:3, :3].T + current_T_past[:3, 3]
         block[:, 3] = sweep.points[:, 3]
         block[:, 4] = (stamp_ns - sweep.stamp_ns) / _NS_PER_S
-        return block
 
     def refresh_poses(self, pose_at: Callable[[int], np.ndarray | None]) -> None:
         """Ask ``pose_at(stamp_ns)`` again for the pose of every stored sweep that has none
