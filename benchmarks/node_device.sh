@@ -13,6 +13,7 @@
 # before and after from one call, one machine.
 # Everything goes to WORK (/tmp/node_device); $OUT gets the JSON reports (library.json,
 # [before_]raw.json, [before_]compressed.json) and logs.tar.gz (every log, the node's included).
+# JPEG_TESTS=0 skips the GPU JPEG tests (test/gpu/test_jpeg_gpu.py) at the start.
 set -uo pipefail
 OUT="${OUT:-out/node_device}"
 WORK="${WORK:-/tmp/node_device}"
@@ -36,9 +37,11 @@ if [ ! -f "$model/export.yaml" ]; then
   export_pid=$!
 fi
 OUT="$WORK" bash benchmarks/device_ros_setup.sh || exit 1
-BEVFUSION_EXAMPLE_DATA="$data" python3 -m pytest -q -p no:cacheprovider -s test/gpu/test_jpeg_gpu.py \
-  > "$WORK/jpeg_gpu_tests.log" 2>&1; echo "GPU JPEG tests: $(tail -1 "$WORK/jpeg_gpu_tests.log")"
-grep -h -i "nvjpeg\|timing\|corrupt\|failed" "$WORK/jpeg_gpu_tests.log" | head -12
+if [ "${JPEG_TESTS:-1}" = 1 ]; then
+  BEVFUSION_EXAMPLE_DATA="$data" python3 -m pytest -q -p no:cacheprovider -s test/gpu/test_jpeg_gpu.py \
+    > "$WORK/jpeg_gpu_tests.log" 2>&1; echo "GPU JPEG tests: $(tail -1 "$WORK/jpeg_gpu_tests.log")"
+  grep -h -i "nvjpeg\|timing\|corrupt\|failed" "$WORK/jpeg_gpu_tests.log" | head -12
+fi
 [ -n "${export_pid:-}" ] && { wait "$export_pid"; echo "r50 export: $(tail -1 "$WORK/export.log")"; }
 python3 -m bevfusion_ros.tools.bench --model "$model" --data "$data" --backend gpu --iters 300 --warmup 30 \
   --json "$WORK/library.json" > "$WORK/library.log" 2>&1
