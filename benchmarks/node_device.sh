@@ -13,14 +13,14 @@
 # before and after from one call, one machine.
 # Everything goes to WORK (/tmp/node_device); $OUT gets the JSON reports (library.json,
 # [before_]raw.json, [before_]compressed.json) and logs.tar.gz (every log, the node's included).
-# JPEG_TESTS=0 skips the GPU JPEG tests (test/gpu/test_jpeg_gpu.py) at the start.
+# An empty *_RATES (e.g. BEFORE_COMPRESSED_RATES="") skips that run. JPEG_TESTS=0 skips the GPU JPEG tests (test/gpu/test_jpeg_gpu.py) at the start.
 set -uo pipefail
 OUT="${OUT:-out/node_device}"
 WORK="${WORK:-/tmp/node_device}"
 RATES="${RATES:-12 25 30}"
-COMPRESSED_RATES="${COMPRESSED_RATES:-12}"
-BEFORE_RATES="${BEFORE_RATES:-12 25}"
-BEFORE_COMPRESSED_RATES="${BEFORE_COMPRESSED_RATES:-12}"
+COMPRESSED_RATES="${COMPRESSED_RATES-12}"
+BEFORE_RATES="${BEFORE_RATES-12 25}"
+BEFORE_COMPRESSED_RATES="${BEFORE_COMPRESSED_RATES-12}"
 DURATION="${DURATION:-60}"
 BEFORE_DURATION="${BEFORE_DURATION:-$DURATION}"
 # The exported weights are untrained: at the model's threshold they give no box. 0.05 keeps a
@@ -55,7 +55,8 @@ node_bench() {   # name, then bevfusion-bench options
 }
 # shellcheck disable=SC2086
 if [ -d .baseline/bevfusion_ros ]; then
-  node_bench before_raw --rates $BEFORE_RATES --node-source "$PWD/.baseline" --duration "$BEFORE_DURATION"
+  [ -n "$BEFORE_RATES" ] && \
+    node_bench before_raw --rates $BEFORE_RATES --node-source "$PWD/.baseline" --duration "$BEFORE_DURATION"
   [ -n "$BEFORE_COMPRESSED_RATES" ] && \
     node_bench before_compressed --rates $BEFORE_COMPRESSED_RATES --compressed --node-source "$PWD/.baseline" \
       --duration "$BEFORE_DURATION"
