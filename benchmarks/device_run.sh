@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import cupy, torch, onnxruntime; print('cupy', cupy.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(), 'ort', onnxruntime.__version__)"
 # The r50 export is CPU work: it runs while the GPU tests that do not need it run.
 if [ ! -f "$model/export.yaml" ]; then
-  python3 -m bevfusion_ros.model.export --preset nuscenes-r50 --out "$model" > "$OUT/export.log" 2>&1 &
+  python3 -m bevfusion_ros.tools.export --preset nuscenes-r50 --out "$model" > "$OUT/export.log" 2>&1 &
   export_pid=$!
 fi
 filter="${1:-}"

@@ -33,7 +33,7 @@ model="${MODEL_DIR:-/tmp/r50-fp16}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 if [ ! -f "$model/export.yaml" ]; then
-  python3 -m bevfusion_ros.model.export --preset nuscenes-r50 --out "$model" > "$WORK/export.log" 2>&1 &
+  python3 -m bevfusion_ros.tools.export --preset nuscenes-r50 --out "$model" > "$WORK/export.log" 2>&1 &
   export_pid=$!
 fi
 OUT="$WORK" bash benchmarks/device_ros_setup.sh || exit 1

@@ -28,7 +28,7 @@ python3 -m bevfusion_ros.tools.train --preset "$preset" --scenes "${SCENES:-0:18
   --out "$OUT/train" "${resume[@]}" > "$OUT/train.log" 2>&1
 echo "train rc=$?"; grep -v Warning "$OUT/train.log" | tail -40
 if [ -n "${EVAL:-}" ] && [ -d "$OUT/train" ] && ! grep -q "^paused" "$OUT/train.log"; then
-  python3 -m bevfusion_ros.model.export --preset "$preset" --checkpoint "$OUT/train/model.pt" \
+  python3 -m bevfusion_ros.tools.export --preset "$preset" --checkpoint "$OUT/train/model.pt" \
     --out /tmp/trained-model > "$OUT/export.log" 2>&1
   echo "export rc=$?"; tar -C /tmp -cf "$OUT/model.tar" trained-model
   python3 -m bevfusion_ros.tools.eval --model /tmp/trained-model --seeds "$EVAL" --backend gpu \

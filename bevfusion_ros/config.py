@@ -310,5 +310,5 @@ def _ros_parameters(values: Mapping[str, Any]) -> Mapping[str, Any]:
     return wrapped[0]
 
 
-# Parameters that only the ROS node reads: its ``node:`` section (bevfusion_ros.node_config).
+# Parameters that only the ROS node reads: its ``node:`` section (bevfusion_ros.streaming.node_config).
 NODE_ONLY_KEYS: frozenset[str] = frozenset({"node"})

@@ -5,7 +5,7 @@
 
 Stages, in the spec's order (each timed, milliseconds in ``detections.stage_ms``):
 [``camera_geometry``, only when the calibration changed] ``upload_points``, ``upload_images``
-(host -> device through pinned staging buffers on the GPU, :mod:`bevfusion_ros.upload`);
+(host -> device through pinned staging buffers on the GPU, :mod:`bevfusion_ros.runtime.upload`);
 ``normalize`` -> ``depth`` -> ``camera_backbone`` -> ``bevpool`` -> ``vtransform``;
 ``voxelize`` -> ``lidar_backbone``; ``fuser`` -> ``head`` -> ``decode``. The camera geometry
 depends only on the calibration: :meth:`update` computes it once, and :meth:`forward`
@@ -37,7 +37,7 @@ import yaml
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
-from bevfusion_ros.array_module import is_cupy, to_numpy
+from bevfusion_ros.runtime.array_module import is_cupy, to_numpy
 from bevfusion_ros.camera.normalize import check_images, normalize_images
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
@@ -48,7 +48,7 @@ from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.lidar.scn import SparseEncoderRunner
 from bevfusion_ros.lidar.voxelize import voxelize
-from bevfusion_ros.upload import FrameUploader
+from bevfusion_ros.runtime.upload import FrameUploader
 
 LOG = logging.getLogger("bevfusion_ros.pipeline")
 MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",

@@ -1,7 +1,7 @@
 """Array-module dispatch without a GPU."""
 import numpy as np
 
-from bevfusion_ros.array_module import get_array_module, is_cupy, to_numpy
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 
 
 def test_numpy_dispatch():

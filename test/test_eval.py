@@ -1,4 +1,4 @@
-"""bevfusion_ros.evaluation (nuScenes metrics through nuscenes-devkit) and bevfusion-eval.
+"""bevfusion_ros.analysis.evaluation (nuScenes metrics through nuscenes-devkit) and bevfusion-eval.
 
 Expected values come from hand-made cases and from the nuScenes AP definition written out
 independently here (:func:`reference_ap`), not from the devkit:
@@ -27,7 +27,7 @@ pytest.importorskip("nuscenes.eval.detection.algo")
 
 from bevfusion_ros.config import NUSCENES_CLASS_NAMES  # noqa: E402
 from bevfusion_ros.detections import Detections  # noqa: E402
-from bevfusion_ros.evaluation import (NUSCENES_CLASS_RANGE, EvalResult,  # noqa: E402
+from bevfusion_ros.analysis.evaluation import (NUSCENES_CLASS_RANGE, EvalResult,  # noqa: E402
                                       count_points_in_boxes, evaluate, heading_quaternion)
 
 NAMES = NUSCENES_CLASS_NAMES

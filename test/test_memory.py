@@ -10,7 +10,7 @@ import pytest
 SNIPPET = """
 import resource, sys
 import numpy as np
-from bevfusion_ros.memory import keep_large_buffers
+from bevfusion_ros.runtime.memory import keep_large_buffers
 if sys.argv[1] == "keep":
     assert keep_large_buffers()
 def churn():

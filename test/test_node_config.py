@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bevfusion_ros.config import ConfigError, config_to_dict, load_config
-from bevfusion_ros.node_config import command_line_parameters, configs_from_parameters, nest_dotted
+from bevfusion_ros.streaming.node_config import command_line_parameters, configs_from_parameters, nest_dotted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = load_config(REPO_ROOT / "models" / "tiny-synthetic" / "bevfusion.yaml")

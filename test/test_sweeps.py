@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from bevfusion_ros.sweeps import SweepAccumulator
+from bevfusion_ros.streaming.sweeps import SweepAccumulator
 
 S = 1_000_000_000
 PERIOD = 50_000_000                  # 20 Hz

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from bevfusion_ros.sync import (DROP_DUPLICATE, DROP_FUTURE, DROP_OUT_OF_ORDER, DROP_RESET,
+from bevfusion_ros.streaming.sync import (DROP_DUPLICATE, DROP_FUTURE, DROP_OUT_OF_ORDER, DROP_RESET,
                                 MISSING_CAMERA_POLICIES, REASON_NO_MATCH, REASON_STALE,
                                 REASON_SUPERSEDED, LidarTriggeredSync, SyncedFrame)
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from bevfusion_ros.transforms import (
+from bevfusion_ros.streaming.transforms import (
     ConnectivityError,
     ExtrapolationError,
     TransformBuffer,
@@ -388,7 +388,7 @@ def test_wait_for_transform_returns_once_the_sample_arrives_from_another_thread(
 
 
 def test_wait_for_transform_gives_the_lookup_error_after_the_timeout():
-    from bevfusion_ros.transforms import ExtrapolationError
+    from bevfusion_ros.streaming.transforms import ExtrapolationError
     buffer = TransformBuffer()
     buffer.set_transform("odom", "lidar", 100, np.eye(4))
     with pytest.raises(ExtrapolationError):

@@ -1,10 +1,10 @@
-"""The image row band the GPU upload stages (the rest of bevfusion_ros.upload needs a GPU:
+"""The image row band the GPU upload stages (the rest of bevfusion_ros.runtime.upload needs a GPU:
 test/gpu/test_upload_gpu.py)."""
 import numpy as np
 
 from bevfusion_ros.camera.normalize import normalize_tables
 from bevfusion_ros.config import ImageConfig
-from bevfusion_ros.upload import source_row_band
+from bevfusion_ros.runtime.upload import source_row_band
 
 NUSCENES = ImageConfig()
 

@@ -10,7 +10,7 @@ import pytest
 from bevfusion_ros.config import NUSCENES_CLASS_NAMES, PipelineConfig
 from bevfusion_ros.detections import Detections
 from bevfusion_ros.io import load_example_data
-from bevfusion_ros.visualize import (CLASS_COLORS, forward_direction, project_edges, render_visualization,
+from bevfusion_ros.analysis.visualize import (CLASS_COLORS, forward_direction, project_edges, render_visualization,
                                      save_visualization)
 
 CONFIG = PipelineConfig()

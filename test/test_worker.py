@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from bevfusion_ros.latest_queue import LatestQueue
-from bevfusion_ros.worker import FrameWorker
+from bevfusion_ros.streaming.latest_queue import LatestQueue
+from bevfusion_ros.streaming.worker import FrameWorker
 
 
 def test_latest_queue_drops_the_oldest_when_full():

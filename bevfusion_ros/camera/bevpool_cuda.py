@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.array_module import get_array_module, is_cupy
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy
 from bevfusion_ros.camera.bevpool import check_inputs, feature_rows
 from bevfusion_ros.camera.geometry import CameraGeometry
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.array_module import is_cupy
+from bevfusion_ros.runtime.array_module import is_cupy
 
 DEPTH_MIN = np.float32(1e-5)
 DEPTH_MAX = np.float32(1e5)

@@ -224,7 +224,7 @@ def nvjpeg_refusal(data: Any) -> str | None:
 def nvjpeg_unavailable() -> str | None:
     """Why ``ImageDecoder(device="cuda")`` cannot work here (None: the libraries are there and
     a CUDA device is visible; the constructor still test-decodes an image)."""
-    from bevfusion_ros.array_module import CUPY_INSTALLED, gpu_available
+    from bevfusion_ros.runtime.array_module import CUPY_INSTALLED, gpu_available
     if not CUPY_INSTALLED:
         return "CuPy is not installed"
     if not gpu_available():

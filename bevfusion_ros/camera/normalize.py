@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bevfusion_ros.array_module import is_cupy
+from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.config import ImageConfig
 
 WEIGHT_BITS = 11

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from bevfusion_ros.array_module import gpu_available
+from bevfusion_ros.runtime.array_module import gpu_available
 from bevfusion_ros.config import PipelineConfig
 from bevfusion_ros.engines.base import DENSE_MODEL_FILES, Engine, EngineError, check_dense_engines
 from bevfusion_ros.engines.onnxruntime import OnnxRuntimeEngine

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from bevfusion_ros.array_module import is_cupy
+from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.engines.base import EngineError, FileEngine, Shape, TensorSpec
 
 SUPPORTED_OPSETS = range(13, 18)

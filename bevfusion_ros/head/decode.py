@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bevfusion_ros.array_module import is_cupy
+from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.config import PipelineConfig
 
 BOX_COLUMNS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy", "label", "score")

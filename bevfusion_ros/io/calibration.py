@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ImageConfig
+from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ConfigError, ImageConfig, PipelineConfig
 from bevfusion_ros.io.tensor import read_tensor
-from bevfusion_ros.transforms import matrix_from_quaternion, transform_from_translation_quaternion
+from bevfusion_ros.streaming.transforms import matrix_from_quaternion, transform_from_translation_quaternion
 
 MATRIX_NAMES = ("camera2lidar", "lidar2camera", "camera_intrinsics", "lidar2image", "img_aug_matrix")
 RIGID_TOLERANCE = 1e-4     # |R^T R - I|, |lidar2camera @ camera2lidar - I|
@@ -200,3 +200,17 @@ class Calibration:
         """Max relative difference between lidar2image and camera_intrinsics @ lidar2camera."""
         projection = self.camera_intrinsics @ self.lidar2camera
         return float((np.abs(self.lidar2image - projection) / np.maximum(1.0, np.abs(projection))).max())
+
+
+def calibration_from_yaml(path: Path, config: PipelineConfig) -> Calibration:
+    """A calibration YAML: ``camera_names`` (optional, default the config's),
+    ``camera_intrinsics`` [N][3][3] and ``camera2lidar`` [N][4][4]."""
+    import yaml
+    try:
+        values = yaml.safe_load(path.read_text())
+        names = values.get("camera_names", list(config.camera_names))
+        return Calibration.from_camera2lidar(np.array(values["camera_intrinsics"], dtype=np.float64),
+                                             np.array(values["camera2lidar"], dtype=np.float64),
+                                             config.image, names)
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error

@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bevfusion_ros.array_module import get_array_module, is_cupy
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy
 
 Triple = tuple[int, int, int]
 Array = Any                      # numpy.ndarray or cupy.ndarray

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.array_module import get_array_module, is_cupy, to_numpy
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.config import VoxelizationConfig
 
 Array = Any                      # numpy.ndarray or cupy.ndarray

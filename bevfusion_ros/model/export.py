@@ -15,9 +15,7 @@ ranges; the runtime precision chooses (spec 2.7).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +30,10 @@ from bevfusion_ros.config import save_config
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
 from bevfusion_ros.model.camera import (CameraBackboneExport, VTransformExport, camera_sample_inputs,
                                         export_camera_onnx)
-from bevfusion_ros.model.checkpoint import CheckpointError, load_checkpoint
+from bevfusion_ros.model.checkpoint import load_checkpoint
 from bevfusion_ros.model.fuser import (FuserExport, export_fuser_head_onnx, fuser_sample_inputs)
 from bevfusion_ros.model.head import HeadExport, head_sample_inputs
-from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
+from bevfusion_ros.model.presets import ModelPreset
 from bevfusion_ros.model.quantize import quantize_qdq
 from bevfusion_ros.model.scn_onnx import write_scn_onnx
 from bevfusion_ros.model.reference import voxelize
@@ -156,30 +154,3 @@ def _write_export_info(out_dir: Path, preset: ModelPreset, precision: str, check
                   for name, size in files.items()},
     }
     (out_dir / "export.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a CUDA-BEVFusion model folder.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--checkpoint", type=Path, help="mit-han-lab/bevfusion .pth to load")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--trained-on", help="what the checkpoint was trained on (export.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        result = export_model_set(get_preset(args.preset), args.precision, args.out,
-                                  args.checkpoint, args.seed, args.trained_on)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for name, size in result.files.items():
-        print(f"  {name:<26} {size / 2**20:8.2f} MiB")
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else \
-        f"seeded random weights (seed {args.seed}): UNTRAINED, boxes will be meaningless"
-    print(f"exported {args.preset} ({args.precision}) to {args.out} in {result.seconds:.1f} s; {weights}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

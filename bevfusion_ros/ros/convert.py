@@ -59,7 +59,7 @@ from bevfusion_ros.camera.jpeg import ImageError, decode_rgb, uint8_buffer
 from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections, cuda_yaw
 from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.ros.cdr import CdrWriter, cdr_string, header_bytes
-from bevfusion_ros.transforms import quaternion_from_matrix, transform_from_translation_quaternion
+from bevfusion_ros.streaming.transforms import quaternion_from_matrix, transform_from_translation_quaternion
 
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",

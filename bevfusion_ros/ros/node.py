@@ -7,10 +7,10 @@ Data flow:
 * subscriptions (QoS ``node.input_qos``): ``node.camera_topics`` (``sensor_msgs/Image``, or
   ``CompressedImage`` on ``<topic>/compressed`` with ``node.compressed_images``), CameraInfo
   beside each, ``node.lidar_topic`` (``PointCloud2``), ``/tf`` and ``/tf_static``;
-* :class:`bevfusion_ros.sync.LidarTriggeredSync` pairs each sweep with the nearest image of every
+* :class:`bevfusion_ros.streaming.sync.LidarTriggeredSync` pairs each sweep with the nearest image of every
   camera (``node.sync.*``; ``missing_camera``: wait, zero_fill or lidar_only) in the callbacks,
   which only store messages and never wait for inference;
-* a :class:`~bevfusion_ros.worker.FrameWorker` (queue of ``node.queue_size``) hands frames to
+* a :class:`~bevfusion_ros.streaming.worker.FrameWorker` (queue of ``node.queue_size``) hands frames to
   its thread, which owns the pipeline: it decodes the messages, builds the calibration
   (CameraInfo K + TF, or ``node.calibration_file``), accumulates ``node.num_sweeps`` sweeps in
   the current lidar frame (odometry from TF ``node.world_frame``), runs the pipeline and
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 import threading
 import time
 import traceback
@@ -52,10 +51,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import rclpy
-import rclpy.logging
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
@@ -66,19 +62,18 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError
-from bevfusion_ros.config import ConfigError, load_config
-from bevfusion_ros.io.calibration import Calibration, CalibrationError
+from bevfusion_ros.config import load_config
+from bevfusion_ros.io.calibration import Calibration, CalibrationError, calibration_from_yaml
 from bevfusion_ros.io.frame import Frame
-from bevfusion_ros.memory import keep_large_buffers
-from bevfusion_ros.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
+from bevfusion_ros.streaming.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
                                        nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.ros import cdr, convert
 from bevfusion_ros.ros.cloud_input import cloud_points
-from bevfusion_ros.sweeps import SweepAccumulator
-from bevfusion_ros.sync import DROP_REASONS, DROP_RESET, DroppedSweep, LidarTriggeredSync, SyncedFrame
-from bevfusion_ros.transforms import TransformBuffer, TransformError
-from bevfusion_ros.worker import FrameWorker
+from bevfusion_ros.streaming.sweeps import SweepAccumulator
+from bevfusion_ros.streaming.sync import DROP_REASONS, DROP_RESET, DroppedSweep, LidarTriggeredSync, SyncedFrame
+from bevfusion_ros.streaming.transforms import TransformBuffer, TransformError
+from bevfusion_ros.streaming.worker import FrameWorker
 from bevfusion_ros_msgs.msg import FrameInfo
 
 NODE_NAME = "bevfusion"
@@ -585,60 +580,3 @@ class BEVFusionNode(Node):
         if self.decoder is not None:
             self.decoder.close()
         super().destroy_node()
-
-
-def calibration_from_yaml(path: Path, config: Any) -> Calibration:
-    """A calibration YAML: ``camera_names`` (optional, default the config's),
-    ``camera_intrinsics`` [N][3][3] and ``camera2lidar`` [N][4][4]."""
-    import yaml
-    try:
-        values = yaml.safe_load(path.read_text())
-        names = values.get("camera_names", list(config.camera_names))
-        return Calibration.from_camera2lidar(np.array(values["camera_intrinsics"], dtype=np.float64),
-                                             np.array(values["camera2lidar"], dtype=np.float64),
-                                             config.image, names)
-    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error
-
-
-def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
-    """The node, or None after logging why it cannot start in one line (a bad model folder,
-    parameter or calibration; the traceback too with ``--log-level debug``)."""
-    from bevfusion_ros.tools.cli import USER_ERRORS
-    try:
-        return BEVFusionNode(command_line=command_line)
-    except USER_ERRORS as error:
-        logger = rclpy.logging.get_logger(NODE_NAME)
-        logger.fatal("cannot start: " + " ".join(str(error).split()))
-        logger.debug("".join(traceback.format_exception(error)))
-        return None
-
-
-def main(args: list[str] | None = None) -> int:
-    """Run the node until SIGINT/SIGTERM (at any time, start-up included: no traceback);
-    exit status 1 when it cannot start."""
-    command_line = sys.argv if args is None else args
-    keep_large_buffers()                   # images and clouds reuse heap blocks: no page faults per frame
-    rclpy.init(args=command_line)
-    executor = SingleThreadedExecutor()    # before the (slow) node: a SIGINT meanwhile shuts the
-    node = None                            # context down, and an executor made then is half-built
-    try:
-        node = start_node(command_line)
-        if node is None:
-            return 1
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:                      # start-up or a callback racing the shutdown of the context
-        if rclpy.ok():
-            raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ Three processes, as on a vehicle (all in the safe ROS environment of
 :func:`bevfusion_ros.ros.environment.safe_ros_process`: localhost discovery, the benchmark's own
 domain id and a temporary ROS_HOME):
 
-* **the node** (``python -m bevfusion_ros.ros.node``) with a parameter file written into
+* **the node** (``python -m bevfusion_ros.tools.node``) with a parameter file written into
   ``out_dir`` (:func:`node_parameters`: the chosen backend and precision, the benchmark's topics,
   best-effort sensor QoS as for live drivers, raw ``Image`` or ``CompressedImage`` input, the
   cloud's own ``time_lag`` channel or, with ``num_sweeps > 1``, past sweeps motion-compensated
@@ -591,6 +591,6 @@ def format_report(report: NodeBenchReport) -> str:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["publish"]:
-    from bevfusion_ros.memory import keep_large_buffers
+    from bevfusion_ros.runtime.memory import keep_large_buffers
     keep_large_buffers()                 # a driver's buffers are reused, as the node's are
     sys.exit(publish(options_from_json(sys.argv[2]), float(sys.argv[3])))

@@ -91,7 +91,7 @@ def replay_through_node(model: Path, bag: Path, out_dir: Path, backend: str = "a
     params = node_params(model, config, out_dir / "node_params.yaml", backend, score_threshold)
     domain = domain_id if domain_id is not None else 1 + os.getpid() % 101
     with safe_ros_process(domain), (out_dir / "node.log").open("w") as node_log:
-        process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args",
+        process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.node", "--ros-args",
                                     "--params-file", str(params)],
                                    env=dict(os.environ), stdout=node_log, stderr=subprocess.STDOUT)
         try:
@@ -113,7 +113,7 @@ def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockst
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
-    from bevfusion_ros.node_config import NodeConfig
+    from bevfusion_ros.streaming.node_config import NodeConfig
     from bevfusion_ros.ros.bag import bag_summary
     from bevfusion_ros.ros.play import play
     from bevfusion_ros.ros.record import Recorder

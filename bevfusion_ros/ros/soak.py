@@ -7,7 +7,7 @@ in, checking that the node survives, accounts for every frame and does not leak 
 
 (``benchmarks/soak.py`` is the command line.) What happens:
 
-* The node runs as a child process (``python -m bevfusion_ros.ros.node``) with a parameter
+* The node runs as a child process (``python -m bevfusion_ros.tools.node``) with a parameter
   file written into ``out_dir`` (:func:`node_parameters`: CPU backend, reliable input QoS, the
   soak's own input topics, ``num_sweeps`` past sweeps motion-compensated with TF odometry in
   ``odom``), its log in ``out_dir/node.log``. This process and the node share the safe ROS
@@ -275,9 +275,11 @@ class NodeProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source_root), env.get("PYTHONPATH", "")) if p)
         self.log_path = log_path
         self._log = log_path.open("wb")
+        # A baseline checkout from before the console scripts moved to tools/ has the node's main in ros/.
+        module = "tools" if (source_root / "bevfusion_ros" / "tools" / "node.py").is_file() else "ros"
         self.process = subprocess.Popen(
             # -P: the working directory does not go first on sys.path (its bevfusion_ros would win over source_root's)
-            [sys.executable, "-P", "-m", "bevfusion_ros.ros.node", "--ros-args", "--params-file", str(params)],
+            [sys.executable, "-P", "-m", f"bevfusion_ros.{module}.node", "--ros-args", "--params-file", str(params)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property

@@ -25,7 +25,7 @@ import numpy as np
 
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.io.frame import Frame
-from bevfusion_ros.memory import keep_large_buffers
+from bevfusion_ros.runtime.memory import keep_large_buffers
 from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.tools.infer import STAGE_ORDER
 

@@ -119,7 +119,7 @@ def summarize(args: argparse.Namespace, model: Path, replay, scenes: list, note:
               started: float) -> None:
     """detections.json, visualization.png, mAP (generated scenes) and the summary lines."""
     from bevfusion_ros.io.frame import load_example_data
-    from bevfusion_ros.visualize import save_visualization
+    from bevfusion_ros.analysis.visualize import save_visualization
     from bevfusion_ros.tools.make_bag import scene_stamp_ns
     config = load_config(model / "bevfusion.yaml")
     if scenes:                                   # the last scene the node answered
@@ -154,7 +154,7 @@ def summarize(args: argparse.Namespace, model: Path, replay, scenes: list, note:
 
 def print_map(predictions: list[Detections], scenes: list, class_names: tuple[str, ...]) -> None:
     """mAP of the node's boxes (one per scene; no boxes where it did not answer) on the scenes."""
-    from bevfusion_ros.evaluation import evaluate
+    from bevfusion_ros.analysis.evaluation import evaluate
     from bevfusion_ros.tools.eval import scene_ground_truth
     result = evaluate(predictions, [scene_ground_truth(scene) for scene in scenes], class_names)
     car = result.class_mean_ap.get("car", float("nan"))

@@ -11,10 +11,10 @@
 CUDA-BEVFusion example-data folders instead: DIR itself, or every sub-folder of DIR (sorted by
 name) with ``points.tensor``, ``gt_bboxes_3d.tensor`` [M, 9] (CUDA layout, z = box centre) and
 ``gt_labels_3d.tensor``. The pipeline runs every frame with ``head.score_threshold`` 0 (the whole
-ranked list enters AP), then :func:`bevfusion_ros.evaluation.evaluate` computes the metrics with
+ranked list enters AP), then :func:`bevfusion_ros.analysis.evaluation.evaluate` computes the metrics with
 nuscenes-devkit's code. Ground-truth boxes without lidar points are dropped as nuScenes does
 (synthetic scenes: the ray caster's hits per box; folders: points inside the box,
-:func:`~bevfusion_ros.evaluation.count_points_in_boxes`) unless ``--keep-empty-gt``.
+:func:`~bevfusion_ros.analysis.evaluation.count_points_in_boxes`) unless ``--keep-empty-gt``.
 
 ``--through-node`` evaluates the product as a ROS user runs it: the scenes go into a bag (raw
 images, 10 Hz, :func:`bevfusion_ros.tools.make_bag.write_frames_bag`), which is replayed frame by
@@ -43,7 +43,7 @@ import numpy as np
 
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.engines.select import BACKENDS
-from bevfusion_ros.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
+from bevfusion_ros.analysis.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import FrameError, load_example_data
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
@@ -98,7 +98,7 @@ def parse_class_range(text: str) -> float | dict[str, float]:
 def scene_ground_truth(scene: Scene, keep_empty: bool = False
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(boxes [M, 9], labels [M], lidar hits per box [M] or None with ``keep_empty``) of a
-    generated scene, what :func:`bevfusion_ros.evaluation.evaluate` takes per frame."""
+    generated scene, what :func:`bevfusion_ros.analysis.evaluation.evaluate` takes per frame."""
     hits = scene.point_objects[scene.point_objects >= 0]
     counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
     return scene.gt_boxes, scene.gt_labels, None if keep_empty else counts

@@ -47,7 +47,7 @@ from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
 from bevfusion_ros.io.calibration import pose_matrix
 from bevfusion_ros.io.frame import Frame, read_rgb_image
-from bevfusion_ros.node_config import NodeConfig, camera_info_topic, camera_topic
+from bevfusion_ros.streaming.node_config import NodeConfig, camera_info_topic, camera_topic
 
 
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.array_module import to_numpy
+from bevfusion_ros.runtime.array_module import to_numpy
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.normalize import normalize_images

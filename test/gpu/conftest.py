@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bevfusion_ros.array_module import gpu_available
+from bevfusion_ros.runtime.array_module import gpu_available
 
 collect_ignore_glob: list[str] = []
 

@@ -213,7 +213,7 @@ def test_bad_device_images(gpu_pipeline, tiny_dir, frame):
 
 def test_uploader_mixes_host_and_device_images():
     from bevfusion_ros.config import ImageConfig
-    from bevfusion_ros.upload import FrameUploader, source_row_band
+    from bevfusion_ros.runtime.upload import FrameUploader, source_row_band
     config = ImageConfig()
     rng = np.random.default_rng(4)
     images = [rng.integers(0, 256, (900, 1600, 3), dtype=np.uint8) for _ in range(6)]

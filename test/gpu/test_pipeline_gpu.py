@@ -145,7 +145,7 @@ def test_worker_thread_answers_frames_at_10_hz(preset, tiny_dir, frame, request)
     direct forward; the submit-to-result latency is printed."""
     import time
 
-    from bevfusion_ros.worker import FrameWorker
+    from bevfusion_ros.streaming.worker import FrameWorker
     model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
     pipeline = BEVFusionPipeline.from_model_dir(model_dir, backend="gpu")
     expected = pipeline.forward(frame).boxes

@@ -1,4 +1,4 @@
-"""Pinned-staging upload (bevfusion_ros.upload) against a plain full-image upload."""
+"""Pinned-staging upload (bevfusion_ros.runtime.upload) against a plain full-image upload."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from bevfusion_ros.camera.normalize import normalize_images
 from bevfusion_ros.config import ImageConfig
-from bevfusion_ros.upload import FrameUploader, source_row_band
+from bevfusion_ros.runtime.upload import FrameUploader, source_row_band
 
 cupy = pytest.importorskip("cupy")
 NUSCENES = ImageConfig()

@@ -14,10 +14,10 @@ from bevfusion_ros.lidar.scn_graph import read_scn_onnx  # noqa: E402
 from bevfusion_ros.model.bevfusion import build_model, calibrate_batchnorm  # noqa: E402
 from bevfusion_ros.model.camera import CameraBackboneExport, camera_sample_inputs  # noqa: E402
 from bevfusion_ros.model.checkpoint import CheckpointError  # noqa: E402
-from bevfusion_ros.model.export import (MODEL_FILES, calibrate_random_weights,  # noqa: E402
-                                        export_model_set, main)
+from bevfusion_ros.model.export import MODEL_FILES, calibrate_random_weights, export_model_set  # noqa: E402
 from bevfusion_ros.model.fuser import FuserExport, fuser_sample_inputs  # noqa: E402
 from bevfusion_ros.model.presets import TINY  # noqa: E402
+from bevfusion_ros.tools.export import main  # noqa: E402
 
 DENSE_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx")
 # int8 Q/DQ of every conv (per-tensor activations, max-calibrated on 4 random samples; per-channel

@@ -73,7 +73,7 @@ class NodeUnderTest:
                 **node_overrides}
         params = folder / "params.yaml"
         save_config(self.config, params, node=node)
-        self.process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args",
+        self.process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.node", "--ros-args",
                                          "--params-file", str(params)], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.context = Context()

@@ -10,7 +10,7 @@ import pytest
 from test_node import (FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, core, example,  # noqa: F401
                        model_dir)
 
-from bevfusion_ros.node_config import NUSCENES_CAMERA_TOPICS
+from bevfusion_ros.streaming.node_config import NUSCENES_CAMERA_TOPICS
 from bevfusion_ros.ros.bag import bag_summary
 from bevfusion_ros.tools import make_bag
 
@@ -39,7 +39,7 @@ def test_example_bag_through_play_and_node(example_data_dir, model_dir, example,
     player = None
     try:
         assert harness.spin_until(lambda: harness.node.count_subscribers("/LIDAR_TOP") > 0, 60.0)
-        player = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.play", str(bag), "--start-delay", "1",
+        player = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.play", str(bag), "--start-delay", "1",
                                    "--wait-for-subscribers", "30"],
                                   env=harness.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert harness.spin_until(lambda: len(harness.detections) > 0, FRAME_TIMEOUT_S + 30)

@@ -33,7 +33,7 @@ from bevfusion_ros.ros.faults import FAULTS, FAULTS_BY_NAME
 from bevfusion_ros.ros.frame_messages import LIDAR_FRAME, frame_messages, header
 from bevfusion_ros.ros.soak import SoakOptions, format_report, run_soak
 from bevfusion_ros.sim.scene import generate_scene
-from bevfusion_ros.sweeps import SweepAccumulator
+from bevfusion_ros.streaming.sweeps import SweepAccumulator
 
 MODEL = REPO_ROOT / "models" / "tiny-synthetic"
 PERIOD_NS = 100_000_000
@@ -286,7 +286,7 @@ def run_node(args: list[str], tmp_path: Path, timeout: float = 60.0) -> subproce
     home.mkdir(exist_ok=True)
     env = safe_ros_environment(next_domain_id(), str(home))
     env["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.run([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "bevfusion_ros.tools.node", "--ros-args", *args], env=env,
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -337,7 +337,7 @@ def test_readme_node_command_starts_and_stops_cleanly(tmp_path):
     domain = next_domain_id()
     env = safe_ros_environment(domain, str(home))
     env["PYTHONPATH"] = str(REPO_ROOT)
-    process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.ros.node", "--ros-args", *README_ARGS],
+    process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.node", "--ros-args", *README_ARGS],
                                env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     context = Context()
     rclpy.init(context=context, domain_id=domain)

@@ -196,7 +196,7 @@ def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path
     from geometry_msgs.msg import TransformStamped
 
     from bevfusion_ros.ros.frame_messages import LIDAR_FRAME, header
-    from bevfusion_ros.sweeps import SweepAccumulator
+    from bevfusion_ros.streaming.sweeps import SweepAccumulator
     harness = NodeUnderTest(model_dir, tmp_path, "zero_fill", num_sweeps=3, time_lag_field="", world_frame="odom")
     expected_sweeps = SweepAccumulator(3)
     lidar_points = example.points[:, :4]
@@ -226,7 +226,7 @@ def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path
 
 def test_calibration_file_yaml_and_example_folder(tmp_path, example_data_dir):
     from bevfusion_ros.config import ConfigError
-    from bevfusion_ros.ros.node import calibration_from_yaml
+    from bevfusion_ros.io.calibration import calibration_from_yaml
     stored = load_example_data(example_data_dir).calibration
     path = tmp_path / "calibration.yaml"
     path.write_text(yaml.safe_dump({"camera_intrinsics": stored.camera_intrinsics[:, :3, :3].tolist(),

@@ -1,13 +1,13 @@
 """bevfusion-play and bevfusion-record over real Fast DDS.
 
 Play: this test writes a small bag (Images, PointClouds, /tf_static, Detection3DArrays at known
-log times) with BagWriter, runs ``python -m bevfusion_ros.ros.play`` as a child process and
+log times) with BagWriter, runs ``python -m bevfusion_ros.tools.play`` as a child process and
 subscribes here: every message arrives, equal to the bag's, in order, on the bag's schedule
 (divided by --rate), /tf_static latched (merged transforms, received by a late subscriber too),
 /clock following the bag time, two passes with --loop.
 
 Record: this test publishes Detection3DArray and DiagnosticArray messages, a
-``python -m bevfusion_ros.ros.record`` child records them (--count, --json), and the bag and the
+``python -m bevfusion_ros.tools.record`` child records them (--count, --json), and the bag and the
 JSON files are compared with what was published.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from vision_msgs.msg import (BoundingBox3D, Detection3D, Detection3DArray, Objec
 
 from bevfusion_ros.ros import play as play_module
 from bevfusion_ros.ros import record as record_module
+from bevfusion_ros.tools import play as play_tool
 from bevfusion_ros.ros.bag import BagWriter, bag_summary, read_bag
 from bevfusion_ros.ros.record import Recorder
 
@@ -228,7 +229,7 @@ def test_play_content_order_timing_and_late_tf_static(ros_env, test_node, bag):
     late: list[Inbox] = []
     rows = schedule()
     expected = expected_published(rows)
-    child = start_child(ros_env, "bevfusion_ros.ros.play", bag, "--start-delay", "1", *WAIT)
+    child = start_child(ros_env, "bevfusion_ros.tools.play", bag, "--start-delay", "1", *WAIT)
 
     def done() -> bool:
         if not late and inbox.of(POINTS):       # /tf_static was published 100 ms before: join late
@@ -257,7 +258,7 @@ def test_play_rate_and_clock(ros_env, test_node, bag):
     inbox = Inbox(node, topics)
     rows = schedule()
     rate = 2.0
-    child = start_child(ros_env, "bevfusion_ros.ros.play", bag, "--start-delay", "1", *WAIT, "--rate", rate, "--clock")
+    child = start_child(ros_env, "bevfusion_ros.tools.play", bag, "--start-delay", "1", *WAIT, "--rate", rate, "--clock")
     try:
         what = spin_while_playing(executor, inbox, child, lambda: len(inbox.data()) >= len(rows))
         last_ns = rows[-1][0]     # its /clock went out before the message, may be taken after it
@@ -294,7 +295,7 @@ def test_play_loop_two_passes_with_topics(ros_env, test_node, bag):
     played = (IMAGE, DETECTIONS)
     rows = [row for row in schedule() if row[1] in played]
     expected = expected_published(rows) * 2
-    child = start_child(ros_env, "bevfusion_ros.ros.play", bag, "--start-delay", "1", *WAIT, "--rate", rate, "--loop",
+    child = start_child(ros_env, "bevfusion_ros.tools.play", bag, "--start-delay", "1", *WAIT, "--rate", rate, "--loop",
                         "--topics", *played)
     try:
         what = spin_while_playing(executor, inbox, child, lambda: all(
@@ -342,10 +343,10 @@ def test_play_library_on_message_and_stop(test_node, bag):
 
 
 def test_play_cli_errors(ros_env, tmp_path, capsys):
-    assert play_module.main([str(tmp_path / "missing.mcap"), "--start-delay", "0"]) == 1
+    assert play_tool.main([str(tmp_path / "missing.mcap"), "--start-delay", "0"]) == 1
     assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        play_module.main([str(tmp_path / "x.mcap"), "--rate", "0"])
+        play_tool.main([str(tmp_path / "x.mcap"), "--rate", "0"])
     assert exit_info.value.code == 2
 
 
@@ -366,7 +367,7 @@ def test_record_child_process_bag_and_json(ros_env, test_node, tmp_path):
     diag_pub = node.create_publisher(DiagnosticArray, diag_topic, RELIABLE)
     out, json_dir = tmp_path / "rec.mcap", tmp_path / "json"
     wall_before = time.time_ns()
-    child = start_child(ros_env, "bevfusion_ros.ros.record", "--out", out, "--topics", det_topic, diag_topic,
+    child = start_child(ros_env, "bevfusion_ros.tools.record", "--out", out, "--topics", det_topic, diag_topic,
                         "--count", "3", "--json", json_dir, "--duration", "20")
     published: list[tuple[str, object]] = []
     try:

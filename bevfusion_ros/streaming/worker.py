@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from bevfusion_ros.latest_queue import LatestQueue
+from bevfusion_ros.streaming.latest_queue import LatestQueue
 
 
 class FrameWorker:

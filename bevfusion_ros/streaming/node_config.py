@@ -15,7 +15,7 @@ from bevfusion_ros.config import (NUSCENES_CAMERA_NAMES, ConfigError, PipelineCo
                                   _ros_parameters, _section_from_mapping, config_from_dict,
                                   config_to_dict)
 from bevfusion_ros.engines.select import BACKENDS
-from bevfusion_ros.sync import MISSING_CAMERA_POLICIES
+from bevfusion_ros.streaming.sync import MISSING_CAMERA_POLICIES
 
 #: Pipeline settings a parameter file may change on a model folder that has a ``bevfusion.yaml``
 #: (deployment choices, not the geometry the networks were exported with).

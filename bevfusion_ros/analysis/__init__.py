@@ -1,0 +1,2 @@
+"""Offline analysis of detections: nuScenes-style metrics (``evaluation``) and drawings
+(``visualize``)."""

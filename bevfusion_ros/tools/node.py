@@ -1,0 +1,51 @@
+"""bevfusion_node: run :class:`bevfusion_ros.ros.node.BEVFusionNode` until SIGINT/SIGTERM."""
+from __future__ import annotations
+import sys
+import traceback
+from typing import Sequence
+import rclpy
+import rclpy.logging
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from bevfusion_ros.runtime.memory import keep_large_buffers
+from bevfusion_ros.ros.node import BEVFusionNode, NODE_NAME
+
+
+def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
+    """The node, or None after logging why it cannot start in one line (a bad model folder,
+    parameter or calibration; the traceback too with ``--log-level debug``)."""
+    from bevfusion_ros.tools.cli import USER_ERRORS
+    try:
+        return BEVFusionNode(command_line=command_line)
+    except USER_ERRORS as error:
+        logger = rclpy.logging.get_logger(NODE_NAME)
+        logger.fatal("cannot start: " + " ".join(str(error).split()))
+        logger.debug("".join(traceback.format_exception(error)))
+        return None
+
+def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM (at any time, start-up included: no traceback);
+    exit status 1 when it cannot start."""
+    command_line = sys.argv if args is None else args
+    keep_large_buffers()                   # images and clouds reuse heap blocks: no page faults per frame
+    rclpy.init(args=command_line)
+    executor = SingleThreadedExecutor()    # before the (slow) node: a SIGINT meanwhile shuts the
+    node = None                            # context down, and an executor made then is half-built
+    try:
+        node = start_node(command_line)
+        if node is None:
+            return 1
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:                      # start-up or a callback racing the shutdown of the context
+        if rclpy.ok():
+            raise
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
