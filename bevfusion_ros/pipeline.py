@@ -45,7 +45,7 @@ from bevfusion_ros.engines import Engine, load_dense_engines
 from bevfusion_ros.engines.select import GPU_BACKENDS, resolve_backend
 from bevfusion_ros.head.decode import decode_boxes
 from bevfusion_ros.io.calibration import Calibration
-from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.io.frame import Frame, black_image
 from bevfusion_ros.lidar.scn import SparseEncoderRunner
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.runtime.upload import FrameUploader
@@ -168,7 +168,6 @@ class BEVFusionPipeline:
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
         self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
-        self._black: np.ndarray | None = None      # input image of a missing camera
         self._zero_bev: Any = None                 # camera BEV of a lidar-only frame
 
     @classmethod
@@ -360,11 +359,7 @@ class BEVFusionPipeline:
     def black_image(self) -> np.ndarray:
         """A read-only all-zero input image, shared by every missing camera (what the pipeline
         feeds a camera left out of ``cameras_used``; a caller may put it in the missing slots)."""
-        if self._black is None:
-            image = self.config.image
-            self._black = np.zeros((image.input_height, image.input_width, 3), dtype=np.uint8)
-            self._black.flags.writeable = False
-        return self._black
+        return black_image(self.config.image)
 
     def _zero_camera_bev(self):
         """The camera BEV of a lidar-only frame: zeros of the vtransform output's shape and

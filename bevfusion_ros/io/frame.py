@@ -1,6 +1,7 @@
 """One synchronized sensor frame: 6 RGB images, a lidar sweep and the calibration."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -8,7 +9,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
+from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ImageConfig
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.tensor import read_tensor
 
@@ -46,6 +47,15 @@ class Frame:
         if self.points.ndim != 2 or self.points.shape[1] < 4:
             raise FrameError(f"points must be [N, C>=4] (x, y, z, intensity, ...), "
                              f"got {list(self.points.shape)}")
+
+
+@functools.lru_cache(maxsize=8)
+def black_image(image: ImageConfig) -> np.ndarray:
+    """A read-only all-zero ``[H, W, 3]`` uint8 input image of ``image``'s input size, one shared
+    array per size: what the pipeline feeds a camera that is missing."""
+    black = np.zeros((image.input_height, image.input_width, 3), dtype=np.uint8)
+    black.flags.writeable = False
+    return black
 
 
 def read_rgb_image(path: str | Path) -> np.ndarray:

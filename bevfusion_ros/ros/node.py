@@ -42,7 +42,6 @@ for the following frames.
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 import traceback
@@ -50,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
@@ -61,26 +59,21 @@ from tf2_msgs.msg import TFMessage
 from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
-from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError
+from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import load_config
-from bevfusion_ros.io.calibration import Calibration, CalibrationError, calibration_from_yaml
-from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
 from bevfusion_ros.streaming.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
                                        nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
-from bevfusion_ros.ros import cdr, convert
-from bevfusion_ros.ros.cloud_input import cloud_points
-from bevfusion_ros.streaming.sweeps import SweepAccumulator
-from bevfusion_ros.streaming.sync import DROP_REASONS, DROP_RESET, DroppedSweep, LidarTriggeredSync, SyncedFrame
-from bevfusion_ros.streaming.transforms import TransformBuffer, TransformError
+from bevfusion_ros.ros import cdr, convert, edge
+from bevfusion_ros.streaming.sync import DROP_REASONS, SyncedFrame
+from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest
 from bevfusion_ros.streaming.worker import FrameWorker
 from bevfusion_ros_msgs.msg import FrameInfo
 
 NODE_NAME = "bevfusion"
 RCLPY_PARAMETERS = {"use_sim_time", "start_type_description_service"}   # declared by rclpy itself
 POLL_PERIOD_S = 0.02
-#: Stand-in calibration of a camera without CameraInfo/TF yet: its image is black anyway.
-PLACEHOLDER_K = np.array([[1000.0, 0, 800], [0, 1000, 450], [0, 0, 1]])
 #: Diagnostic levels as ints (DiagnosticStatus.OK/WARN/ERROR are bytes).
 OK, WARN, ERROR = (ord(level) for level in (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR))
 #: Frames dropped by the worker's queue (newer frames arrived while it was busy).
@@ -161,23 +154,11 @@ class BEVFusionNode(Node):
         self.pipeline = BEVFusionPipeline.from_model_dir(model_dir, self.config, self.settings.backend,
                                                          self.settings.precision)
         self.status = NodeStatus()
-        sync = self.settings.sync
-        self.sync = LidarTriggeredSync(self.config.camera_names, sync.slop_s, sync.missing_camera,
-                                       sync.wait_timeout_s, sync.max_image_age_s,
-                                       backwards_tolerance_s=sync.backwards_tolerance_s,
-                                       max_future_s=sync.max_future_s)
-        self._sync_lock = threading.Lock()
-        self.transforms = TransformBuffer()
-        self.sweeps = SweepAccumulator(self.settings.num_sweeps)
-        self._lidar_history: collections.deque = collections.deque(maxlen=self.settings.num_sweeps)
-        self._intrinsics: dict[str, np.ndarray] = {}
-        self._camera_frames: dict[str, str] = {}
-        self._rejected_infos: dict[str, str] = {}      # camera -> why its last CameraInfo was refused
-        self._calibration: Calibration | None = self._file_calibration()
-        self.decoder: ImageDecoder | None = None
+        decoder = None
         if self.settings.compressed_images:
-            self.decoder, why = ImageDecoder.for_pipeline(self.pipeline.device)
+            decoder, why = ImageDecoder.for_pipeline(self.pipeline.device)
             self.get_logger().info(f"CompressedImage decoding: {why}")
+        self.assembler = FrameAssembler(self.config, self.settings, self._file_calibration(), decoder)
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self._make_io()
         self.get_logger().info(
@@ -231,83 +212,65 @@ class BEVFusionNode(Node):
         except cdr.CdrError as error:
             self._report(WARN, f"camera {camera}: unreadable image message: {error}")
             return
-        self._camera_frames[camera] = msg.header.frame_id
-        future = self.sync.future_images
-        self._synchronize(self.sync.add_image, camera, convert.stamp_to_ns(msg.header.stamp), msg,
-                          self._clock_ns())
-        if self.sync.future_images != future:
-            self._report(WARN, f"image of camera {camera} dropped: stamp "
-                         f"{convert.stamp_to_ns(msg.header.stamp)} ns is more than node.sync.max_future_s "
-                         f"= {self.settings.sync.max_future_s:g} s ahead of the node's clock")
+        stamp_ns = convert.stamp_to_ns(msg.header.stamp)
+        image = edge.image_input(msg, self.settings.compressed_images)
+        ingest = self.assembler.add_image(camera, stamp_ns, msg.header.frame_id, image, self._clock_ns())
+        if ingest.image_refused:
+            self._report(WARN, f"image of camera {camera} dropped: stamp {stamp_ns} ns is more than "
+                         f"node.sync.max_future_s = {self.settings.sync.max_future_s:g} s ahead of the node's clock")
+        self._handle(ingest)
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
         try:
-            self._intrinsics[camera] = convert.camera_info_intrinsics(msg)
-            self._rejected_infos.pop(camera, None)
+            self.assembler.set_intrinsics(camera, convert.camera_info_intrinsics(msg))
         except ValueError as error:
             message = f"CameraInfo of {camera}: {error} (keeping the last valid one)"
-            self._rejected_infos[camera] = message
+            self.assembler.reject_intrinsics(camera, message)
             self._report(WARN, message, "calibration_errors")
 
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
-        for transform in msg.transforms:
-            try:
-                self.transforms.set_transform(transform.header.frame_id, transform.child_frame_id,
-                                              convert.stamp_to_ns(transform.header.stamp),
-                                              convert.transform_to_matrix(transform.transform), static)
-            except (ValueError, TransformError) as error:
-                self._report(WARN,
-                             f"TF {transform.header.frame_id} -> {transform.child_frame_id}: {error}", "tf_errors")
+        for error in edge.add_transforms(self.assembler, msg, static):
+            self._report(WARN, error, "tf_errors")
 
     def _on_cloud(self, raw: bytes, info: Any) -> None:
-        """Count the sweep, keep it as a candidate past sweep (before the worker can see it: a
-        cloud the worker cannot read is removed again there) and synchronise it. ``raw`` is the
-        serialized PointCloud2, ``info`` rclpy's MessageInfo (``source_timestamp``: when the
-        publisher wrote it)."""
+        """Count the sweep, convert it and hand it to the assembler. ``raw`` is the serialized
+        PointCloud2, ``info`` rclpy's MessageInfo (``source_timestamp``: when the publisher wrote it)."""
         arrival = CloudArrival(time.monotonic(), (time.time_ns() - info["source_timestamp"]) / 1e6)
         with self.status.lock:
             self.status.frames_in += 1
+        topic = self.settings.lidar_topic
         try:
             msg = cdr.read_point_cloud(raw)
         except cdr.CdrError as error:
-            with self.status.lock:
-                self.status.frames_failed += 1
-            self._report(ERROR, f"{self.settings.lidar_topic}: unreadable PointCloud2 message: {error}")
+            self._fail_cloud(f"{topic}: unreadable PointCloud2 message: {error}")
             return
-        stamp_ns = convert.stamp_to_ns(msg.header.stamp)
-        entry = (stamp_ns, msg)
-        self._lidar_history.append(entry)
-        resets = self.sync.resets
-        drops = self._synchronize(self.sync.add_lidar, stamp_ns, (msg, arrival), time.monotonic_ns(),
-                                  self._clock_ns())
-        if self.sync.resets != resets:                  # forget the sweeps of the time before
-            self._lidar_history.clear()
-            self._lidar_history.append(entry)
-        if any(drop.stamp_ns == stamp_ns and drop.reason != DROP_RESET for drop in drops):
-            self._lidar_history.remove(entry)           # a dropped sweep is no past sweep either
+        try:
+            sweep = edge.sweep_input(msg, self.settings, arrival.monotonic_s, arrival)
+        except InputError as error:
+            self._fail_cloud(f"frame at {convert.stamp_to_ns(msg.header.stamp)} ns skipped: {topic}: {error}")
+            return
+        self._handle(self.assembler.add_cloud(sweep, self._clock_ns()))
+
+    def _fail_cloud(self, message: str) -> None:
+        """A sweep that cannot be read: its frame fails (never kept as a past sweep either)."""
+        with self.status.lock:
+            self.status.frames_failed += 1
+        self._report(ERROR, message)
 
     def _poll_sync(self) -> None:
-        self._synchronize(self.sync.poll, time.monotonic_ns())
+        self._handle(self.assembler.poll())
 
-    def _synchronize(self, step: Any, *args: Any) -> list[DroppedSweep]:
-        """Run one synchronizer step (add_image, add_lidar or poll) under its lock, report a reset
-        of its buffers (stamps going backwards) and every sweep it dropped, and hand the frames it
-        completed to the worker; returns the dropped sweeps."""
-        with self._sync_lock:
-            resets = self.sync.resets
-            frames: list[SyncedFrame] = step(*args)
-            drops = self.sync.take_drops()
-            reset = self.sync.resets != resets
-        if reset:
-            self._report(WARN, f"input stamps went backwards ({self.sync.last_reset_reason}): "
-                         "buffers cleared (bag loop?)")
-        for drop in drops:
+    def _handle(self, ingest: Ingest) -> None:
+        """Report a reset of the synchroniser (stamps going backwards) and every sweep it dropped,
+        and hand the frames it completed to the worker."""
+        if ingest.reset:
+            self._report(WARN, f"input stamps went backwards ({ingest.reset}): buffers cleared (bag loop?)")
+        for drop in ingest.drops:
             with self.status.lock:
                 self.status.dropped[drop.reason] += 1
             self._report(WARN, f"sweep dropped: {drop.detail}")
-        for synced in frames:
+        for synced in ingest.frames:
             self.worker.submit((synced, time.monotonic()))
-        return drops
 
     # ---------------------------------------------------------------- worker thread
     def _on_frame_error(self, item: tuple[SyncedFrame, float], error: BaseException) -> None:
@@ -321,168 +284,24 @@ class BEVFusionNode(Node):
         self.get_logger().error("".join(traceback.format_exception(error)))
 
     def _process(self, item: tuple[SyncedFrame, float]) -> None:
-        """One synchronized frame (queued at monotonic ``item[1]``): read, infer, publish, each
-        phase timed (:class:`FramePhases`)."""
+        """One synchronized frame (queued at monotonic ``item[1]``): assemble, infer, publish,
+        each phase timed (:class:`FramePhases`)."""
         synced, queued_s = item
-        cloud, arrival = synced.lidar
+        arrival: CloudArrival = synced.lidar.context
         phases = FramePhases(arrival.monotonic_s, transport=arrival.transport_ms)
         phases.ms["sync"] = (queued_s - arrival.monotonic_s) * 1e3
         phases.lap("queue")
-        lidar_frame = cloud.header.frame_id
-        warnings: list[str] = []
-        points = self._points(cloud, synced.lidar_stamp_ns, arrival.monotonic_s, warnings)
-        phases.lap("points")
-        missing = dict(synced.missing)
-        images = self._images(synced, missing)
-        phases.lap("images")
-        calibration = self._current_calibration(lidar_frame, missing, warnings)
-        used = tuple(name for name in self.config.camera_names if name not in missing)
-        frame = Frame(images, points, calibration, lidar_stamp_ns=synced.lidar_stamp_ns)
-        phases.lap("calibration")
-        detections = self.pipeline.forward(frame, used)
+        assembled = self.assembler.assemble(synced, phases.lap)
+        if assembled.calibration_error:
+            self._report(WARN, assembled.calibration_error, "calibration_errors")
+        detections = self.pipeline.forward(assembled.frame, assembled.cameras_used)
         phases.lap("forward")
-        warnings.extend(detections.warnings)
+        warnings = [*assembled.warnings, *detections.warnings]
+        missing = assembled.missing
         if missing:
             warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
-        self._publish(cloud.header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
-
-    def _points(self, cloud: PointCloud2, stamp_ns: int, received: float, warnings: list[str]) -> np.ndarray:
-        """The cloud as [N, 5] float32 (x, y, z, intensity, time lag s), past sweeps included:
-        the cloud's own lag channel (``node.time_lag_field``), or the last ``node.num_sweeps``
-        sweeps motion-compensated into this one (sweeps whose frames were dropped included).
-        Why the points are degraded goes to ``warnings``."""
-        lag_field = self.settings.time_lag_field
-        points = self._decode(cloud, stamp_ns, (lag_field,) if lag_field else (), warnings)
-        if lag_field:
-            return points
-        pose = None
-        if self.settings.num_sweeps > 1:
-            lidar_frame = cloud.header.frame_id
-            self._remember_skipped_sweeps(lidar_frame, stamp_ns)
-            self.sweeps.refresh_poses(lambda past_stamp: self._lidar_pose(lidar_frame, past_stamp))
-            pose = self._sweep_pose(lidar_frame, stamp_ns, received, warnings)
-        points = self.sweeps.add(points, stamp_ns, pose)
-        if self.sweeps.last_warning and self.settings.num_sweeps > 1:
-            warnings.append(self.sweeps.last_warning)
-        return points
-
-    def _decode(self, cloud: PointCloud2, stamp_ns: int, extra: tuple[str, ...] = (),
-                warnings: list[str] | None = None) -> np.ndarray:
-        """:func:`cloud_points` of a cloud; one that cannot be read leaves the sweep history, so
-        that no later frame reads it again."""
-        try:
-            decoded = cloud_points(cloud, extra)
-        except InputError as error:
-            with contextlib.suppress(ValueError):
-                self._lidar_history.remove((stamp_ns, cloud))
-            raise InputError(f"{self.settings.lidar_topic}: {error}") from error
-        if warnings is not None:
-            warnings.extend(decoded.warnings)
-        return decoded.points
-
-    def _remember_skipped_sweeps(self, lidar_frame: str, stamp_ns: int) -> None:
-        """Give the accumulator the sweeps received since its newest one and before this one."""
-        stored = self.sweeps.stored_stamps
-        newest = stored[-1] if stored else -1
-        for past_stamp, past_cloud in list(self._lidar_history):
-            if newest < past_stamp < stamp_ns:
-                try:
-                    points = self._decode(past_cloud, past_stamp)
-                except InputError:
-                    continue                          # that frame's own diagnostic said why
-                self.sweeps.remember(points, past_stamp, self._lidar_pose(lidar_frame, past_stamp))
-
-    def _lidar_pose(self, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
-        try:
-            return self.transforms.lookup(self.settings.world_frame, lidar_frame, stamp_ns)
-        except LookupError:
-            return None
-
-    def _sweep_pose(self, lidar_frame: str, stamp_ns: int, received: float, warnings: list[str]) -> np.ndarray | None:
-        """The odometry at the sweep's stamp, waited for until ``node.tf_timeout_s`` after the
-        sweep arrived; None (and a warning) when it did not come."""
-        timeout_s = received + self.settings.tf_timeout_s - time.monotonic()
-        try:
-            return self.transforms.wait_for_transform(self.settings.world_frame, lidar_frame, stamp_ns, timeout_s)
-        except LookupError as error:
-            warnings.append(f"no odometry {self.settings.world_frame} <- {lidar_frame} at the sweep's stamp "
-                            f"within node.tf_timeout_s = {self.settings.tf_timeout_s:g} s: {error}")
-            return None
-
-    def _decoded(self, synced: SyncedFrame) -> dict[str, Any]:
-        """Each camera's image (RGB array, or the ImageError of an undecodable one); compressed
-        images decoded all at once (:class:`ImageDecoder`: nvJPEG on the GPU, else threads)."""
-        messages = {camera: synced.images.get(camera) for camera in self.config.camera_names}
-        present = [camera for camera, message in messages.items() if message is not None]
-        if self.decoder is None:
-            decoded: list[Any] = []
-            for camera in present:
-                try:
-                    decoded.append(convert.image_to_rgb(messages[camera]))
-                except ImageError as error:
-                    decoded.append(error)
-        else:
-            decoded = self.decoder.decode([messages[camera].data for camera in present], names=present)
-        return dict(zip(present, decoded))
-
-    def _images(self, synced: SyncedFrame, missing: dict[str, str]) -> list[Any]:
-        """RGB images in camera order (NumPy, or CuPy from the GPU decoder); an image that cannot
-        be decoded joins ``missing``."""
-        images: list[Any] = []
-        decoded = self._decoded(synced)
-        for camera in self.config.camera_names:
-            image = decoded.get(camera)
-            if image is not None:
-                try:
-                    if isinstance(image, ImageError):
-                        raise image
-                    expected = (self.config.image.input_height, self.config.image.input_width, 3)
-                    if image.shape != expected:
-                        raise ValueError(f"size {image.shape[1]}x{image.shape[0]}, expected "
-                                         f"{expected[1]}x{expected[0]}")
-                except ValueError as error:
-                    missing[camera] = f"bad image: {error}"
-                    self.get_logger().warning(f"camera {camera}: {error}")
-                    image = None
-            images.append(image if image is not None else self.pipeline.black_image())
-        return images
-
-    def _current_calibration(self, lidar_frame: str, missing: dict[str, str], warnings: list[str]) -> Calibration:
-        """The rig calibration now: from the file, or from CameraInfo + TF (cameras without
-        either are marked missing and get a placeholder); the last valid one if it is invalid
-        (said in ``warnings``)."""
-        if self.settings.calibration_source == "file":
-            assert self._calibration is not None
-            return self._calibration
-        warnings.extend(self._rejected_infos.values())
-        intrinsics, extrinsics = [], []
-        for camera in self.config.camera_names:
-            K, camera2lidar = self._intrinsics.get(camera), None
-            frame_id = self._camera_frames.get(camera)
-            if frame_id:
-                try:
-                    camera2lidar = self.transforms.lookup(lidar_frame, frame_id, 0)
-                except LookupError as error:
-                    reason = f"no TF {lidar_frame} <- {frame_id}: {error}"
-            else:
-                reason = "camera frame unknown (no image yet)"
-            if K is None:
-                reason = "no CameraInfo yet"
-            if K is None or camera2lidar is None:
-                missing.setdefault(camera, f"not calibrated: {reason}")
-            intrinsics.append(K if K is not None else PLACEHOLDER_K)
-            extrinsics.append(camera2lidar if camera2lidar is not None else np.eye(4))
-        try:
-            self._calibration = Calibration.from_camera2lidar(np.stack(intrinsics), np.stack(extrinsics),
-                                                              self.config.image, self.config.camera_names)
-        except CalibrationError as error:
-            if self._calibration is None:
-                raise
-            message = f"invalid calibration ({error}); keeping the last valid one"
-            warnings.append(message)
-            self._report(WARN, message, "calibration_errors")
-        assert self._calibration is not None
-        return self._calibration
+        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=assembled.sweep.frame_id)
+        self._publish(header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
 
     # ---------------------------------------------------------------- outputs
     def _publish(self, header: Header, detections: Any, missing: dict[str, str], arrival_s: float,
@@ -543,7 +362,7 @@ class BEVFusionNode(Node):
                 "frames_failed": status.frames_failed,
                 "frames_in_progress": status.frames_in - status.frames_out - frames_dropped - status.frames_failed,
                 **{f"dropped.{reason}": count for reason, count in dropped.items()},
-                "sync_resets": self.sync.resets, "future_images": self.sync.future_images,
+                "sync_resets": self.assembler.sync.resets, "future_images": self.assembler.sync.future_images,
                 "calibration_errors": status.calibration_errors, "tf_errors": status.tf_errors,
                 "cameras_used": ",".join(status.cameras_used),
                 "cameras_missing": "; ".join(f"{k}: {v}" for k, v in status.cameras_missing.items()),
@@ -577,6 +396,5 @@ class BEVFusionNode(Node):
 
     def destroy_node(self) -> None:
         self.worker.close()
-        if self.decoder is not None:
-            self.decoder.close()
+        self.assembler.close()
         super().destroy_node()

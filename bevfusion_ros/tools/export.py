@@ -1,5 +1,6 @@
 """bevfusion-export: write a CUDA-BEVFusion model folder (:mod:`bevfusion_ros.model.export`)."""
 from __future__ import annotations
+
 import argparse
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         f"seeded random weights (seed {args.seed}): UNTRAINED, boxes will be meaningless"
     print(f"exported {args.preset} ({args.precision}) to {args.out} in {result.seconds:.1f} s; {weights}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,18 +1,22 @@
 """bevfusion_node: run :class:`bevfusion_ros.ros.node.BEVFusionNode` until SIGINT/SIGTERM."""
 from __future__ import annotations
+
 import sys
 import traceback
-from typing import Sequence
-import rclpy
-import rclpy.logging
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from typing import TYPE_CHECKING, Sequence
+
 from bevfusion_ros.runtime.memory import keep_large_buffers
-from bevfusion_ros.ros.node import BEVFusionNode, NODE_NAME
+
+if TYPE_CHECKING:                          # rclpy only inside the functions: tools/ imports without ROS
+    from bevfusion_ros.ros.node import BEVFusionNode
 
 
 def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
     """The node, or None after logging why it cannot start in one line (a bad model folder,
     parameter or calibration; the traceback too with ``--log-level debug``)."""
+    import rclpy
+    import rclpy.logging
+    from bevfusion_ros.ros.node import BEVFusionNode, NODE_NAME
     from bevfusion_ros.tools.cli import USER_ERRORS
     try:
         return BEVFusionNode(command_line=command_line)
@@ -22,9 +26,12 @@ def start_node(command_line: Sequence[str]) -> BEVFusionNode | None:
         logger.debug("".join(traceback.format_exception(error)))
         return None
 
+
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (at any time, start-up included: no traceback);
     exit status 1 when it cannot start."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     command_line = sys.argv if args is None else args
     keep_large_buffers()                   # images and clouds reuse heap blocks: no page faults per frame
     rclpy.init(args=command_line)
@@ -46,6 +53,7 @@ def main(args: list[str] | None = None) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

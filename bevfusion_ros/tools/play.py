@@ -1,18 +1,14 @@
 """bevfusion-play: publish an MCAP bag (rosbag2 layout, CDR) with rclpy (:mod:`bevfusion_ros.ros.play`)."""
 from __future__ import annotations
+
 import argparse
 import math
 import sys
 import threading
-import rclpy
-from rclpy.context import Context
-from rclpy.signals import SignalHandlerOptions
-from rclpy.utilities import remove_ros_args
-from bevfusion_ros.ros.bag import BagError
-from bevfusion_ros.ros.play import PlayResult, QOS_CHOICES, install_stop_handlers, play
 
 
 def _parser() -> argparse.ArgumentParser:
+    from bevfusion_ros.ros.play import QOS_CHOICES
     parser = argparse.ArgumentParser(
         prog="bevfusion-play", description="Publish an MCAP bag (rosbag2 layout, CDR) with rclpy.",
         epilog="ROS arguments may follow --ros-args (e.g. --ros-args -r __node:=player).")
@@ -30,8 +26,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="QoS of the topics but /tf_static (default reliable, depth 10)")
     return parser
 
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+    from rclpy.utilities import remove_ros_args
+    from bevfusion_ros.ros.bag import BagError
+    from bevfusion_ros.ros.play import PlayResult, install_stop_handlers, play
     full = list(sys.argv) if argv is None else ["bevfusion-play", *argv]
     args = _parser().parse_args(remove_ros_args(full)[1:])
     if not (math.isfinite(args.rate) and args.rate > 0):
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({result.passes} complete pass{'es' if result.passes != 1 else ''}"
           f"{', stopped' if result.stopped else ''})", flush=True)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

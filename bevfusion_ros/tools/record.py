@@ -1,22 +1,15 @@
 """bevfusion-record: record ROS 2 topics into an MCAP bag (:mod:`bevfusion_ros.ros.record`)."""
 from __future__ import annotations
+
 import argparse
 import math
 import sys
 import threading
 import time
-import rclpy
-from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.parameter import Parameter
-from rclpy.signals import SignalHandlerOptions
-from rclpy.utilities import remove_ros_args
-from bevfusion_ros.ros.bag import BagError
-from bevfusion_ros.ros.play import install_stop_handlers
-from bevfusion_ros.ros.record import DEFAULT_TOPICS, Recorder
 
 
 def _parser() -> argparse.ArgumentParser:
+    from bevfusion_ros.ros.record import DEFAULT_TOPICS
     parser = argparse.ArgumentParser(
         prog="bevfusion-record", description="Record ROS 2 topics into an MCAP bag (rosbag2 layout, CDR).",
         epilog="ROS arguments may follow --ros-args.")
@@ -29,8 +22,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-sim-time", action="store_true", help="log times from /clock")
     return parser
 
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.signals import SignalHandlerOptions
+    from rclpy.utilities import remove_ros_args
+    from bevfusion_ros.ros.bag import BagError
+    from bevfusion_ros.ros.play import install_stop_handlers
+    from bevfusion_ros.ros.record import Recorder
     full = list(sys.argv) if argv is None else ["bevfusion-record", *argv]
     parser = _parser()
     args = parser.parse_args(remove_ros_args(full)[1:])
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if recorder.pending:
         print(f"never seen: {', '.join(recorder.pending)}", flush=True)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
