@@ -33,6 +33,18 @@ def sweep_input(msg: Any, settings: NodeConfig, received_s: float, context: Any 
                  tuple(decoded.warnings), context)
 
 
+def set_camera_info(assembler: FrameAssembler, camera: str, msg: Any) -> str | None:
+    """The K of a ``CameraInfo`` into ``assembler``; a refused one keeps the last valid K, and
+    why it was refused is returned (None when accepted)."""
+    try:
+        assembler.set_intrinsics(camera, convert.camera_info_intrinsics(msg))
+    except ValueError as error:
+        message = f"CameraInfo of {camera}: {error} (keeping the last valid one)"
+        assembler.reject_intrinsics(camera, message)
+        return message
+    return None
+
+
 def add_transforms(assembler: FrameAssembler, msg: Any, static: bool) -> list[str]:
     """Every transform of a ``TFMessage`` into ``assembler``; returns why each refused one was."""
     errors = []

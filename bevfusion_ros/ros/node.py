@@ -221,12 +221,9 @@ class BEVFusionNode(Node):
         self._handle(ingest)
 
     def _on_camera_info(self, camera: str, msg: CameraInfo) -> None:
-        try:
-            self.assembler.set_intrinsics(camera, convert.camera_info_intrinsics(msg))
-        except ValueError as error:
-            message = f"CameraInfo of {camera}: {error} (keeping the last valid one)"
-            self.assembler.reject_intrinsics(camera, message)
-            self._report(WARN, message, "calibration_errors")
+        problem = edge.set_camera_info(self.assembler, camera, msg)
+        if problem:
+            self._report(WARN, problem, "calibration_errors")
 
     def _on_tf(self, msg: TFMessage, static: bool) -> None:
         for error in edge.add_transforms(self.assembler, msg, static):

@@ -143,12 +143,14 @@ class FrameAssembler:
         """A TF transform (child -> parent, 4x4); raises ValueError/TransformError for a bad one."""
         self.transforms.set_transform(parent, child, stamp_ns, matrix, static)
 
-    def add_cloud(self, sweep: Sweep, clock_ns: int | None = None) -> Ingest:
+    def add_cloud(self, sweep: Sweep, clock_ns: int | None = None, now_ns: int | None = None) -> Ingest:
         """A lidar sweep: kept as a candidate past sweep (unless the synchroniser drops it) and
-        synchronised."""
+        synchronised. ``now_ns``: the time a ``wait`` for late cameras counts from (default
+        ``time.monotonic_ns()``; a bag reader gives the log time, and the same clock to :meth:`poll`)."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
         with self._lock:
             self._history.append(sweep)
-            ingest = self._step(self.sync.add_lidar, sweep.stamp_ns, sweep, time.monotonic_ns(), clock_ns)
+            ingest = self._step(self.sync.add_lidar, sweep.stamp_ns, sweep, now_ns, clock_ns)
             if ingest.reset:                         # forget the sweeps of the time before
                 self._history.clear()
                 self._history.append(sweep)
