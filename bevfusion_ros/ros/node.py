@@ -2,42 +2,11 @@
 
     bevfusion_node --ros-args --params-file config/nuscenes.yaml -p node.model_dir:=DIR
 
-Data flow:
-
-* subscriptions (QoS ``node.input_qos``): ``node.camera_topics`` (``sensor_msgs/Image``, or
-  ``CompressedImage`` on ``<topic>/compressed`` with ``node.compressed_images``), CameraInfo
-  beside each, ``node.lidar_topic`` (``PointCloud2``), ``/tf`` and ``/tf_static``;
-* :class:`bevfusion_ros.streaming.sync.LidarTriggeredSync` pairs each sweep with the nearest image of every
-  camera (``node.sync.*``; ``missing_camera``: wait, zero_fill or lidar_only) in the callbacks,
-  which only store messages and never wait for inference;
-* a :class:`~bevfusion_ros.streaming.worker.FrameWorker` (queue of ``node.queue_size``) hands frames to
-  its thread, which owns the pipeline: it decodes the messages, builds the calibration
-  (CameraInfo K + TF, or ``node.calibration_file``), accumulates ``node.num_sweeps`` sweeps in
-  the current lidar frame (odometry from TF ``node.world_frame``), runs the pipeline and
-  publishes. A full queue drops its oldest frame and counts it;
-* outputs: ``~/detections`` (``vision_msgs/Detection3DArray``, header = lidar stamp and frame),
-  ``~/frame_info`` (``bevfusion_ros_msgs/FrameInfo``: cameras used/missing, per-box velocity,
-  backend, latency), ``~/markers`` (``visualization_msgs/MarkerArray``), ``/diagnostics``.
-
-Bad input is reported on ``/diagnostics`` and the log, and costs at most its own frame; the node
-keeps running and processes the next good frame:
-
-* a frame that had to be degraded (points dropped or truncated, past sweeps without odometry,
-  cameras missing or undecodable, byte order corrected, calibration kept from before) is
-  published, with the reasons in ``FrameInfo.warnings``, and the diagnostic is WARN with them
-  until a clean frame clears it;
-* a cloud that cannot be read (broken layout, no x/y/z) fails its frame (ERROR once, counted in
-  ``frames_failed``) and is never read again (not kept as a past sweep);
-* a sweep with a duplicate, out-of-order (within ``node.sync.backwards_tolerance_s``) or future
-  (beyond ``node.sync.max_future_s``) stamp is dropped and counted by reason; a larger jump back
-  in time (bag loop) clears the buffers;
-* counters add up: ``frames_in = frames_out + frames_dropped + frames_failed +
-  frames_in_progress``; calibration and TF message errors are counted apart.
-
-Past sweeps are motion-compensated with the odometry at each sweep's stamp: the worker waits for
-it up to ``node.tf_timeout_s`` after the sweep arrived (as tf2's message filter does), then
-reports and leaves out only the sweeps without a pose; a pose that arrives later is still used
-for the following frames.
+The callbacks read each message (:mod:`~bevfusion_ros.ros.cdr`), convert it at the edge
+(:mod:`~bevfusion_ros.ros.edge`) and feed the :class:`~bevfusion_ros.streaming.assembler.FrameAssembler`;
+a :class:`~bevfusion_ros.streaming.worker.FrameWorker` thread assembles each synchronised frame,
+runs the pipeline and publishes. Bad input costs at most its own frame and is reported on
+``/diagnostics``. Data flow, outputs and the handling of bad input: ``docs/node.md``.
 """
 from __future__ import annotations
 

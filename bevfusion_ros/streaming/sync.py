@@ -1,60 +1,10 @@
 """Lidar-triggered approximate-time synchronisation of 1 lidar + N camera streams (ROS-free).
 
-Messages are opaque objects here; only their stamps matter, given as integer nanoseconds.
-The ROS node feeds every message in (:meth:`LidarTriggeredSync.add_image`,
-:meth:`LidarTriggeredSync.add_lidar`), calls :meth:`LidarTriggeredSync.poll` on a timer, and
-runs inference on each :class:`SyncedFrame` returned.
-
-Policy
-------
-* Images are kept per camera in a bounded buffer ordered by stamp: the newest ``buffer_size``
-  stamps are kept, and each image pushed out (or arriving older than all of a full buffer) counts
-  in :attr:`LidarTriggeredSync.dropped_images`. An image with the same stamp as a buffered one
-  replaces it (not counted as dropped).
-* Each lidar sweep triggers matching. For each camera the match is the buffered image with the
-  smallest ``|image stamp - lidar stamp|``; on a tie the **earlier** image wins. The match is
-  accepted only if that difference is ``<= slop`` (so exactly ``slop`` is accepted, one
-  nanosecond more is not); otherwise the camera is missing with reason :data:`REASON_NO_MATCH`.
-  An accepted match whose image is older than the lidar stamp by more than ``max_image_age_s``
-  is missing with reason :data:`REASON_STALE` (this only matters when ``slop > max age``).
-  Images are never consumed: one image may serve several sweeps (cameras and lidar run at
-  different rates).
-* ``missing_camera`` decides what a sweep with missing cameras gives:
-
-  - ``"zero_fill"``: the frame is emitted at once; missing cameras have ``None`` images and a
-    reason in :attr:`SyncedFrame.missing` (the node fills them with black images).
-  - ``"lidar_only"``: the frame is emitted at once; if any camera is missing, no camera is used
-    at all: every image is ``None`` and every camera is missing with the reason
-    ``"lidar_only: camera(s) A, B missing"`` naming the cameras that had no usable match.
-  - ``"wait"``: a complete sweep is emitted at once; otherwise it is kept pending (at most one).
-    The pending sweep is re-matched against the buffers whenever an image arrives and emitted as
-    soon as every camera matches. :meth:`LidarTriggeredSync.poll` emits it as a zero_fill frame
-    (missing reasons as above) once ``now_ns - arrival_now_ns >= wait_timeout_s``, so a dead
-    camera never blocks output forever (with ``wait_timeout_s = 0`` the next poll emits it).
-    A newer lidar sweep arriving while one is pending first emits the pending one as a zero_fill
-    frame whose missing cameras have reason :data:`REASON_SUPERSEDED`, then is handled itself.
-
-* Lidar stamps must increase. A sweep is dropped (not emitted, nothing else changes) and listed
-  by :meth:`LidarTriggeredSync.take_drops` with a :class:`DroppedSweep` reason when its stamp
-
-  - equals the last lidar stamp (:data:`DROP_DUPLICATE`: a repeated message),
-  - is older than the last one by at most ``backwards_tolerance_s`` (:data:`DROP_OUT_OF_ORDER`:
-    jitter or a late message; emitting it would give detections older than ones already out),
-  - is ahead of ``clock_ns`` (the receiver's clock in the stamps' time base, when given) by more
-    than ``max_future_s`` (:data:`DROP_FUTURE`: a wrong sensor clock; 0 disables the check).
-
-  An image stamp ahead of ``clock_ns`` by more than ``max_future_s`` is not buffered either
-  (counted in :attr:`LidarTriggeredSync.future_images`).
-* Time going backwards (bag loop, sensor restart): a lidar stamp older than the last lidar stamp
-  seen by more than ``backwards_tolerance_s``, or an image stamp older than the newest stamp
-  buffered for its camera by more than ``backwards_tolerance_s``, clears every image buffer, the
-  pending sweep (dropped with reason :data:`DROP_RESET`) and the last lidar stamp, increments
-  :attr:`LidarTriggeredSync.resets`, records a human-readable
-  :attr:`LidarTriggeredSync.last_reset_reason`, and then handles the new message normally.
-
-All durations given to the constructor are seconds (floats); every stamp and ``now_ns`` is an
-integer in nanoseconds. ``now_ns`` is the receiver's clock (e.g. the node's clock at arrival),
-used only for the wait timeout.
+Messages are opaque objects here; only their stamps (integer nanoseconds) matter. Feed every
+message in (:meth:`LidarTriggeredSync.add_image`, :meth:`LidarTriggeredSync.add_lidar`), call
+:meth:`LidarTriggeredSync.poll` on a timer, and run inference on each :class:`SyncedFrame`
+returned. The policy (matching within ``slop``, stale images, ``missing_camera``: wait,
+zero_fill or lidar_only, dropped and reset sweeps) is ``docs/sync-policy.md``.
 """
 from __future__ import annotations
 
