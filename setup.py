@@ -54,6 +54,7 @@ setup(
             f"bevfusion-play = {PACKAGE}.tools.play:main",
             f"bevfusion-record = {PACKAGE}.tools.record:main",
             f"bevfusion_node = {PACKAGE}.tools.node:main",
+            f"bevfusion_lifecycle_node = {PACKAGE}.tools.node:managed_main",
         ],
     },
     zip_safe=True,

@@ -21,6 +21,8 @@ camera-only (the lidar BEV is zero). Every such event is listed in ``detections.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import logging
 import sys
@@ -255,6 +257,13 @@ class BEVFusionPipeline:
     def weights_note(self) -> str:
         """:func:`weights_note` of the model folder."""
         return weights_note(self.model_info)
+
+    def set_score_threshold(self, score_threshold: float) -> None:
+        """Keep boxes scoring at least ``score_threshold`` from the next frame on (a run-time
+        setting: the networks do not depend on it)."""
+        head = dataclasses.replace(self.config.head, score_threshold=float(score_threshold))
+        head.validate()
+        self.config = dataclasses.replace(self.config, head=head)
 
     def update(self, calibration: Calibration) -> None:
         """Recompute the camera geometry for ``calibration`` (validated first)."""

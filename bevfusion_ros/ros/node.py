@@ -11,6 +11,7 @@ runs the pipeline and publishes. Bad input costs at most its own frame and is re
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 import traceback
@@ -19,7 +20,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.publisher import Publisher
+from rclpy.subscription import Subscription
+from rclpy.timer import Timer
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -29,13 +36,13 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from bevfusion_ros.camera.jpeg import ImageDecoder
-from bevfusion_ros.config import load_config
+from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
 from bevfusion_ros.streaming.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
                                        nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
-from bevfusion_ros.ros import cdr, convert, edge
-from bevfusion_ros.streaming.sync import DROP_REASONS, SyncedFrame
+from bevfusion_ros.ros import cdr, convert, edge, parameters
+from bevfusion_ros.streaming.sync import DROP_REASONS, MISSING_CAMERA_POLICIES, SyncedFrame
 from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest
 from bevfusion_ros.streaming.worker import FrameWorker
 from bevfusion_ros_msgs.msg import FrameInfo
@@ -43,6 +50,7 @@ from bevfusion_ros_msgs.msg import FrameInfo
 NODE_NAME = "bevfusion"
 RCLPY_PARAMETERS = {"use_sim_time", "start_type_description_service"}   # declared by rclpy itself
 POLL_PERIOD_S = 0.02
+FLUSH_TIMEOUT_S = 10.0      # deactivation: longest wait for the frames already queued
 #: Diagnostic levels as ints (DiagnosticStatus.OK/WARN/ERROR are bytes).
 OK, WARN, ERROR = (ord(level) for level in (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR))
 #: Frames dropped by the worker's queue (newer frames arrived while it was busy).
@@ -104,22 +112,19 @@ class NodeStatus:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class BEVFusionNode(Node):
-    """The node; ``parameter_overrides`` (tests) add to the command line's parameters, and
-    ``command_line`` (``sys.argv`` for ``main``) is read again for ``-p`` values of a wrong type."""
+class BEVFusionBehaviour:
+    """What the plain and the managed node do, in lifecycle steps: :meth:`_configure` reads and
+    declares the parameters and loads the model (slow, once), :meth:`_open_io` creates the
+    subscriptions, publishers and timers, :meth:`_close_io` removes them (the calibration and
+    the sweep history stay), :meth:`_unload` frees the model. Mixed into a ``Node``."""
 
-    def __init__(self, command_line: Sequence[str] = (), **node_options: Any) -> None:
-        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
-        flat = {name: parameter.value for name, parameter in self._parameters.items()
-                if name not in RCLPY_PARAMETERS and not name.startswith("qos_overrides.")}
-        flat.update((name, value) for name, value in command_line_parameters(command_line, NODE_NAME).items()
-                    if name not in RCLPY_PARAMETERS)
-        model_dir = Path(str(flat.get("node.model_dir", NodeConfig.model_dir)))
-        if not model_dir.is_dir():
-            raise ModelDirError(f"model folder {model_dir} (node.model_dir) does not exist")
-        model_config_path = model_dir / CONFIG_FILE
-        model_config = load_config(model_config_path) if model_config_path.is_file() else None
-        self.config, self.settings = configs_from_parameters(nest_dotted(flat), model_config, model_config_path)
+    pipeline: BEVFusionPipeline | None = None
+    worker: FrameWorker | None = None
+    assembler: FrameAssembler | None = None
+    _io: list[Any] = []                      # publishers, subscriptions, timers while active
+
+    def _configure(self, command_line: Sequence[str]) -> None:
+        model_dir, self.config, self.settings = self._read_parameters(command_line)
         self.pipeline = BEVFusionPipeline.from_model_dir(model_dir, self.config, self.settings.backend,
                                                          self.settings.precision)
         self.status = NodeStatus()
@@ -129,7 +134,6 @@ class BEVFusionNode(Node):
             self.get_logger().info(f"CompressedImage decoding: {why}")
         self.assembler = FrameAssembler(self.config, self.settings, self._file_calibration(), decoder)
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
-        self._make_io()
         self.get_logger().info(
             f"model {model_dir} on backend {self.pipeline.backend} ({self.pipeline.model_info.get('weights', 'weights?')}); "
             f"cameras {list(self.config.camera_names)}; lidar {self.settings.lidar_topic}; "
@@ -139,7 +143,55 @@ class BEVFusionNode(Node):
         elif self.pipeline.weights_note:
             self.get_logger().info(self.pipeline.weights_note)
 
-    # ---------------------------------------------------------------- set-up
+    def _read_parameters(self, command_line: Sequence[str]) -> tuple[Path, PipelineConfig, NodeConfig]:
+        """The model folder and the validated configs from the parameters (declared from the
+        overrides; ``-p`` values of a wrong type read again from ``command_line``); then every
+        parameter is declared again with its descriptor (:mod:`bevfusion_ros.ros.parameters`)."""
+        given = [name for name in self.list_parameters([], 0).names
+                 if name not in RCLPY_PARAMETERS and not name.startswith("qos_overrides.")]
+        flat = {name: self.get_parameter(name).value for name in given}
+        flat.update((name, value) for name, value in command_line_parameters(command_line, NODE_NAME).items()
+                    if name not in RCLPY_PARAMETERS)
+        model_dir = Path(str(flat.get("node.model_dir", NodeConfig.model_dir)))
+        if not model_dir.is_dir():
+            raise ModelDirError(f"model folder {model_dir} (node.model_dir) does not exist")
+        model_config_path = model_dir / CONFIG_FILE
+        model_config = load_config(model_config_path) if model_config_path.is_file() else None
+        config, settings = configs_from_parameters(nest_dotted(flat), model_config, model_config_path)
+        values = parameters.parameter_values(config, settings)
+        for name, descriptor in parameters.descriptors(config, settings).items():
+            if self.has_parameter(name):
+                if self.describe_parameter(name).read_only:      # described at an earlier configure
+                    continue
+                self.undeclare_parameter(name)
+            self.declare_parameter(name, values[name], descriptor, ignore_override=True)
+        if not getattr(self, "_parameter_callback_added", False):
+            self.add_on_set_parameters_callback(self._on_set_parameters)
+            self._parameter_callback_added = True
+        return model_dir, config, settings
+
+    def _on_set_parameters(self, changes: list[Parameter]) -> SetParametersResult:
+        """Run-time changes (:data:`~bevfusion_ros.ros.parameters.RUNTIME_PARAMETERS`; rclpy
+        refuses the read-only ones): checked, then used from the next frame on."""
+        for change in changes:
+            if change.name == "node.sync.missing_camera" and change.value not in MISSING_CAMERA_POLICIES:
+                return SetParametersResult(successful=False, reason=(
+                    f"node.sync.missing_camera must be one of {list(MISSING_CAMERA_POLICIES)}, got {change.value!r}"))
+        for change in changes:
+            self._apply(change.name, change.value)
+        return SetParametersResult(successful=True)
+
+    def _apply(self, name: str, value: Any) -> None:
+        if name == "head.score_threshold" and self.pipeline is not None:
+            self.pipeline.set_score_threshold(value)
+        elif name == "node.sync.missing_camera" and self.assembler is not None:
+            self.assembler.sync.missing_camera = value
+            self.settings = dataclasses.replace(self.settings, sync=dataclasses.replace(self.settings.sync,
+                                                                                          missing_camera=value))
+        elif name == "node.publish_markers":
+            self.settings = dataclasses.replace(self.settings, publish_markers=bool(value))
+        self.get_logger().info(f"parameter {name} set to {value!r} (from the next frame on)")
+
     def _file_calibration(self) -> Calibration | None:
         if self.settings.calibration_source != "file":
             return None
@@ -148,27 +200,55 @@ class BEVFusionNode(Node):
             return Calibration.from_example_data(path, self.config.camera_names)
         return calibration_from_yaml(path, self.config)
 
-    def _make_io(self) -> None:
+    def _open_io(self) -> None:
+        """Subscriptions, publishers and timers (:meth:`_close_io` removes them)."""
         settings = self.settings
         inputs = qos_profile_sensor_data if settings.input_qos == "sensor_data" else RELIABLE_INPUTS
         image_type = CompressedImage if settings.compressed_images else Image
-        for camera, topic, info_topic in zip(self.config.camera_names, settings.camera_topics,
-                                             settings.info_topics()):
-            image_topic = f"{topic}/compressed" if settings.compressed_images else topic
-            self.create_subscription(image_type, image_topic,    # serialized: cdr reads it without copies
-                                     lambda raw, name=camera: self._on_image(name, raw), inputs, raw=True)
-            self.create_subscription(CameraInfo, info_topic,
-                                     lambda msg, name=camera: self._on_camera_info(name, msg), RELIABLE_INPUTS)
-        self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs, raw=True)  # (raw, info)
-        self.create_subscription(TFMessage, "/tf", lambda msg: self._on_tf(msg, False), RELIABLE_INPUTS)
-        self.create_subscription(TFMessage, "/tf_static", lambda msg: self._on_tf(msg, True), TF_STATIC_QOS)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.detections_pub = self.create_publisher(Detection3DArray, "~/detections", reliable)
         self.frame_info_pub = self.create_publisher(FrameInfo, "~/frame_info", reliable)
         self.markers_pub = self.create_publisher(MarkerArray, "~/markers", reliable)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
-        self.create_timer(POLL_PERIOD_S, self._poll_sync)
-        self.create_timer(settings.diagnostics_period_s, self.publish_diagnostics)
+        io = [self.detections_pub, self.frame_info_pub, self.markers_pub, self.diagnostics_pub]
+        for camera, topic, info_topic in zip(self.config.camera_names, settings.camera_topics,
+                                             settings.info_topics()):
+            image_topic = f"{topic}/compressed" if settings.compressed_images else topic
+            io.append(self.create_subscription(image_type, image_topic,    # serialized: cdr reads it without copies
+                                               lambda raw, name=camera: self._on_image(name, raw), inputs, raw=True))
+            io.append(self.create_subscription(CameraInfo, info_topic, lambda msg, name=camera:
+                                               self._on_camera_info(name, msg), RELIABLE_INPUTS))
+        io.append(self.create_subscription(PointCloud2, settings.lidar_topic, self._on_cloud, inputs, raw=True))
+        io.append(self.create_subscription(TFMessage, "/tf", lambda msg: self._on_tf(msg, False), RELIABLE_INPUTS))
+        io.append(self.create_subscription(TFMessage, "/tf_static", lambda msg: self._on_tf(msg, True), TF_STATIC_QOS))
+        io.append(self.create_timer(POLL_PERIOD_S, self._poll_sync))
+        io.append(self.create_timer(settings.diagnostics_period_s, self.publish_diagnostics))
+        self._io = io
+
+    def _close_io(self) -> None:
+        """Remove what :meth:`_open_io` made: inputs first, then the frames already queued are
+        finished and published, then the publishers go."""
+        entities = self._io
+        for entity in entities:
+            if isinstance(entity, Subscription):
+                self.destroy_subscription(entity)
+            elif isinstance(entity, Timer):
+                self.destroy_timer(entity)
+        if self.worker is not None:
+            self.worker.wait_idle(FLUSH_TIMEOUT_S)
+        self._io = []
+        for entity in entities:
+            if isinstance(entity, Publisher):
+                self.destroy_publisher(entity)
+
+    def _unload(self) -> None:
+        """Stop the worker, free the model (GPU memory) and the assembler."""
+        if self.worker is not None:
+            self.worker.close()
+        if self.assembler is not None:
+            self.assembler.close()
+        self.worker = self.assembler = self.pipeline = None
+
 
     # ---------------------------------------------------------------- callbacks (never block)
     def _clock_ns(self) -> int | None:
@@ -274,7 +354,7 @@ class BEVFusionNode(Node):
                  phases: FramePhases, warnings: tuple[str, ...]) -> None:
         """Detections first (what latency is measured to), markers, then the FrameInfo that
         carries the frame's timings (``outputs``: the two before it)."""
-        if not self.context.ok():
+        if not self.context.ok() or not self._io:
             return
         out_header = Header(stamp=header.stamp, frame_id=header.frame_id)
         self.detections_pub.publish(convert.serialize_detections(detections, out_header))
@@ -342,7 +422,7 @@ class BEVFusionNode(Node):
         """One DiagnosticStatus with the node's state: the pending event's level (ERROR for a
         failed frame, WARN for drops, resets and calibration/TF errors; reported once), at least
         WARN while the last frame out was degraded, else OK."""
-        if not self.context.ok():                         # shutting down (SIGINT/SIGTERM)
+        if not self.context.ok() or not self._io:         # shutting down (SIGINT/SIGTERM), inactive
             return
         with self.status.lock:
             status = self.status
@@ -360,7 +440,60 @@ class BEVFusionNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
 
+
+class BEVFusionNode(BEVFusionBehaviour, Node):
+    """The plain node: configured and active from construction. ``parameter_overrides`` (tests)
+    add to the command line's parameters, and ``command_line`` (``sys.argv`` for ``main``) is
+    read again for ``-p`` values of a wrong type."""
+
+    def __init__(self, command_line: Sequence[str] = (), **node_options: Any) -> None:
+        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
+        self._configure(command_line)
+        self._open_io()
+
     def destroy_node(self) -> None:
-        self.worker.close()
-        self.assembler.close()
+        self._unload()
+        super().destroy_node()
+
+
+class BEVFusionLifecycleNode(BEVFusionBehaviour, LifecycleNode):
+    """The managed node (``bevfusion_lifecycle_node``), unconfigured at start: ``configure``
+    loads the model and builds its engines (slow, once), ``activate`` subscribes and publishes,
+    ``deactivate`` stops both (the calibration and sweep history stay), ``cleanup`` and
+    ``shutdown`` free the model and its GPU memory."""
+
+    def __init__(self, command_line: Sequence[str] = (), **node_options: Any) -> None:
+        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **node_options)
+        self._command_line = tuple(command_line)
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from bevfusion_ros.tools.cli import USER_ERRORS
+        try:
+            self._configure(self._command_line)
+        except USER_ERRORS as error:
+            self.get_logger().error("cannot configure: " + " ".join(str(error).split()))
+            self._unload()
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._open_io()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._close_io()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._unload()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._close_io()
+        self._unload()
+        return TransitionCallbackReturn.SUCCESS
+
+    def destroy_node(self) -> None:
+        self._close_io()
+        self._unload()
         super().destroy_node()
