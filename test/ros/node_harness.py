@@ -58,7 +58,7 @@ def diagnostic_values(status: DiagnosticStatus) -> dict[str, str]:
 class NodeUnderTest:
     """A bevfusion_node process plus this process's publishers and subscribers on its domain."""
 
-    def __init__(self, model_dir: Path, folder: Path, missing_camera: str, **node_overrides):
+    def __init__(self, model_dir: Path, folder: Path, missing_camera: str, managed: bool = False, **node_overrides):
         self.domain_id = next_domain_id()
         self.env = safe_ros_environment(self.domain_id, str(folder / "ros_home"))
         (folder / "ros_home").mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,8 @@ class NodeUnderTest:
                 **node_overrides}
         params = folder / "params.yaml"
         save_config(self.config, params, node=node)
-        self.process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.node", "--ros-args",
+        self.process = subprocess.Popen([sys.executable, "-m", "bevfusion_ros.tools.node",
+                                         *(["--managed"] if managed else []), "--ros-args",
                                          "--params-file", str(params)], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.context = Context()
@@ -158,6 +159,17 @@ class NodeUnderTest:
         if cloud is not None:
             messages.cloud = cloud
         self.publish_messages(messages, camera_infos)
+
+    def call(self, service_type: type, name: str, request: object, timeout: float = STARTUP_TIMEOUT_S) -> object:
+        """Call the node's service ``name`` (e.g. ``/bevfusion/change_state``) and return its response."""
+        client = self.node.create_client(service_type, name)
+        try:
+            assert self.spin_until(client.service_is_ready, timeout), f"{name} not available"
+            future = client.call_async(request)
+            assert self.spin_until(future.done, timeout), f"{name} did not answer within {timeout} s"
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
 
     def statuses_mentioning(self, text: str) -> list[DiagnosticStatus]:
         return [s for s in self.diagnostics if text in s.message or any(text in v.value for v in s.values)]
