@@ -122,7 +122,7 @@ class Scene:
     def to_frame(self) -> Frame:
         """The scene as a :class:`Frame` (what ``load_example_data`` returns, minus JPEG loss)."""
         return Frame(images=list(self.images), points=self.points, calibration=self.calibration,
-                     camera_stamps_ns=(0,) * self.calibration.num_cameras, token=self.token)
+                     token=self.token)
 
     def class_counts(self) -> dict[str, int]:
         """Objects per class name (classes without objects left out), in class order."""

@@ -86,11 +86,6 @@ class SweepAccumulator:
         """Stamps of the stored sweeps, oldest first."""
         return [sweep.stamp_ns for sweep in self._history]
 
-    def reset(self) -> None:
-        """Forget every stored sweep."""
-        self._history.clear()
-        self.last_warning = None
-
     def remove_close(self, points: np.ndarray) -> np.ndarray:
         """``points`` without those with ``|x| < r`` and ``|y| < r`` (mmdet3d ``_remove_close``)."""
         r = self.close_radius_m

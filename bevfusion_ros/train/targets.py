@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -108,15 +107,6 @@ def encode_boxes(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
     code[:, 7] = np.cos(boxes[:, 6])
     code[:, 8:10] = boxes[:, 7:9]
     return code
-
-
-def split_code(code: np.ndarray) -> dict[str, np.ndarray]:
-    """``[..., 10]`` -> {center, height, dim, rot, vel}: ``[..., channels]`` views."""
-    parts, start = {}, 0
-    for name, channels in BOX_CODE_LAYOUT:
-        parts[name] = code[..., start:start + channels]
-        start += channels
-    return parts
 
 
 # ----------------------------------------------------------------------------- heatmaps
@@ -350,8 +340,3 @@ def class_targets(assignment: Assignment, gt_labels: np.ndarray, num_classes: in
     if len(assignment):
         targets[np.asarray(gt_labels)[assignment.gt], assignment.proposal] = 1.0
     return targets
-
-
-def num_heatmap_peaks(heatmaps: Sequence[np.ndarray]) -> int:
-    """Cells equal to 1 over all maps (TransFusion's heatmap normaliser ``heatmap.eq(1).sum()``)."""
-    return int(sum(int((np.asarray(h) == 1.0).sum()) for h in heatmaps))

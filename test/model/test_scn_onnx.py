@@ -12,8 +12,7 @@ torch = pytest.importorskip("torch")
 
 from bevfusion_ros.lidar.scn_graph import read_scn_onnx  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
-from bevfusion_ros.model.scn_onnx import (fold_batchnorm, run_scn_graph,  # noqa: E402
-                                          scn_graph_from_encoder, write_scn_onnx)
+from bevfusion_ros.model.scn_onnx import run_scn_graph, scn_graph_from_encoder, write_scn_onnx  # noqa: E402
 from bevfusion_ros.model.sparse_encoder import SparseEncoder, voxel_sample_inputs  # noqa: E402
 
 # Spec 5.4 wiring: node name, op, data inputs -> output (tensor ids in creation order, "0" = graph input).
@@ -67,6 +66,11 @@ def conv_bn_paths() -> list[tuple[str, str]]:
         if stage < 4:
             paths.append((f"{prefix}.2.0", f"{prefix}.2.1"))
     return paths + [("conv_out.0", "conv_out.1")]
+
+
+def fold_batchnorm(encoder) -> list:
+    """The encoder's 21 convolutions with BN folded in, in spec 5.4 order (conv0 ... conv20)."""
+    return [node.layer for node in scn_graph_from_encoder(encoder) if node.layer is not None]
 
 
 def independent_fold(encoder) -> list[tuple[np.ndarray, np.ndarray]]:
