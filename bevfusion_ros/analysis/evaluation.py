@@ -60,7 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bevfusion_ros.detections import Detections, rep103_heading
+from bevfusion_ros.detections import H, L, LABEL, SCORE, VX, VY, W, X, Y, YAW, Z, Detections, rep103_heading
 
 DIST_THS = (0.5, 1.0, 2.0, 4.0)
 DIST_TH_TP = 2.0
@@ -75,8 +75,6 @@ NUSCENES_CLASS_RANGE = {"car": 50.0, "truck": 50.0, "bus": 50.0, "trailer": 50.0
 TP_METRICS = ("trans_err", "scale_err", "orient_err", "vel_err")      # attr_err: no attributes
 NOT_APPLICABLE = {"traffic_cone": ("orient_err", "vel_err"), "barrier": ("vel_err",)}
 MIN_SIZE = 1e-3                               # m, predicted sizes are clipped to this
-X, Y, Z, W, L, H, YAW, VX, VY = range(9)
-LABEL, SCORE = 9, 10
 
 
 def _devkit():
