@@ -84,18 +84,6 @@ def independent_fold(encoder) -> list[tuple[np.ndarray, np.ndarray]]:
     return folded
 
 
-def randomized_encoder(preset, seed: int) -> SparseEncoder:
-    torch.manual_seed(seed)
-    encoder = SparseEncoder(preset)
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return encoder.eval()
-
-
 def encoder_input_amax(encoder, frames) -> tuple[list[float], list[float]]:
     """amax of every conv input and of both Add inputs (block input, bn2 output), by forward hooks on
     the unfolded encoder: (21 conv values in spec order, 8 Add values)."""
@@ -128,7 +116,7 @@ def encoder_input_amax(encoder, frames) -> tuple[list[float], list[float]]:
 
 
 @pytest.fixture(scope="module")
-def r50(tmp_path_factory):
+def r50(tmp_path_factory, randomized_encoder):
     encoder = randomized_encoder(NUSCENES_R50, seed=10)
     frames = [voxel_sample_inputs(NUSCENES_R50, seed, num_voxels=100) for seed in (11, 12)]
     path = tmp_path_factory.mktemp("scn") / "lidar.backbone.xyz.onnx"
@@ -228,7 +216,7 @@ def test_weight_initializers_are_the_folded_weights_in_fp16(r50):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, randomized_encoder):
     encoder = randomized_encoder(TINY, seed=20)
     frames = [voxel_sample_inputs(TINY, seed=21, num_voxels=1500)]
     path = tmp_path_factory.mktemp("scn") / "tiny.onnx"
@@ -296,7 +284,7 @@ def test_parsed_fp16_graph_reproduces_the_encoder(tiny, tiny_frame):
     assert 0 < error < 2e-3 * scale
 
 
-def test_default_calibration_is_a_synthetic_frame(tmp_path):
+def test_default_calibration_is_a_synthetic_frame(tmp_path, randomized_encoder):
     encoder = randomized_encoder(TINY, seed=30)
     nodes = write_scn_onnx(encoder, TINY, tmp_path / "scn.onnx")
     features, _ = voxel_sample_inputs(TINY, seed=0, num_voxels=1000)
