@@ -1,7 +1,6 @@
 """bevfusion-play: publish an MCAP bag (rosbag2 layout, CDR) with rclpy (:mod:`bevfusion_ros.ros.play`)."""
 from __future__ import annotations
 import argparse
-import math
 import sys
 import threading
 import rclpy
@@ -9,7 +8,7 @@ from rclpy.context import Context
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 from bevfusion_ros.ros.bag import BagError
-from bevfusion_ros.ros.play import PlayResult, QOS_CHOICES, install_stop_handlers, play
+from bevfusion_ros.ros.play import PlayResult, QOS_CHOICES, check_play_options, install_stop_handlers, play
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,14 +32,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     full = list(sys.argv) if argv is None else ["bevfusion-play", *argv]
-    args = _parser().parse_args(remove_ros_args(full)[1:])
-    if not (math.isfinite(args.rate) and args.rate > 0):
-        _parser().error(f"--rate must be > 0, got {args.rate}")
-    if not (math.isfinite(args.start_delay) and args.start_delay >= 0):
-        _parser().error(f"--start-delay must be >= 0, got {args.start_delay}")
-    if args.wait_for_subscribers is not None and not (
-            math.isfinite(args.wait_for_subscribers) and args.wait_for_subscribers >= 0):
-        _parser().error(f"--wait-for-subscribers must be >= 0, got {args.wait_for_subscribers}")
+    parser = _parser()
+    args = parser.parse_args(remove_ros_args(full)[1:])
+    try:
+        check_play_options(args.rate, args.start_delay, args.qos, args.wait_for_subscribers)
+    except ValueError as error:
+        parser.error(str(error))
 
     stop = threading.Event()
     restore_handlers = install_stop_handlers(stop)
