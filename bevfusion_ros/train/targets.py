@@ -37,8 +37,7 @@ GT centre (``radius`` = the GT's heatmap radius). The restriction keeps a GT fro
 regressed by a far-away proposal of another class, which could never output that box anyway
 (the score is masked by ``one_hot(proposal_class)``). One-to-one matching (unlike
 nearest-centre) teaches the class branch to score duplicates low, which matters because the
-deploy path has no NMS. The solver is a small O(n^2 m) shortest-augmenting-path Hungarian
-(:func:`linear_sum_assignment`), so scipy is not needed.
+deploy path has no NMS. The solver is ``scipy.optimize.linear_sum_assignment``.
 """
 from __future__ import annotations
 
@@ -46,6 +45,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from bevfusion_ros.model.presets import ModelPreset
 
@@ -196,63 +196,6 @@ def heatmap_targets(boxes: np.ndarray, labels: np.ndarray, preset: ModelPreset,
                                           centre_cells(boxes, preset)):
         draw_gaussian(heatmap[label], (int(centre[0]), int(centre[1])), int(radius))
     return heatmap
-
-
-# ----------------------------------------------------------------------------- Hungarian
-def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost one-to-one assignment of a rectangular ``[n, m]`` cost matrix.
-
-    Returns (rows, cols) int64 of length ``min(n, m)``, rows ascending, like
-    ``scipy.optimize.linear_sum_assignment``. Shortest augmenting paths with potentials
-    (Kuhn-Munkres / Jonker-Volgenant style), O(min^2 * max); deterministic.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"cost must be 2-D, got shape {cost.shape}")
-    transposed = cost.shape[0] > cost.shape[1]
-    if transposed:
-        cost = cost.T
-    n, m = cost.shape
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if not np.isfinite(cost).all():
-        raise ValueError("cost must be finite (use a large value for forbidden pairs)")
-    u = np.zeros(n + 1)
-    v = np.zeros(m + 1)
-    match = np.zeros(m + 1, dtype=np.int64)      # match[j] = row (1-based) assigned to column j
-    way = np.zeros(m + 1, dtype=np.int64)
-    for row in range(1, n + 1):
-        match[0] = row
-        j0 = 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            free = ~used[1:]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]
-            better = free & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            candidates = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(candidates)) + 1
-            delta = candidates[j1 - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    cols = np.nonzero(match[1:])[0]
-    rows = match[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows, kind="stable")
-    return rows[order].astype(np.int64), cols[order].astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- assignment
