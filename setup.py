@@ -31,7 +31,8 @@ setup(
     extras_require={
         # PyTorch model toolkit (export, reference forward). Pinned: this exact CPU wheel is on
         # the development machines' disk; an unpinned torch pulls a multi-GB CUDA build.
-        "model": ["torch==2.13.0"],
+        # scipy: linear_sum_assignment of the training's proposal assignment (train.targets).
+        "model": ["torch==2.13.0", "scipy==1.17.1"],
         "dev": ["pytest==9.2.0", "mypy==2.4.1"],
         # rosbag2-compatible MCAP bags (bevfusion_ros.ros.bag, bevfusion-make-bag).
         "bag": ["mcap==1.6.0", "mcap-ros2-support==0.6.0"],

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import to_numpy
 from bevfusion_ros.config import load_config
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.lidar.scn import SparseEncoderRunner, sparse_input

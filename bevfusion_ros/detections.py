@@ -21,6 +21,7 @@ import numpy as np
 
 from bevfusion_ros.head.decode import BOX_COLUMNS
 
+# Column indices of BOX_COLUMNS; ground-truth boxes ([M, 9]) are the columns X ... VY.
 X, Y, Z, W, L, H, YAW, VX, VY, LABEL, SCORE = range(len(BOX_COLUMNS))
 # Corner offsets in units of (length/2, width/2, height/2) in the box frame (x forward, y left,
 # z up): bottom face front-left, front-right, rear-right, rear-left, then the top face alike.

@@ -56,7 +56,7 @@ LOG = logging.getLogger("bevfusion_ros.pipeline")
 MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
                "lidar.backbone.xyz.onnx")
 CONFIG_FILE = "bevfusion.yaml"
-GIL_SWITCH_INTERVAL_S = 2e-4          # see _short_gil_switches
+GIL_SWITCH_INTERVAL_S = 2e-4          # see BEVFusionPipeline._run_branches
 HIGHEST_STREAM_PRIORITY = -100        # CUDA clamps it to the device's highest (e.g. -5 on sm_90)
 
 
@@ -300,24 +300,49 @@ class BEVFusionPipeline:
         to device, with no host round trip. CuPy images are read after the work queued so far
         on the caller's current CuPy stream (the camera stream waits for it), so images written
         asynchronously on that stream need no synchronisation.
-
-        On the GPU the camera side starts first, in the camera thread (image upload and
-        normalization need no points), while this thread cleans and uploads the points, hands
-        them over through ``points_ready`` and queues the lidar branch; the fuser joins both.
-        On the CPU the branches run one after the other in this thread.
         """
         timer = StageTimer(cuda=self.device == "cuda")
         self._ensure_geometry(frame.calibration, timer)
         used = self._cameras_used(cameras_used)
+        images = self._frame_images(frame, used)
+        camera_bev, lidar_bev, lidar_done, prepared = self._run_branches(frame.points, images, used, timer)
+        boxes = self._fuse_and_decode(camera_bev, lidar_bev, lidar_done, timer)
+        for warning in prepared.warnings:
+            LOG.warning(warning)
+        return Detections(boxes=boxes, class_names=self.config.head.class_names,
+                          stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
+                          cameras_used=used, warnings=tuple(prepared.warnings))
+
+    def _frame_images(self, frame: Frame, used: tuple[str, ...]) -> list:
+        """The frame's images, those of cameras not in ``used`` replaced by :meth:`black_image`;
+        :class:`InputError` when they do not fit the model."""
         images = list(frame.images)
         if len(images) == self.config.num_cameras:           # else check_images says so
             images = [image if name in used else self.black_image()
                       for name, image in zip(self.config.camera_names, images)]
         self._check_images(images)
+        return images
+
+    def _run_branches(self, points: np.ndarray, images: list, used: tuple[str, ...],
+                      timer: StageTimer) -> tuple[Any, Any, Any, PreparedPoints]:
+        """Both branches up to their BEVs: (camera BEV, lidar BEV, event recorded after the lidar
+        branch, the prepared points).
+
+        On the GPU the camera side starts first, in the camera thread (image upload and
+        normalization need no points), while this thread cleans and uploads the points, hands
+        them over through ``points_ready`` and queues the lidar branch. On the CPU (no camera
+        thread) the camera side runs after the lidar side in this thread, and a lidar-only frame
+        only takes the zero camera BEV: both are :class:`_Deferred` calls, run by
+        ``camera.result()``, which have the camera thread's Future methods, so one code path
+        serves every case. While two threads queue GPU work, :func:`_short_gil_switches` lets a
+        thread waiting for the GIL get it after GIL_SWITCH_INTERVAL_S instead of Python's default
+        5 ms: a branch thread returning from a GPU wait must not idle behind the other thread's
+        Python code (it made p99 latency 3x the median).
+        """
         # Device images: the camera stream waits for what the caller queued on its stream.
         images_ready = (_record_event(self.device) if self.device == "cuda" and any(map(is_cupy, images))
                         else None)
-        camera_stream, lidar_stream = self._streams
+        lidar_stream = self._streams[1]
         points_ready: Future = Future()     # (device points, event recorded after their upload)
         with _short_gil_switches(self._camera_thread is not None and bool(used)):
             if not used:
@@ -328,19 +353,24 @@ class BEVFusionPipeline:
                 camera = self._camera_thread.submit(self._camera_side, images, points_ready, timer,
                                                     images_ready)
             try:
-                prepared = prepare_points(frame.points, self.config)
+                prepared = prepare_points(points, self.config)
                 with lidar_stream:           # overlaps the camera branch on the GPU
                     with timer.stage("upload_points"):
-                        points = self._upload_points(prepared.points)
-                    points_ready.set_result((points, _record_event(self.device)))
-                    lidar_bev = self._lidar_branch(points, timer)
+                        device_points = self._upload_points(prepared.points)
+                    points_ready.set_result((device_points, _record_event(self.device)))
+                    lidar_bev = self._lidar_branch(device_points, timer)
                     lidar_done = _record_event(self.device)
             except BaseException as error:   # release the camera side, never leave it running
                 if not points_ready.done():
                     points_ready.set_exception(error)
                 camera.exception()
                 raise
-            camera_bev = camera.result()
+            return camera.result(), lidar_bev, lidar_done, prepared
+
+    def _fuse_and_decode(self, camera_bev, lidar_bev, lidar_done, timer: StageTimer) -> np.ndarray:
+        """fuser -> head -> decode on the camera stream, once the lidar branch is done: boxes
+        ``[M, 11]`` as NumPy."""
+        camera_stream = self._streams[0]
         with camera_stream:
             _wait_event(camera_stream, lidar_done)
             with timer.stage("fuser"):
@@ -348,12 +378,7 @@ class BEVFusionPipeline:
             with timer.stage("head"):
                 head_outputs = self.engines["head.bbox.onnx"].run({"middle": middle})
             with timer.stage("decode"):
-                boxes = to_numpy(decode_boxes(head_outputs, self.config))
-        for warning in prepared.warnings:
-            LOG.warning(warning)
-        return Detections(boxes=boxes, class_names=self.config.head.class_names,
-                          stamp_ns=frame.lidar_stamp_ns, stage_ms=timer.finish(),
-                          cameras_used=used, warnings=tuple(prepared.warnings))
+                return to_numpy(decode_boxes(head_outputs, self.config))
 
     def _cameras_used(self, cameras_used: Sequence[str] | None) -> tuple[str, ...]:
         """The configured cameras named in ``cameras_used`` (all when None), in config order."""
@@ -413,10 +438,8 @@ class BEVFusionPipeline:
 
 @contextmanager
 def _short_gil_switches(active: bool) -> Iterator[None]:
-    """While the two branch threads queue GPU work, let a thread waiting for the GIL get it
-    after GIL_SWITCH_INTERVAL_S instead of Python's default 5 ms: a branch thread returning from
-    a GPU wait must not idle behind the other thread's Python code (it made p99 latency 3x the
-    median). The process-wide interval is restored afterwards."""
+    """Python's (process-wide) GIL switch interval is GIL_SWITCH_INTERVAL_S while ``active``,
+    restored afterwards (why: :meth:`BEVFusionPipeline._run_branches`)."""
     if not active:
         yield
         return
@@ -429,8 +452,8 @@ def _short_gil_switches(active: bool) -> Iterator[None]:
 
 
 class _Deferred:
-    """A call run by the first :meth:`result` (the CPU path's camera branch, after the lidar
-    branch has handed over its points); the thread path's ``Future`` has the same two methods."""
+    """A call run by the first :meth:`result`, with a ``Future``'s two methods (why:
+    :meth:`BEVFusionPipeline._run_branches`)."""
 
     def __init__(self, function: Callable[..., Any], *args: Any) -> None:
         self._function, self._args = function, args

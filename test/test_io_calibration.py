@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bevfusion_ros.config import ImageConfig
-from bevfusion_ros.io.calibration import Calibration, CalibrationError, quaternion_to_rotation
+from bevfusion_ros.io.calibration import Calibration, CalibrationError, pose_matrix
 from bevfusion_ros.io.tensor import read_tensor, write_tensor
 
 NAMES = ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")
@@ -42,9 +42,9 @@ def synthetic_rig(rng, count=6):
 def test_quaternion_matches_rodrigues():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        _, quaternion, rotation = random_pose(rng)
-        np.testing.assert_allclose(quaternion_to_rotation(quaternion), rotation, atol=1e-12)
-        np.testing.assert_allclose(quaternion_to_rotation(-2.5 * quaternion), rotation, atol=1e-12)
+        translation, quaternion, rotation = random_pose(rng)
+        np.testing.assert_allclose(pose_matrix(translation, quaternion)[:3, :3], rotation, atol=1e-12)
+        np.testing.assert_allclose(pose_matrix(translation, -2.5 * quaternion)[:3, :3], rotation, atol=1e-12)
 
 
 def test_from_camera2lidar_derives_consistent_matrices():

@@ -55,12 +55,21 @@ def _random_boxes(rng, count):
     return boxes
 
 
+def split_code(code: np.ndarray) -> dict[str, np.ndarray]:
+    """``[..., 10]`` -> {center, height, dim, rot, vel}: ``[..., channels]`` views."""
+    parts, start = {}, 0
+    for name, channels in T.BOX_CODE_LAYOUT:
+        parts[name] = code[..., start:start + channels]
+        start += channels
+    return parts
+
+
 def _fake_outputs(code, labels, num_classes):
     """Head outputs [1, *, K] whose decode is the encoded boxes; distinct, descending scores."""
     count = len(code)
     score = np.zeros((1, num_classes, count))
     score[0, labels, np.arange(count)] = np.linspace(0.9, 0.5, count)
-    parts = T.split_code(code)
+    parts = split_code(code)
     return {"score": score, "rot": parts["rot"].T[None], "dim": parts["dim"].T[None],
             "reg": parts["center"].T[None], "height": parts["height"].T[None],
             "vel": parts["vel"].T[None]}

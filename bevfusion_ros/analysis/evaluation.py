@@ -60,7 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bevfusion_ros.detections import Detections, rep103_heading
+from bevfusion_ros.detections import H, L, LABEL, SCORE, VX, VY, W, X, Y, YAW, Z, Detections, rep103_heading
 
 DIST_THS = (0.5, 1.0, 2.0, 4.0)
 DIST_TH_TP = 2.0
@@ -75,8 +75,6 @@ NUSCENES_CLASS_RANGE = {"car": 50.0, "truck": 50.0, "bus": 50.0, "trailer": 50.0
 TP_METRICS = ("trans_err", "scale_err", "orient_err", "vel_err")      # attr_err: no attributes
 NOT_APPLICABLE = {"traffic_cone": ("orient_err", "vel_err"), "barrier": ("vel_err",)}
 MIN_SIZE = 1e-3                               # m, predicted sizes are clipped to this
-X, Y, Z, W, L, H, YAW, VX, VY = range(9)
-LABEL, SCORE = 9, 10
 
 
 def _devkit():
@@ -255,82 +253,81 @@ def _in_range(row: np.ndarray, name: str, config) -> bool:
     return math.hypot(float(row[X]), float(row[Y])) < config.class_range[name]
 
 
-def evaluate(predictions: Sequence[Detections | np.ndarray],
-             ground_truth: Sequence[tuple[Any, ...]],
-             class_names: Sequence[str],
-             class_range: float | Mapping[str, float] = DEFAULT_CLASS_RANGE,
-             name_map: Mapping[str, str] | None = None) -> EvalResult:
-    """nuScenes detection metrics of ``predictions`` against ``ground_truth`` (one entry per frame).
+def _ground_truth_boxes(token: str, index: int, truth: tuple[Any, ...], names: Sequence[str], config,
+                        filtered: dict[str, int]) -> list:
+    """Devkit boxes of frame ``index``'s ground truth that pass the range and point filters
+    (the others are counted in ``filtered``)."""
+    _, _, _, DetectionBox, _, _ = _devkit()
+    boxes = np.asarray(truth[0], dtype=np.float64).reshape(-1, 9)
+    labels = np.asarray(truth[1]).reshape(-1).astype(np.int64)
+    num_points = (np.asarray(truth[2]).reshape(-1) if len(truth) > 2 and truth[2] is not None
+                  else np.full(len(boxes), -1))
+    if not len(boxes) == len(labels) == len(num_points):
+        raise ValueError(f"frame {index}: {len(boxes)} boxes, {len(labels)} labels, "
+                         f"{len(num_points)} point counts")
+    kept = []
+    for row, label, count in zip(boxes, labels, num_points):
+        name = names[label]
+        if not _in_range(row, name, config):
+            filtered["gt_out_of_range"] += 1
+        elif count == 0:
+            filtered["gt_without_points"] += 1
+        else:
+            kept.append(_box(DetectionBox, token, row, name, num_pts=int(count)))
+    return kept
 
-    ``class_names`` names the ground-truth labels (and the labels of prediction arrays;
-    :class:`Detections` bring their own ``class_names``). ``name_map`` renames classes to
-    nuScenes detection names. See the module docstring for the conversion and the filters.
-    """
-    EvalBoxes, algo, detection_names, DetectionBox, _, DetectionMetrics = _devkit()
-    if len(predictions) != len(ground_truth):
-        raise ValueError(f"{len(predictions)} prediction frames but {len(ground_truth)} "
-                         "ground-truth frames")
-    config = detection_config(class_range)
-    gt_names = _names(class_names, name_map, detection_names)
+
+def _prediction_boxes(token: str, rows: np.ndarray, names: Sequence[str], config,
+                      filtered: dict[str, int]) -> list:
+    """Devkit boxes of one frame's predictions: finite rows only, the
+    ``max_boxes_per_sample`` best, sizes clipped to MIN_SIZE, within range (drops counted in
+    ``filtered``)."""
+    _, _, _, DetectionBox, _, _ = _devkit()
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 11)
+    finite = np.isfinite(rows).all(axis=1)
+    filtered["pred_non_finite"] += int((~finite).sum())
+    rows = rows[finite]
+    rows = rows[np.argsort(-rows[:, SCORE], kind="stable")]
+    filtered["pred_over_max_boxes"] += max(0, len(rows) - config.max_boxes_per_sample)
+    rows = rows[:config.max_boxes_per_sample].copy()
+    rows[:, [W, L, H]] = np.maximum(rows[:, [W, L, H]], MIN_SIZE)
+    kept = []
+    for row in rows:
+        name = names[int(row[LABEL])]
+        if _in_range(row, name, config):
+            kept.append(_box(DetectionBox, token, row, name, score=float(row[SCORE])))
+        else:
+            filtered["pred_out_of_range"] += 1
+    return kept
+
+
+def _eval_boxes(predictions: Sequence[Detections | np.ndarray], ground_truth: Sequence[tuple[Any, ...]],
+                gt_names: Sequence[str], name_map: Mapping[str, str] | None, config):
+    """(ground-truth EvalBoxes, prediction EvalBoxes, boxes dropped per filter), one sample
+    ``frame-{i}`` per frame."""
+    EvalBoxes, _, detection_names, _, _, _ = _devkit()
     filtered = {"gt_out_of_range": 0, "gt_without_points": 0, "pred_out_of_range": 0,
                 "pred_non_finite": 0, "pred_over_max_boxes": 0}
     gt_boxes, pred_boxes = EvalBoxes(), EvalBoxes()
     for index, (prediction, truth) in enumerate(zip(predictions, ground_truth)):
         token = f"frame-{index}"
-        boxes = np.asarray(truth[0], dtype=np.float64).reshape(-1, 9)
-        labels = np.asarray(truth[1]).reshape(-1).astype(np.int64)
-        num_points = (np.asarray(truth[2]).reshape(-1) if len(truth) > 2 and truth[2] is not None
-                      else np.full(len(boxes), -1))
-        if not len(boxes) == len(labels) == len(num_points):
-            raise ValueError(f"frame {index}: {len(boxes)} boxes, {len(labels)} labels, "
-                             f"{len(num_points)} point counts")
-        frame_gt = []
-        for row, label, count in zip(boxes, labels, num_points):
-            name = gt_names[label]
-            if not _in_range(row, name, config):
-                filtered["gt_out_of_range"] += 1
-            elif count == 0:
-                filtered["gt_without_points"] += 1
-            else:
-                frame_gt.append(_box(DetectionBox, token, row, name, num_pts=int(count)))
-        gt_boxes.add_boxes(token, frame_gt)
-
+        gt_boxes.add_boxes(token, _ground_truth_boxes(token, index, truth, gt_names, config, filtered))
         if isinstance(prediction, Detections):
             rows, names = prediction.boxes, _names(prediction.class_names, name_map, detection_names)
         else:
             rows, names = prediction, gt_names
-        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 11)
-        finite = np.isfinite(rows).all(axis=1)
-        filtered["pred_non_finite"] += int((~finite).sum())
-        rows = rows[finite]
-        rows = rows[np.argsort(-rows[:, SCORE], kind="stable")]
-        filtered["pred_over_max_boxes"] += max(0, len(rows) - config.max_boxes_per_sample)
-        rows = rows[:config.max_boxes_per_sample].copy()
-        rows[:, [W, L, H]] = np.maximum(rows[:, [W, L, H]], MIN_SIZE)
-        frame_pred = []
-        for row in rows:
-            name = names[int(row[LABEL])]
-            if _in_range(row, name, config):
-                frame_pred.append(_box(DetectionBox, token, row, name, score=float(row[SCORE])))
-            else:
-                filtered["pred_out_of_range"] += 1
-        pred_boxes.add_boxes(token, frame_pred)
+        pred_boxes.add_boxes(token, _prediction_boxes(token, rows, names, config, filtered))
+    return gt_boxes, pred_boxes, filtered
 
-    # Order: the model's classes first, then any other nuScenes names.
-    ordered = list(dict.fromkeys([*gt_names, *detection_names]))
-    gt_counts = {name: 0 for name in ordered}
-    pred_counts = {name: 0 for name in ordered}
-    for box in gt_boxes.all:
-        gt_counts[box.detection_name] += 1
-    for box in pred_boxes.all:
-        pred_counts[box.detection_name] += 1
-    present = tuple(name for name in ordered if gt_counts[name] > 0)
 
-    # As DetectionEval.evaluate: accumulate per class and threshold, then AP and TP errors.
-    metrics = DetectionMetrics(config)
+def _class_metrics(gt_boxes, pred_boxes, names: Sequence[str], config, metrics
+                   ) -> tuple[dict[str, dict[float, float]], dict[str, dict[str, float]]]:
+    """As DetectionEval.evaluate: per class, accumulate the matches at each distance threshold,
+    then AP per threshold and the TP errors at ``dist_th_tp`` (also added to ``metrics``)."""
+    _, algo, _, _, _, _ = _devkit()
     ap: dict[str, dict[float, float]] = {}
     tp_errors: dict[str, dict[str, float]] = {}
-    for name in ordered:
+    for name in names:
         ap[name] = {}
         for threshold in config.dist_ths:
             data = algo.accumulate(gt_boxes, pred_boxes, name, config.dist_fcn_callable, threshold)
@@ -344,6 +341,41 @@ def evaluate(predictions: Sequence[Detections | np.ndarray],
                      else algo.calc_tp(tp_data, config.min_recall, metric))
             tp_errors[name][metric] = error
             metrics.add_label_tp(name, metric, error)
+    return ap, tp_errors
+
+
+def _class_counts(boxes, names: Sequence[str]) -> dict[str, int]:
+    """Boxes per detection name, every name of ``names`` included (0 when none)."""
+    counts = {name: 0 for name in names}
+    for box in boxes.all:
+        counts[box.detection_name] += 1
+    return counts
+
+
+def evaluate(predictions: Sequence[Detections | np.ndarray],
+             ground_truth: Sequence[tuple[Any, ...]],
+             class_names: Sequence[str],
+             class_range: float | Mapping[str, float] = DEFAULT_CLASS_RANGE,
+             name_map: Mapping[str, str] | None = None) -> EvalResult:
+    """nuScenes detection metrics of ``predictions`` against ``ground_truth`` (one entry per frame).
+
+    ``class_names`` names the ground-truth labels (and the labels of prediction arrays;
+    :class:`Detections` bring their own ``class_names``). ``name_map`` renames classes to
+    nuScenes detection names. See the module docstring for the conversion and the filters.
+    """
+    _, _, detection_names, _, _, DetectionMetrics = _devkit()
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} prediction frames but {len(ground_truth)} "
+                         "ground-truth frames")
+    config = detection_config(class_range)
+    gt_names = _names(class_names, name_map, detection_names)
+    gt_boxes, pred_boxes, filtered = _eval_boxes(predictions, ground_truth, gt_names, name_map, config)
+    # Order: the model's classes first, then any other nuScenes names.
+    ordered = list(dict.fromkeys([*gt_names, *detection_names]))
+    gt_counts = _class_counts(gt_boxes, ordered)
+    present = tuple(name for name in ordered if gt_counts[name] > 0)
+    metrics = DetectionMetrics(config)
+    ap, tp_errors = _class_metrics(gt_boxes, pred_boxes, ordered, config, metrics)
     class_mean_ap = {name: float(np.mean(list(ap[name].values()))) for name in ordered}
     mean_ap = float(np.mean([class_mean_ap[name] for name in present])) if present else float("nan")
     mean_tp = {metric: _nanmean([tp_errors[name][metric] for name in present]) for metric in TP_METRICS}
@@ -352,11 +384,11 @@ def evaluate(predictions: Sequence[Detections | np.ndarray],
                                                  if not math.isnan(error))
            ) / (config.mean_ap_weight + len(TP_METRICS))
     return EvalResult(class_names=tuple(ordered), num_frames=len(ground_truth), dist_ths=tuple(DIST_THS),
-                      gt_counts=gt_counts, pred_counts=pred_counts, present_classes=present, ap=ap,
-                      class_mean_ap=class_mean_ap, mean_ap=mean_ap, tp_errors=tp_errors,
-                      mean_tp_errors=mean_tp, nuscenes_mean_ap=float(metrics.mean_ap),
-                      nuscenes_tp_errors=devkit_tp, nds=float(nds), filtered=filtered,
-                      config=config.serialize())
+                      gt_counts=gt_counts, pred_counts=_class_counts(pred_boxes, ordered),
+                      present_classes=present, ap=ap, class_mean_ap=class_mean_ap, mean_ap=mean_ap,
+                      tp_errors=tp_errors, mean_tp_errors=mean_tp,
+                      nuscenes_mean_ap=float(metrics.mean_ap), nuscenes_tp_errors=devkit_tp,
+                      nds=float(nds), filtered=filtered, config=config.serialize())
 
 
 def _nanmean(values: Sequence[float]) -> float:

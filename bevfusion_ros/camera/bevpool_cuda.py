@@ -301,7 +301,6 @@ def bev_pool_cuda(camera_feature: Any, depth_weights: Any, geometry: CameraGeome
     ``[1, X, Y, C]``) of a new float32 buffer. ``out``: a CuPy float32/float16 ``[1, C, X, Y]``,
     either C-contiguous or such a channels-last view; it is returned, every element written.
     """
-    import cupy
     check_inputs(camera_feature, depth_weights, geometry)
     if not (is_cupy(geometry.indices) and is_cupy(geometry.intervals)):
         raise ValueError("geometry is on the host: upload it once with geometry.to_device()")

@@ -153,12 +153,39 @@ def nvjpeg_refusal(data: Any) -> str | None:
     arithmetic-coded frames, 12-bit samples, an EXIF orientation other than 1, headers that end
     early or have no frame header.
     """
-    buffer = uint8_buffer(data)
-    view = memoryview(buffer)
-    size = len(view)
-    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
+    view = memoryview(uint8_buffer(data))
+    if len(view) < 4 or view[0] != 0xFF or view[1] != 0xD8:
         return "not a JPEG (no SOI marker)"
     position, frame, adobe_transform = 2, False, None
+    while True:
+        segment = _next_segment(view, position)
+        if isinstance(segment, str):
+            return segment
+        marker, payload, position = segment
+        if marker == 0xDA:                                   # start of scan: headers done
+            break
+        if marker == 0xE1 and bytes(payload[:6]) == b"Exif\x00\x00":
+            orientation = _exif_orientation(payload[6:])
+            if orientation not in (None, 1):
+                return f"EXIF orientation {orientation} (OpenCV rotates/flips the image, nvJPEG would not)"
+        elif marker == 0xEE and bytes(payload[:5]) == b"Adobe" and len(payload) >= 12:
+            adobe_transform = payload[11]
+        elif 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:
+            refusal = _frame_refusal(marker, payload)
+            if refusal is not None:
+                return refusal
+            frame = True
+    if not frame:
+        return "JPEG without a frame header before the first scan"
+    if adobe_transform == 0:
+        return "RGB-coded JPEG (Adobe transform 0)"
+    return None
+
+
+def _next_segment(view: memoryview, position: int) -> tuple[int, memoryview, int] | str:
+    """The marker segment at ``position`` (after any fill bytes and the length-less TEM and RSTn
+    markers): (marker, payload, position after it), or why the header cannot be read on."""
+    size = len(view)
     while True:
         if position + 2 > size:
             return "JPEG header ends before the first scan"
@@ -179,41 +206,30 @@ def nvjpeg_refusal(data: Any) -> str | None:
         end = position + 2 + length
         if length < 2 or end > size:
             return f"truncated JPEG segment (marker 0x{marker:02X} at byte {position})"
-        payload = view[position + 4:end]
-        if marker == 0xDA:                                   # start of scan: headers done
-            break
-        if marker == 0xE1 and bytes(payload[:6]) == b"Exif\x00\x00":
-            orientation = _exif_orientation(payload[6:])
-            if orientation not in (None, 1):
-                return f"EXIF orientation {orientation} (OpenCV rotates/flips the image, nvJPEG would not)"
-        elif marker == 0xEE and bytes(payload[:5]) == b"Adobe" and len(payload) >= 12:
-            adobe_transform = payload[11]
-        elif 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:
-            if marker not in _SOF_GPU:
-                return f"SOF{marker - 0xC0} JPEG (lossless, hierarchical or arithmetic coding)"
-            if len(payload) < 6:
-                return "truncated JPEG frame header"
-            precision, components = payload[0], payload[5]
-            height, width = (payload[1] << 8) | payload[2], (payload[3] << 8) | payload[4]
-            if precision != 8:
-                return f"{precision}-bit JPEG"
-            if components == 1:
-                return "grey JPEG (1 component)"
-            if components != 3:
-                return f"{components}-component JPEG (CMYK/YCCK)" if components == 4 else \
-                    f"{components}-component JPEG"
-            if len(payload) < 6 + 3 * components:
-                return "truncated JPEG frame header"
-            if bytes(payload[6:15:3]) == b"RGB":
-                return "RGB-coded JPEG (component ids R, G, B)"
-            if height == 0 or width == 0:
-                return f"JPEG frame header with size {width}x{height} (height in a DNL marker)"
-            frame = True
-        position = end
-    if not frame:
-        return "JPEG without a frame header before the first scan"
-    if adobe_transform == 0:
-        return "RGB-coded JPEG (Adobe transform 0)"
+        return marker, view[position + 4:end], end
+
+
+def _frame_refusal(marker: int, payload: memoryview) -> str | None:
+    """Why nvJPEG should not decode the frame of an SOF segment (None: it may)."""
+    if marker not in _SOF_GPU:
+        return f"SOF{marker - 0xC0} JPEG (lossless, hierarchical or arithmetic coding)"
+    if len(payload) < 6:
+        return "truncated JPEG frame header"
+    precision, components = payload[0], payload[5]
+    height, width = (payload[1] << 8) | payload[2], (payload[3] << 8) | payload[4]
+    if precision != 8:
+        return f"{precision}-bit JPEG"
+    if components == 1:
+        return "grey JPEG (1 component)"
+    if components != 3:
+        return f"{components}-component JPEG (CMYK/YCCK)" if components == 4 else \
+            f"{components}-component JPEG"
+    if len(payload) < 6 + 3 * components:
+        return "truncated JPEG frame header"
+    if bytes(payload[6:15:3]) == b"RGB":
+        return "RGB-coded JPEG (component ids R, G, B)"
+    if height == 0 or width == 0:
+        return f"JPEG frame header with size {width}x{height} (height in a DNL marker)"
     return None
 
 

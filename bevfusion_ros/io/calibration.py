@@ -20,7 +20,7 @@ import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ConfigError, ImageConfig, PipelineConfig
 from bevfusion_ros.io.tensor import read_tensor
-from bevfusion_ros.streaming.transforms import matrix_from_quaternion, transform_from_translation_quaternion
+from bevfusion_ros.streaming.transforms import transform_from_translation_quaternion
 
 MATRIX_NAMES = ("camera2lidar", "lidar2camera", "camera_intrinsics", "lidar2image", "img_aug_matrix")
 RIGID_TOLERANCE = 1e-4     # |R^T R - I|, |lidar2camera @ camera2lidar - I|
@@ -38,13 +38,6 @@ def img_aug_matrix_from_config(image: ImageConfig) -> np.ndarray:
     matrix[0, 0] = matrix[1, 1] = image.resize_scale
     matrix[0, 3], matrix[1, 3] = -crop_x, -crop_y
     return matrix
-
-
-def quaternion_to_rotation(wxyz: Sequence[float]) -> np.ndarray:
-    """Rotation matrix ``[3, 3]`` of a quaternion given as (w, x, y, z), nuScenes order
-    (normalised first)."""
-    w, x, y, z = wxyz
-    return matrix_from_quaternion((x, y, z, w))
 
 
 def pose_matrix(translation: Sequence[float], rotation_wxyz: Sequence[float]) -> np.ndarray:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,14 +26,13 @@ class Frame:
     points:      ``[N, C]`` float32 lidar points, columns x, y, z (m, lidar frame), intensity
                  (0-255), time lag (s) and optionally more;
     calibration: the rig's :class:`Calibration`;
-    lidar_stamp_ns / camera_stamps_ns: acquisition times in nanoseconds (0 when unknown).
+    lidar_stamp_ns: acquisition time of the lidar sweep in nanoseconds (0 when unknown).
     """
 
     images: list[np.ndarray]
     points: np.ndarray
     calibration: Calibration
     lidar_stamp_ns: int = 0
-    camera_stamps_ns: tuple[int, ...] = field(default_factory=tuple)
     token: str = ""
 
     def __post_init__(self) -> None:
@@ -71,7 +70,7 @@ def load_example_data(directory: str | Path,
     """Load a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``).
 
     Images come back RGB in camera order, points as float32 ``[N, 5]`` (exact widening of
-    the file's fp16 values), calibration validated. Stamps are unknown (0) in this format.
+    the file's fp16 values), calibration validated. The stamp is unknown (0) in this format.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -90,6 +89,5 @@ def load_example_data(directory: str | Path,
         images=images,
         points=read_tensor(points_path).astype(np.float32),
         calibration=Calibration.from_example_data(directory, camera_names),
-        camera_stamps_ns=(0,) * len(camera_names),
         token=token_path.read_text().strip() if token_path.is_file() else "",
     )

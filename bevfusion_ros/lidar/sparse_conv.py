@@ -84,11 +84,6 @@ def coords_from_keys(keys: Array, spatial_shape: Triple) -> Array:
                     axis=1).astype(np.int32)
 
 
-def kernel_taps(kernel_size: Triple) -> np.ndarray:
-    """Kernel taps (kx, ky, kz) int64 [kx*ky*kz, 3] in the C order of weight[kx, ky, kz]."""
-    return np.stack(np.unravel_index(np.arange(math.prod(kernel_size)), kernel_size), axis=1)
-
-
 @dataclass(frozen=True, eq=False)
 class Rulebook:
     """Index pairs of one sparse convolution (spconv "indice pairs", libspconv "rulebook").

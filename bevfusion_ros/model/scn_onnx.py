@@ -42,7 +42,6 @@ from bevfusion_ros.model.sparse_encoder import (SparseBasicBlock, SparseConvolut
                                                 conv_output_shape, scatter_dense, sparse_conv,
                                                 sparse_input, voxel_sample_inputs)
 
-SCN_ONNX_NAME = "lidar.backbone.xyz.onnx"
 OUTPUT_BOUND = 200000
 DEFAULT_CALIBRATION_VOXELS = 1000   # synthetic frame used when no calibration frames are given
 DEFAULT_CALIBRATION_SEED = 0
@@ -141,11 +140,6 @@ def scn_graph_from_encoder(encoder: SparseEncoder) -> list[ScnNode]:
     x = builder.conv(layer, x, output_precision="fp16")
     builder.to_bev(x, layer.out_channels, layer.output_spatial_shape)
     return builder.nodes
-
-
-def fold_batchnorm(encoder: SparseEncoder) -> list[ScnLayer]:
-    """The encoder's 21 convolutions with BN folded in, in spec 5.4 order (conv0 ... conv20)."""
-    return [node.layer for node in scn_graph_from_encoder(encoder) if node.layer is not None]
 
 
 def _run_conv(node: ScnNode, x: SparseVoxelTensor) -> SparseVoxelTensor:

@@ -50,7 +50,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +184,117 @@ def _wait_for_start(node: Node, pacer: _Pacer, publishers: dict[str, Any], start
     return pacer.wait_until(delay_end, delay_end, first_ns, first_ns, first_ns)
 
 
+def check_play_options(rate: float, start_delay: float, qos: str = "reliable",
+                       wait_for_subscribers: float | None = None) -> None:
+    """ValueError naming the first unusable option of :func:`play` (bevfusion-play reports it
+    as a usage error before starting ROS)."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a finite number > 0, got {rate}")
+    if not (math.isfinite(start_delay) and start_delay >= 0):
+        raise ValueError(f"start delay must be >= 0 seconds, got {start_delay}")
+    if qos not in QOS_CHOICES:
+        raise ValueError(f"qos must be one of {QOS_CHOICES}, got {qos!r}")
+    if wait_for_subscribers is not None and not (math.isfinite(wait_for_subscribers) and wait_for_subscribers >= 0):
+        raise ValueError(f"wait for subscribers must be >= 0 seconds, got {wait_for_subscribers}")
+
+
+def _topic_classes(path: str, topics: Iterable[str] | None) -> dict[str, type]:
+    """Message class per played topic, in play order (all of the bag's, sorted, by default)."""
+    summary = bag_summary(path)
+    if topics is None:
+        selected = sorted(summary)
+    else:
+        selected = list(dict.fromkeys(topics))
+        missing = [t for t in selected if t not in summary]
+        if missing:
+            raise ValueError(f"topics not in {path}: {', '.join(missing)} (it has: {', '.join(sorted(summary))})")
+    return {topic: message_class(summary[topic][0]) for topic in selected}
+
+
+class _Playback:
+    """The publishing side of one :func:`play` call: the schedule of a pass, the merged
+    /tf_static and the result with its progress reports."""
+
+    def __init__(self, publishers: dict[str, Any], pacer: _Pacer, rate: float,
+                 on_message: Callable[[BagMessage], None] | None,
+                 progress: Callable[[PlayResult], None] | None, progress_period: float):
+        self.publishers, self.pacer, self.rate = publishers, pacer, rate
+        self.on_message, self.progress, self.progress_period = on_message, progress, progress_period
+        self.result = PlayResult()
+        self.static_transforms: dict[str, Any] = {}
+        self.play_start = self.next_progress = 0.0
+
+    def start(self) -> float:
+        """Marks the end of the start delay (elapsed time and progress count from there)."""
+        self.play_start = time.monotonic()
+        self.next_progress = self.play_start + self.progress_period
+        return self.play_start
+
+    def play_pass(self, messages: Iterable[BagMessage], pass_start: float, first_ns: int) -> float:
+        """Publishes ``messages`` at their due times counted from ``pass_start``; returns the due
+        time of the last one published (``pass_start`` if none). A stop sets ``result.stopped``."""
+        last_due, previous_ns = pass_start, first_ns
+        for message in messages:
+            due = pass_start + (message.log_time_ns - first_ns) / 1e9 / self.rate
+            if not self.pacer.wait_until(due, pass_start, first_ns, previous_ns, message.log_time_ns):
+                self.result.stopped = True
+                break
+            last_due, previous_ns = due, message.log_time_ns
+            self._publish(message)
+        self.result.elapsed_s = time.monotonic() - self.play_start
+        return last_due
+
+    def _publish(self, message: BagMessage) -> None:
+        """/clock at the message's log time, then the message (on /tf_static: every static
+        transform so far), then the callbacks."""
+        self.pacer.publish_clock(message.log_time_ns)
+        outgoing = message.message
+        if message.topic == TF_STATIC_TOPIC and hasattr(outgoing, "transforms"):
+            for transform in outgoing.transforms:
+                self.static_transforms[transform.child_frame_id] = transform
+            outgoing = type(outgoing)(transforms=list(self.static_transforms.values()))
+        self.publishers[message.topic].publish(outgoing)
+        self.result.published += 1
+        if self.on_message is not None:
+            self.on_message(message)
+        now = time.monotonic()
+        self.result.elapsed_s = now - self.play_start
+        if self.progress is not None and now >= self.next_progress:
+            self.progress(self.result)
+            self.next_progress = now + self.progress_period
+
+
+def _play_passes(path: str, topics: list[str], node: Node, playback: _Playback, loop: bool,
+                 start_delay: float, waited: dict[str, Any], subscribers_end: float | None) -> PlayResult:
+    """Waits for the start (:func:`_wait_for_start`), then plays the bag once, or again and
+    again with ``loop``, until it ends or a stop."""
+    result = playback.result
+    bag_messages = read_bag(path, topics=topics)
+    try:
+        first = next(bag_messages, None)
+        if first is None:
+            return result
+        first_ns = first.log_time_ns
+        if not _wait_for_start(node, playback.pacer, waited, start_delay, first_ns, subscribers_end):
+            result.stopped = True
+            return result
+        pass_start = playback.start()
+        messages: Iterator[BagMessage] = itertools.chain([first], bag_messages)
+        while True:
+            last_due = playback.play_pass(messages, pass_start, first_ns)
+            if result.stopped:
+                break
+            result.passes += 1
+            if not loop:
+                break
+            pass_start = last_due                   # no drift across passes either
+            bag_messages.close()
+            messages = bag_messages = read_bag(path, topics=topics)
+        return result
+    finally:
+        bag_messages.close()                         # the bag file of an unfinished pass
+
+
 def play(path: str, node: Node, rate: float = 1.0, loop: bool = False, clock: bool = False,
          topics: Iterable[str] | None = None, on_message: Callable[[BagMessage], None] | None = None,
          *, qos: str = "reliable", start_delay: float = 1.0, stop: threading.Event | None = None,
@@ -201,94 +312,28 @@ def play(path: str, node: Node, rate: float = 1.0, loop: bool = False, clock: bo
     /clock) has a matched subscription, or that many seconds after the publishers were created
     (a warning then names the topics without one): the delay then lets the subscriptions'
     side of the match complete too.
-    The publishers are created here and destroyed before returning. Raises BagError when the
-    bag cannot be read or a message type is not installed.
+    The publishers are created here and destroyed before returning. Raises ValueError for an
+    unusable option (:func:`check_play_options`), BagError when the bag cannot be read or a
+    message type is not installed.
     """
-    if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(f"rate must be a finite number > 0, got {rate}")
-    if not (math.isfinite(start_delay) and start_delay >= 0):
-        raise ValueError(f"start delay must be >= 0 seconds, got {start_delay}")
-    if qos not in QOS_CHOICES:
-        raise ValueError(f"qos must be one of {QOS_CHOICES}, got {qos!r}")
-    if wait_for_subscribers is not None and not (math.isfinite(wait_for_subscribers) and wait_for_subscribers >= 0):
-        raise ValueError(f"wait for subscribers must be >= 0 seconds, got {wait_for_subscribers}")
+    check_play_options(rate, start_delay, qos, wait_for_subscribers)
     stop = stop if stop is not None else threading.Event()
-    summary = bag_summary(path)
-    if topics is None:
-        selected = sorted(summary)
-    else:
-        selected = list(dict.fromkeys(topics))
-        missing = [t for t in selected if t not in summary]
-        if missing:
-            raise ValueError(f"topics not in {path}: {', '.join(missing)} (it has: {', '.join(sorted(summary))})")
-    classes = {topic: message_class(summary[topic][0]) for topic in selected}
-
+    classes = _topic_classes(path, topics)
     publishers: dict[str, Any] = {topic: node.create_publisher(cls, topic, _publisher_qos(topic, qos))
-                  for topic, cls in classes.items()}
+                                  for topic, cls in classes.items()}
     created = time.monotonic()
     clock_pub = None
     if clock:
         from rosgraph_msgs.msg import Clock
         clock_pub = node.create_publisher(Clock, CLOCK_TOPIC, CLOCK_QOS)
+    all_publishers = [*publishers.values(), *([clock_pub] if clock_pub is not None else [])]
     pacer = _Pacer(stop, node.context.ok, clock_pub, rate)
-    result = PlayResult()
-    static_transforms: dict[str, Any] = {}
-    bag_messages: Generator[BagMessage, None, None] | None = None
+    playback = _Playback(publishers, pacer, rate, on_message, progress, progress_period)
+    waited = {**publishers, **({CLOCK_TOPIC: clock_pub} if clock_pub is not None else {})}
+    subscribers_end = None if wait_for_subscribers is None else created + wait_for_subscribers
     try:
-        bag_messages = read_bag(path, topics=selected)
-        messages: Iterator[BagMessage] = bag_messages
-        first = next(messages, None)
-        if first is None:
-            return result
-        first_ns = first.log_time_ns
-        messages = itertools.chain([first], messages)
-        waited = {**publishers, **({CLOCK_TOPIC: clock_pub} if clock_pub is not None else {})}
-        if not _wait_for_start(node, pacer, waited, start_delay, first_ns,
-                               None if wait_for_subscribers is None else created + wait_for_subscribers):
-            result.stopped = True
-            return result
-        play_start = pass_start = time.monotonic()
-        next_progress = play_start + progress_period
-        while True:
-            last_due = pass_start
-            previous_ns = first_ns
-            for message in messages:
-                due = pass_start + (message.log_time_ns - first_ns) / 1e9 / rate
-                if not pacer.wait_until(due, pass_start, first_ns, previous_ns, message.log_time_ns):
-                    result.stopped = True
-                    break
-                last_due, previous_ns = due, message.log_time_ns
-                pacer.publish_clock(message.log_time_ns)
-                outgoing = message.message
-                if message.topic == TF_STATIC_TOPIC and hasattr(outgoing, "transforms"):
-                    for transform in outgoing.transforms:
-                        static_transforms[transform.child_frame_id] = transform
-                    outgoing = type(outgoing)(transforms=list(static_transforms.values()))
-                publishers[message.topic].publish(outgoing)
-                result.published += 1
-                if on_message is not None:
-                    on_message(message)
-                now = time.monotonic()
-                result.elapsed_s = now - play_start
-                if progress is not None and now >= next_progress:
-                    progress(result)
-                    next_progress = now + progress_period
-            result.elapsed_s = time.monotonic() - play_start
-            if result.stopped:
-                break
-            result.passes += 1
-            if not loop:
-                break
-            pass_start = last_due                   # no drift across passes either
-            bag_messages.close()
-            messages = bag_messages = read_bag(path, topics=selected)
-        return result
+        return _play_passes(path, list(classes), node, playback, loop, start_delay, waited, subscribers_end)
     finally:
-        if bag_messages is not None:
-            bag_messages.close()                     # the bag file of an unfinished pass
-        all_publishers = [*publishers.values(), *([clock_pub] if clock_pub is not None else [])]
         _wait_for_acks(node, all_publishers, ACK_TIMEOUT_S)
-        for publisher in publishers.values():
+        for publisher in all_publishers:
             node.destroy_publisher(publisher)
-        if clock_pub is not None:
-            node.destroy_publisher(clock_pub)

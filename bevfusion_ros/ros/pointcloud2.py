@@ -34,9 +34,6 @@ try:  # A ROS 2 installation ships the reference implementation: prefer it.
 except ImportError:  # PyPI wheels: sensor_msgs_py is not published there.
     _upstream = None
 
-#: Which implementation the public functions use: "sensor_msgs_py" or "bevfusion_ros".
-IMPLEMENTATION = "sensor_msgs_py" if _upstream is not None else "bevfusion_ros"
-
 #: PointField datatype constant -> numpy dtype (native byte order), as in sensor_msgs_py.
 DATATYPES: dict[int, np.dtype] = {
     PointField.INT8: np.dtype(np.int8),

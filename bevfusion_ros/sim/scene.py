@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, NUSCENES_CLASS_NAMES, ImageConfig
-from bevfusion_ros.detections import cuda_yaw, rep103_heading
+from bevfusion_ros.detections import H, L, VX, VY, W, X, Y, YAW, Z, cuda_yaw, rep103_heading
+from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import write_tensor
@@ -38,8 +39,6 @@ BEAM_ELEVATIONS_DEG = np.linspace(-30.67, 10.67, 32)   # HDL-32E-like, 1.33 deg 
 DEFAULT_AZIMUTH_STEPS = 1080
 NEAR_PLANE = 0.1                 # m, camera near plane
 GROUND_INDEX, MISS_INDEX = -1, -2  # cast_rays' index for the ground and for no hit
-BOX_COLUMNS9 = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy")
-X, Y, Z, W, L, H, YAW, VX, VY = range(9)
 
 # Shading of a box face: AMBIENT + DIFFUSE * max(0, normal . SUN) times the class colour.
 SUN_DIRECTION = np.array([0.45, 0.35, 0.82]) / np.linalg.norm([0.45, 0.35, 0.82])
@@ -122,7 +121,7 @@ class Scene:
     def to_frame(self) -> Frame:
         """The scene as a :class:`Frame` (what ``load_example_data`` returns, minus JPEG loss)."""
         return Frame(images=list(self.images), points=self.points, calibration=self.calibration,
-                     camera_stamps_ns=(0,) * self.calibration.num_cameras, token=self.token)
+                     token=self.token)
 
     def class_counts(self) -> dict[str, int]:
         """Objects per class name (classes without objects left out), in class order."""
@@ -521,7 +520,7 @@ def render_camera(boxes: np.ndarray, labels: np.ndarray, calibration: Calibratio
 # ----------------------------------------------------------------------------- scenes
 def _validate_objects(boxes: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
     if boxes.ndim != 2 or boxes.shape[1] != 9:
-        raise ValueError(f"boxes must be [M, 9] ({', '.join(BOX_COLUMNS9)}), got {list(boxes.shape)}")
+        raise ValueError(f"boxes must be [M, 9] ({', '.join(BOX_COLUMNS[:VY + 1])}), got {list(boxes.shape)}")
     if labels.shape != (len(boxes),):
         raise ValueError(f"labels must be [{len(boxes)}], got {list(labels.shape)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):

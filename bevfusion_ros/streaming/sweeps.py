@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from bevfusion_ros.streaming.transforms import invert_transform
+
 __all__ = ["SweepAccumulator"]
 
 _NS_PER_S = 1_000_000_000
@@ -36,13 +38,6 @@ class _Sweep:
     points: np.ndarray               # [N, 4] float32 x, y, z, intensity; close points removed
     stamp_ns: int
     world_T_lidar: np.ndarray | None  # [4, 4] float64
-
-
-def _rigid_inverse(matrix: np.ndarray) -> np.ndarray:
-    inverse = np.eye(4)
-    inverse[:3, :3] = matrix[:3, :3].T
-    inverse[:3, 3] = -matrix[:3, :3].T @ matrix[:3, 3]
-    return inverse
 
 
 def _checked_pose(world_T_lidar: np.ndarray) -> np.ndarray:
@@ -86,11 +81,6 @@ class SweepAccumulator:
         """Stamps of the stored sweeps, oldest first."""
         return [sweep.stamp_ns for sweep in self._history]
 
-    def reset(self) -> None:
-        """Forget every stored sweep."""
-        self._history.clear()
-        self.last_warning = None
-
     def remove_close(self, points: np.ndarray) -> np.ndarray:
         """``points`` without those with ``|x| < r`` and ``|y| < r`` (mmdet3d ``_remove_close``)."""
         r = self.close_radius_m
@@ -122,7 +112,7 @@ class SweepAccumulator:
         output = np.empty((len(current) + sum(len(sweep.points) for sweep in posed), 5), dtype=np.float32)
         output[:len(current), :4] = current
         output[:len(current), 4] = 0.0
-        start, current_T_world = len(current), _rigid_inverse(pose) if posed else None
+        start, current_T_world = len(current), invert_transform(pose) if posed else None
         for sweep in posed:
             end = start + len(sweep.points)
             self._compensate(output[start:end], sweep, current_T_world @ sweep.world_T_lidar, stamp)

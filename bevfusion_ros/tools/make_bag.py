@@ -288,15 +288,51 @@ def _scene_events(nusc: Any, scene: dict, camera_names: Sequence[str],
     return events
 
 
+def _nuscenes_cloud(path: Path, stamp_ns: int) -> Any:
+    """PointCloud2 (x, y, z, intensity in ``lidar_top``) of a nuScenes ``.pcd.bin`` file."""
+    from bevfusion_ros.ros.frame_messages import LIDAR_FRAME, cloud_message
+
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % 5:
+        raise SourceError(f"{path}: {raw.size} float32 values, not a multiple of 5 "
+                          "(x, y, z, intensity, ring)")
+    return cloud_message(raw.reshape(-1, 5)[:, :4], stamp_ns, LIDAR_FRAME, NUSCENES_CLOUD_FIELDS)
+
+
+def _nuscenes_camera_messages(nusc: Any, dataroot: Path, event: _Event, stamp_ns: int,
+                              compressed: bool) -> Iterator[tuple[str, Any]]:
+    """(topic, message) of a camera event: its CameraInfo, then its image (raw rgb8, or the
+    original JPEG bytes with ``compressed``)."""
+    from sensor_msgs.msg import CompressedImage
+
+    from bevfusion_ros.ros import convert
+    from bevfusion_ros.ros.frame_messages import CAMERA_FRAME_PREFIX, header
+
+    name, record = event.camera, event.record
+    camera_header = header(stamp_ns, CAMERA_FRAME_PREFIX + name)
+    path = dataroot / record["filename"]
+    calibrated = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+    k = np.asarray(calibrated["camera_intrinsic"], dtype=np.float64)
+    if compressed:
+        data = path.read_bytes()
+        width, height = int(record.get("width") or 0), int(record.get("height") or 0)
+        if not (width and height):
+            height, width = read_rgb_image(path).shape[:2]
+        image = CompressedImage(header=camera_header, format="jpeg", data=data)
+        topic = compressed_topic(name)
+    else:
+        rgb = read_rgb_image(path)
+        height, width = rgb.shape[:2]
+        image = convert.rgb_to_image(rgb, camera_header)
+        topic = camera_topic(name)
+    yield camera_info_topic(camera_topic(name)), convert.intrinsics_to_camera_info(k, width, height, camera_header)
+    yield topic, image
+
+
 def _nuscenes_messages(nusc: Any, dataroot: Path, events: list[_Event],
                        compressed: bool) -> Iterator[tuple[str, Any, int]]:
     """(topic, message, log time ns) of each event, built lazily (images are large)."""
-    from sensor_msgs.msg import CompressedImage
     from tf2_msgs.msg import TFMessage
-
-    from bevfusion_ros.ros import convert
-    from bevfusion_ros.ros.frame_messages import (CAMERA_FRAME_PREFIX, LIDAR_FRAME,
-                                                  cloud_message, header)
 
     cloud_topic = lidar_topic()
     for event in events:
@@ -311,35 +347,10 @@ def _nuscenes_messages(nusc: Any, dataroot: Path, events: list[_Event],
             yield TF_TOPIC, TFMessage(transforms=[_transform(WORLD_FRAME, BASE_FRAME, matrix,
                                                              stamp_ns)]), stamp_ns
         elif event.kind == "lidar":
-            path = dataroot / event.record["filename"]
-            raw = np.fromfile(path, dtype=np.float32)
-            if raw.size % 5:
-                raise SourceError(f"{path}: {raw.size} float32 values, not a multiple of 5 "
-                                  "(x, y, z, intensity, ring)")
-            points = raw.reshape(-1, 5)[:, :4]
-            yield (cloud_topic, cloud_message(points, stamp_ns, LIDAR_FRAME,
-                                                NUSCENES_CLOUD_FIELDS), stamp_ns)
+            yield cloud_topic, _nuscenes_cloud(dataroot / event.record["filename"], stamp_ns), stamp_ns
         else:
-            name, record = event.camera, event.record
-            camera_header = header(stamp_ns, CAMERA_FRAME_PREFIX + name)
-            path = dataroot / record["filename"]
-            calibrated = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
-            k = np.asarray(calibrated["camera_intrinsic"], dtype=np.float64)
-            if compressed:
-                data = path.read_bytes()
-                width, height = int(record.get("width") or 0), int(record.get("height") or 0)
-                if not (width and height):
-                    height, width = read_rgb_image(path).shape[:2]
-                image = CompressedImage(header=camera_header, format="jpeg", data=data)
-                topic = compressed_topic(name)
-            else:
-                rgb = read_rgb_image(path)
-                height, width = rgb.shape[:2]
-                image = convert.rgb_to_image(rgb, camera_header)
-                topic = camera_topic(name)
-            info = convert.intrinsics_to_camera_info(k, width, height, camera_header)
-            yield camera_info_topic(camera_topic(name)), info, stamp_ns
-            yield topic, image, stamp_ns
+            for topic, message in _nuscenes_camera_messages(nusc, dataroot, event, stamp_ns, compressed):
+                yield topic, message, stamp_ns
 
 
 def write_nuscenes_bag(dataroot: str | Path, out: str | Path, *, version: str = "v1.0-mini",
@@ -382,7 +393,7 @@ def write_nuscenes_bag(dataroot: str | Path, out: str | Path, *, version: str = 
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bevfusion-make-bag",
         description="Write a rosbag2-compatible MCAP bag (the node's topics and TF frames) of a "
@@ -406,8 +417,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="example data: stamp of every message (--seeds: of the first "
                              "scene), ns since the epoch "
                              f"(default {EXAMPLE_STAMP_NS})")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _write_seeds_bag(args: argparse.Namespace, out: Path) -> BagStats:
+    """``--seeds``: the generated scenes as a bag."""
+    from bevfusion_ros.sim.scene import generate_scene
+    from bevfusion_ros.train.data import parse_scene_range
+    frames = (generate_scene(seed).to_frame() for seed in parse_scene_range(args.seeds))
+    return write_frames_bag(frames, out, compressed=args.compressed, start_ns=args.stamp_ns,
+                            progress=lambda line: print(line, flush=True))
+
+
+def _write_source_bag(args: argparse.Namespace, out: Path) -> BagStats:
+    """SOURCE (an example-data folder or a nuScenes data root) as a bag."""
+    source = Path(args.source)
+    if not source.is_dir():
+        raise SourceError(f"{source} is not a directory")
+    if is_example_data(source):
+        if args.scene or args.max_frames is not None:
+            raise SourceError("--scene and --max-frames apply to nuScenes data roots; "
+                              f"{source} is an example-data folder (one frame)")
+        return write_example_bag(source, out, compressed=args.compressed, stamp_ns=args.stamp_ns)
+    if is_nuscenes_root(source, args.version):
+        return write_nuscenes_bag(source, out, version=args.version, scenes=args.scene,
+                                  compressed=args.compressed, max_frames=args.max_frames,
+                                  progress=lambda line: print(line, flush=True))
+    raise SourceError(f"{source} is neither a CUDA-BEVFusion example-data folder "
+                      f"(points.tensor) nor a nuScenes data root "
+                      f"({source / args.version / 'sample_data.json'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if (args.source is None) == (args.seeds is None):
         parser.error("give either SOURCE or --seeds A:B")
     out = Path(args.out)
@@ -416,31 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.is_dir():
             raise SourceError(f"--out {out} is a directory; give a file name (e.g. {out}/frame.mcap)")
-        if args.seeds is not None:
-            from bevfusion_ros.sim.scene import generate_scene
-            from bevfusion_ros.train.data import parse_scene_range
-            frames = (generate_scene(seed).to_frame() for seed in parse_scene_range(args.seeds))
-            stats = write_frames_bag(frames, out, compressed=args.compressed, start_ns=args.stamp_ns,
-                                     progress=lambda line: print(line, flush=True))
-            print(stats.describe())
-            return 0
-        source = Path(args.source)
-        if not source.is_dir():
-            raise SourceError(f"{source} is not a directory")
-        if is_example_data(source):
-            if args.scene or args.max_frames is not None:
-                raise SourceError("--scene and --max-frames apply to nuScenes data roots; "
-                                  f"{source} is an example-data folder (one frame)")
-            stats = write_example_bag(source, out, compressed=args.compressed,
-                                      stamp_ns=args.stamp_ns)
-        elif is_nuscenes_root(source, args.version):
-            stats = write_nuscenes_bag(source, out, version=args.version, scenes=args.scene,
-                                       compressed=args.compressed, max_frames=args.max_frames,
-                                       progress=lambda line: print(line, flush=True))
-        else:
-            raise SourceError(f"{source} is neither a CUDA-BEVFusion example-data folder "
-                              f"(points.tensor) nor a nuScenes data root "
-                              f"({source / args.version / 'sample_data.json'})")
+        stats = _write_seeds_bag(args, out) if args.seeds is not None else _write_source_bag(args, out)
     except (SourceError, FrameError, CalibrationError, TensorFileError, BagError, ValueError,
             OSError) as error:
         print(f"error: {error}", file=sys.stderr)

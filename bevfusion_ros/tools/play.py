@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import threading
 
@@ -34,16 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.signals import SignalHandlerOptions
     from rclpy.utilities import remove_ros_args
     from bevfusion_ros.ros.bag import BagError
-    from bevfusion_ros.ros.play import PlayResult, install_stop_handlers, play
+    from bevfusion_ros.ros.play import PlayResult, check_play_options, install_stop_handlers, play
     full = list(sys.argv) if argv is None else ["bevfusion-play", *argv]
-    args = _parser().parse_args(remove_ros_args(full)[1:])
-    if not (math.isfinite(args.rate) and args.rate > 0):
-        _parser().error(f"--rate must be > 0, got {args.rate}")
-    if not (math.isfinite(args.start_delay) and args.start_delay >= 0):
-        _parser().error(f"--start-delay must be >= 0, got {args.start_delay}")
-    if args.wait_for_subscribers is not None and not (
-            math.isfinite(args.wait_for_subscribers) and args.wait_for_subscribers >= 0):
-        _parser().error(f"--wait-for-subscribers must be >= 0, got {args.wait_for_subscribers}")
+    parser = _parser()
+    args = parser.parse_args(remove_ros_args(full)[1:])
+    try:
+        check_play_options(args.rate, args.start_delay, args.qos, args.wait_for_subscribers)
+    except ValueError as error:
+        parser.error(str(error))
 
     stop = threading.Event()
     restore_handlers = install_stop_handlers(stop)

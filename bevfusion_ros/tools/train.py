@@ -13,75 +13,87 @@ every epoch; ``--export`` writes the ONNX model folder ``DIR/model``. See
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from pathlib import Path
+import typing
+from typing import TYPE_CHECKING, Any
 
-from bevfusion_ros.model.presets import PRESETS, get_preset
+if TYPE_CHECKING:
+    from bevfusion_ros.train.loop import TrainConfig
+
+
+def _option_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) of every TrainConfig field that is an option (imports torch)."""
+    from bevfusion_ros.train.loop import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return [(field, hints[field.name]) for field in dataclasses.fields(TrainConfig)
+            if field.metadata.get("cli", True)]
+
+
+def _value_type(hint: Any) -> Any:
+    """The type an option's text converts to: ``X`` of ``X | None``, else the hint itself."""
+    types = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return types[0] if types else hint
+
+
+def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
+    """The option of one TrainConfig field (see the metadata keys in TrainConfig's docstring):
+    a flag for a bool, else a value of the field's type, or text that ``parse`` converts later;
+    the value is stored under the field's name, shown under the option's."""
+    meta = field.metadata
+    flag = meta.get("option", "--" + field.name.replace("_", "-"))
+    if hint is bool:
+        parser.add_argument(flag, dest=field.name, action="store_true", help=meta["help"])
+        return
+    kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"]}
+    if "parse" not in meta:
+        kwargs["type"] = _value_type(hint)
+    if "choices" in meta:
+        kwargs["choices"] = meta["choices"]
+    else:
+        kwargs["metavar"] = flag[2:].replace("-", "_").upper()
+    if "cli_default" in meta:
+        kwargs["default"] = meta["cli_default"]
+    elif field.default is not dataclasses.MISSING:
+        kwargs["default"] = field.default
+    else:
+        kwargs["required"] = True
+    parser.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--scenes", default="0:8", help="scene seeds: A:B, :B or a,b,c (default 0:8)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), default="onecycle")
-    parser.add_argument("--grad-clip", type=float, default=35.0, help="max gradient L2 norm")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision (fp16 + GradScaler on CUDA, bfloat16 on CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="model init, dropout and order seed")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--resume", type=Path, help="model.pt (or its folder) to continue from")
-    parser.add_argument("--export", action="store_true", help="export the ONNX set to OUT/model")
-    parser.add_argument("--export-precision", choices=("fp16", "int8"), default="fp16")
-    parser.add_argument("--cache", type=Path, help="folder for preprocessed scenes (reused)")
-    parser.add_argument("--memory-cache", action="store_true",
-                        help="keep preprocessed scenes in RAM (small scene sets, --workers 0)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--rulebook-cache", type=int, default=16,
-                        help="scenes whose sparse-conv rulebooks stay cached on the device")
-    parser.add_argument("--precise-bn", type=int, default=8,
-                        help="re-estimate BatchNorm statistics on this many scenes at the end "
-                             "(0: keep the running averages)")
-    parser.add_argument("--objects", type=int, default=None,
-                        help="objects per scene (default: 20-40 drawn from the seed)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="shorten the run (and its learning-rate schedule) to this many steps")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="pause after this many steps in total, schedule unchanged "
-                             "(continue with --resume OUT)")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="pause after this many seconds (continue with --resume OUT)")
-    parser.add_argument("--log-every", type=int, default=1, help="print every n-th step")
+    for field, hint in _option_fields():
+        _add_option(parser, field, hint)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the parsed options."""
+    from bevfusion_ros.train.loop import TrainConfig
+
+    values = {}
+    for field, _ in _option_fields():
+        parse = field.metadata.get("parse")
+        value = getattr(args, field.name)
+        values[field.name] = parse(value) if parse is not None else value
+    return TrainConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from bevfusion_ros.train.data import parse_scene_range
-    from bevfusion_ros.train.loop import TrainConfig, train
+    from bevfusion_ros.train.loop import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    config = TrainConfig(
-        preset=get_preset(args.preset), seeds=parse_scene_range(args.scenes), out_dir=args.out,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, schedule=args.schedule, grad_clip=args.grad_clip,
-        device=args.device, amp=args.amp, seed=args.seed, resume=args.resume, export=args.export,
-        export_precision=args.export_precision, cache_dir=args.cache,
-        memory_cache=args.memory_cache, workers=args.workers,
-        rulebook_cache=args.rulebook_cache, precise_bn=args.precise_bn, num_objects=args.objects,
-        max_steps=args.max_steps, stop_after=args.stop_after, time_limit=args.time_limit,
-        log_every=args.log_every)
+    config = _config(args)
     result = train(config)
     if result.history:
         first, last = result.history[0]["loss"], result.history[-1]["loss"]

@@ -12,11 +12,10 @@ Importing this package imports torch.
 from bevfusion_ros.train.data import SceneDataset, calibration_for_preset, parse_scene_range
 from bevfusion_ros.train.loop import TrainConfig, TrainResult, forward_train, train
 from bevfusion_ros.train.losses import LossConfig, LossTerms, transfusion_loss
-from bevfusion_ros.train.targets import (TargetConfig, assign_proposals, encode_boxes,
-                                         heatmap_targets, linear_sum_assignment)
+from bevfusion_ros.train.targets import TargetConfig, assign_proposals, encode_boxes, heatmap_targets
 
 __all__ = [
     "LossConfig", "LossTerms", "SceneDataset", "TargetConfig", "TrainConfig", "TrainResult",
     "assign_proposals", "calibration_for_preset", "encode_boxes", "forward_train",
-    "heatmap_targets", "linear_sum_assignment", "parse_scene_range", "train", "transfusion_loss",
+    "heatmap_targets", "parse_scene_range", "train", "transfusion_loss",
 ]

@@ -57,10 +57,11 @@ from torch.utils.data import DataLoader
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
 from bevfusion_ros.model.checkpoint import load_checkpoint
 from bevfusion_ros.model.head import HeadOutput
-from bevfusion_ros.model.presets import ModelPreset
+from bevfusion_ros.model.export import PRECISIONS
+from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
 from bevfusion_ros.model.reference import bev_pool
 from bevfusion_ros.model.sparse_encoder import flatten_z_into_channels, scatter_dense, sparse_input
-from bevfusion_ros.train.data import SceneDataset, Sample, collate_samples
+from bevfusion_ros.train.data import SceneDataset, Sample, collate_samples, parse_scene_range
 from bevfusion_ros.train.losses import LossConfig, LossTerms, transfusion_loss
 from bevfusion_ros.train.targets import TargetConfig
 
@@ -71,38 +72,56 @@ LOG_FILE = "train_log.jsonl"
 EXPORT_DIR = "model"
 
 
+def _option(help: str, default: Any = dataclasses.MISSING, **cli: Any) -> Any:
+    """A :class:`TrainConfig` field that is a ``bevfusion-train`` option with this ``help``
+    text (metadata keys: see :class:`TrainConfig`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
-    """Everything :func:`train` needs (the CLI's options)."""
+    """Everything :func:`train` needs.
 
-    preset: ModelPreset
-    seeds: list[int]
-    out_dir: Path
-    epochs: int = 1
-    batch_size: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    schedule: str = "onecycle"
-    grad_clip: float = 35.0
-    device: str = "cpu"
-    amp: bool = False
-    seed: int = 0
-    resume: Path | None = None
-    export: bool = False
-    export_precision: str = "fp16"
-    cache_dir: Path | None = None
-    memory_cache: bool = False
-    workers: int = 0
-    rulebook_cache: int = 16
-    precise_bn: int = 8                   # scenes to re-estimate BN statistics on at the end
-    num_objects: int | None = None
-    max_steps: int | None = None          # shorten the run (and its schedule) to this many steps
-    stop_after: int | None = None         # pause after this many steps in total (schedule kept)
-    time_limit: float | None = None       # pause after this many seconds of training
-    log_every: int = 1                    # print every n-th step (all go to train_log.jsonl)
-    log: Callable[[str], None] | None = print
-    target_config: TargetConfig = dataclasses.field(default_factory=TargetConfig)
-    loss_config: LossConfig = dataclasses.field(default_factory=LossConfig)
+    ``bevfusion-train`` (:mod:`bevfusion_ros.tools.train`) has one option per field, built from
+    the field's name (``--batch-size``), type and default and its metadata: ``help``, and where
+    the field alone does not say it, ``option`` (another name), ``choices``, ``parse`` (the
+    value of the option's text) and ``cli_default`` (the text when the option is not given);
+    fields whose metadata has ``cli: False`` are not options.
+    """
+
+    preset: ModelPreset = _option("model preset", choices=sorted(PRESETS), parse=get_preset)
+    seeds: list[int] = _option("scene seeds: A:B, :B or a,b,c (default 0:8)", option="--scenes",
+                               parse=parse_scene_range, cli_default="0:8")
+    out_dir: Path = _option("output folder", option="--out")
+    epochs: int = _option("passes over the scenes", 1)
+    batch_size: int = _option("scenes per optimiser step", 1)
+    lr: float = _option("peak learning rate (AdamW)", 1e-3)
+    weight_decay: float = _option("AdamW weight decay", 0.01)
+    schedule: str = _option("learning-rate schedule", "onecycle", choices=SCHEDULES)
+    grad_clip: float = _option("max gradient L2 norm", 35.0)
+    device: str = _option("cpu, cuda or cuda:N", "cpu")
+    amp: bool = _option("mixed precision (fp16 + GradScaler on CUDA, bfloat16 on CPU)", False)
+    seed: int = _option("model init, dropout and order seed", 0)
+    resume: Path | None = _option("model.pt (or its folder) to continue from", None)
+    export: bool = _option("export the ONNX set to OUT/model", False)
+    export_precision: str = _option("precision of the exported ONNX set", "fp16", choices=PRECISIONS)
+    cache_dir: Path | None = _option("folder for preprocessed scenes (reused)", None, option="--cache")
+    memory_cache: bool = _option("keep preprocessed scenes in RAM (small scene sets, --workers 0)", False)
+    workers: int = _option("DataLoader worker processes", 0)
+    rulebook_cache: int = _option("scenes whose sparse-conv rulebooks stay cached on the device", 16)
+    precise_bn: int = _option("re-estimate BatchNorm statistics on this many scenes at the end "
+                              "(0: keep the running averages)", 8)
+    num_objects: int | None = _option("objects per scene (default: 20-40 drawn from the seed)", None,
+                                      option="--objects")
+    max_steps: int | None = _option("shorten the run (and its learning-rate schedule) to this many steps",
+                                    None)
+    stop_after: int | None = _option("pause after this many steps in total, schedule unchanged "
+                                     "(continue with --resume OUT)", None)
+    time_limit: float | None = _option("pause after this many seconds (continue with --resume OUT)", None)
+    log_every: int = _option("print every n-th step (all go to train_log.jsonl)", 1)
+    log: Callable[[str], None] | None = dataclasses.field(default=print, metadata={"cli": False})
+    target_config: TargetConfig = dataclasses.field(default_factory=TargetConfig, metadata={"cli": False})
+    loss_config: LossConfig = dataclasses.field(default_factory=LossConfig, metadata={"cli": False})
 
 
 @dataclass

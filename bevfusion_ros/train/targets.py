@@ -37,16 +37,15 @@ GT centre (``radius`` = the GT's heatmap radius). The restriction keeps a GT fro
 regressed by a far-away proposal of another class, which could never output that box anyway
 (the score is masked by ``one_hot(proposal_class)``). One-to-one matching (unlike
 nearest-centre) teaches the class branch to score duplicates low, which matters because the
-deploy path has no NMS. The solver is a small O(n^2 m) shortest-augmenting-path Hungarian
-(:func:`linear_sum_assignment`), so scipy is not needed.
+deploy path has no NMS. The solver is ``scipy.optimize.linear_sum_assignment``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from bevfusion_ros.model.presets import ModelPreset
 
@@ -108,15 +107,6 @@ def encode_boxes(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
     code[:, 7] = np.cos(boxes[:, 6])
     code[:, 8:10] = boxes[:, 7:9]
     return code
-
-
-def split_code(code: np.ndarray) -> dict[str, np.ndarray]:
-    """``[..., 10]`` -> {center, height, dim, rot, vel}: ``[..., channels]`` views."""
-    parts, start = {}, 0
-    for name, channels in BOX_CODE_LAYOUT:
-        parts[name] = code[..., start:start + channels]
-        start += channels
-    return parts
 
 
 # ----------------------------------------------------------------------------- heatmaps
@@ -208,63 +198,6 @@ def heatmap_targets(boxes: np.ndarray, labels: np.ndarray, preset: ModelPreset,
     return heatmap
 
 
-# ----------------------------------------------------------------------------- Hungarian
-def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost one-to-one assignment of a rectangular ``[n, m]`` cost matrix.
-
-    Returns (rows, cols) int64 of length ``min(n, m)``, rows ascending, like
-    ``scipy.optimize.linear_sum_assignment``. Shortest augmenting paths with potentials
-    (Kuhn-Munkres / Jonker-Volgenant style), O(min^2 * max); deterministic.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"cost must be 2-D, got shape {cost.shape}")
-    transposed = cost.shape[0] > cost.shape[1]
-    if transposed:
-        cost = cost.T
-    n, m = cost.shape
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if not np.isfinite(cost).all():
-        raise ValueError("cost must be finite (use a large value for forbidden pairs)")
-    u = np.zeros(n + 1)
-    v = np.zeros(m + 1)
-    match = np.zeros(m + 1, dtype=np.int64)      # match[j] = row (1-based) assigned to column j
-    way = np.zeros(m + 1, dtype=np.int64)
-    for row in range(1, n + 1):
-        match[0] = row
-        j0 = 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = match[j0]
-            free = ~used[1:]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]
-            better = free & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            candidates = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(candidates)) + 1
-            delta = candidates[j1 - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if match[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            match[j0] = match[j1]
-            j0 = j1
-    cols = np.nonzero(match[1:])[0]
-    rows = match[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows, kind="stable")
-    return rows[order].astype(np.int64), cols[order].astype(np.int64)
-
-
 # ----------------------------------------------------------------------------- assignment
 @dataclass(frozen=True)
 class Assignment:
@@ -350,8 +283,3 @@ def class_targets(assignment: Assignment, gt_labels: np.ndarray, num_classes: in
     if len(assignment):
         targets[np.asarray(gt_labels)[assignment.gt], assignment.proposal] = 1.0
     return targets
-
-
-def num_heatmap_peaks(heatmaps: Sequence[np.ndarray]) -> int:
-    """Cells equal to 1 over all maps (TransFusion's heatmap normaliser ``heatmap.eq(1).sum()``)."""
-    return int(sum(int((np.asarray(h) == 1.0).sum()) for h in heatmaps))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -23,19 +22,6 @@ def frame(example_data_dir):
 @pytest.fixture(scope="module")
 def r50_geometry(frame):
     return compute_geometry(frame.calibration, NUSCENES_R50.pipeline)
-
-
-def synthetic_calibration(pipeline: PipelineConfig) -> Calibration:
-    """Six cameras 60 degrees apart around a mast 1.8 m high, K with f = 200 px."""
-    intrinsics = np.tile(np.array([[200.0, 0, 128], [0, 200.0, 64], [0, 0, 1]]), (6, 1, 1))
-    camera2lidar = np.tile(np.eye(4), (6, 1, 1))
-    for camera in range(6):
-        yaw = camera * math.pi / 3
-        forward = np.array([math.cos(yaw), math.sin(yaw), 0])
-        right = np.array([math.sin(yaw), -math.cos(yaw), 0])
-        camera2lidar[camera, :3, :3] = np.stack([right, [0, 0, -1], forward], axis=1)
-        camera2lidar[camera, :3, 3] = [0.5, 0.0, 1.8]
-    return Calibration.from_camera2lidar(intrinsics, camera2lidar, pipeline.image, pipeline.camera_names)
 
 
 def with_augmentations(calibration: Calibration, matrices: np.ndarray) -> Calibration:
@@ -123,12 +109,12 @@ def test_cuda_last_interval_drops_the_last_sorted_point(frame, r50_geometry):
         compute_geometry(frame.calibration, TINY.pipeline, last_interval="inclusive")
 
 
-def test_camera0_augmentation(frame):
+def test_camera0_augmentation(frame, ring_calibration):
     tiny = TINY.pipeline
     shared = compute_geometry(frame.calibration, tiny, camera0_augmentation=True)
     own = compute_geometry(frame.calibration, tiny)
     assert np.array_equal(shared.indices, own.indices) and np.array_equal(shared.intervals, own.intervals)
-    calibration = synthetic_calibration(tiny)
+    calibration = ring_calibration(tiny)
     augmentations = calibration.img_aug_matrix.copy()
     augmentations[:, 0, 0] = augmentations[:, 1, 1] = np.linspace(0.14, 0.18, 6)    # per-camera resize
     augmentations[:, 0, 3] = np.linspace(-10, 10, 6)
@@ -168,8 +154,8 @@ SMALL = dataclasses.replace(TINY.pipeline, camera_geometry=CameraGeometryConfig(
 
 
 @pytest.mark.parametrize("last_interval", ["exclusive", "cuda"])
-def test_bev_pool_matches_a_loop(last_interval):
-    geometry = compute_geometry(synthetic_calibration(SMALL), SMALL, last_interval=last_interval)
+def test_bev_pool_matches_a_loop(last_interval, ring_calibration):
+    geometry = compute_geometry(ring_calibration(SMALL), SMALL, last_interval=last_interval)
     assert 2000 < geometry.keep_count < 6 * 10 * 8 * 16 and len(geometry.intervals) > 200
     rng = np.random.default_rng(1)
     features = rng.standard_normal((6, 8, 16, 10)).astype(np.float32)
@@ -182,8 +168,8 @@ def test_bev_pool_matches_a_loop(last_interval):
     assert empty.any() and (pooled[0].reshape(10, -1)[:, empty] == 0).all()
 
 
-def test_bev_pool_cuda_interval_excludes_the_last_point():
-    calibration = synthetic_calibration(SMALL)
+def test_bev_pool_cuda_interval_excludes_the_last_point(ring_calibration):
+    calibration = ring_calibration(SMALL)
     exclusive = compute_geometry(calibration, SMALL)
     cuda = compute_geometry(calibration, SMALL, last_interval="cuda")
     features = np.ones((6, 8, 16, 10), np.float32)
@@ -230,7 +216,7 @@ def test_bev_pool_equals_the_reference_on_the_example_frame(frame):
     ((6, 10, 8, 16), (6, 10, 8, 16), r"camera_feature must be NHWC \[6, 8, 16, C\]"),
     ((5, 8, 16, 10), (6, 10, 8, 16), r"camera_feature must be NHWC"),
 ], ids=["weights", "NCHW features", "camera count"])
-def test_bev_pool_rejects_wrong_shapes(feature_shape, weight_shape, message):
-    geometry = compute_geometry(synthetic_calibration(SMALL), SMALL)
+def test_bev_pool_rejects_wrong_shapes(feature_shape, weight_shape, message, ring_calibration):
+    geometry = compute_geometry(ring_calibration(SMALL), SMALL)
     with pytest.raises(ValueError, match=message):
         bev_pool(np.zeros(feature_shape, np.float32), np.zeros(weight_shape, np.float32), geometry)

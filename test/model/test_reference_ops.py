@@ -1,7 +1,6 @@
 """BEVFusionReference's stages against brute-force loops and OpenCV."""
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np
@@ -9,7 +8,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bevfusion_ros.io.calibration import Calibration  # noqa: E402
 from bevfusion_ros.io.frame import load_example_data  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 from bevfusion_ros.model.reference import (bev_pool, decode_boxes, depth_images,  # noqa: E402
@@ -63,19 +61,10 @@ def test_depth_map_matches_brute_force(example_data_dir):
     np.testing.assert_allclose(ours, expected, rtol=1e-3)      # fp16 storage
 
 
-def test_frustum_cells_and_bev_pool_against_loops():
+def test_frustum_cells_and_bev_pool_against_loops(ring_calibration):
     rng = np.random.default_rng(2)
-    intrinsics = np.tile(np.array([[200.0, 0, 128], [0, 200.0, 64], [0, 0, 1]]), (6, 1, 1))
-    camera2lidar = np.tile(np.eye(4), (6, 1, 1))
-    for camera in range(6):
-        yaw = camera * math.pi / 3
-        # camera z forward -> lidar x rotated by yaw; camera x right, y down
-        forward = np.array([math.cos(yaw), math.sin(yaw), 0])
-        right = np.array([math.sin(yaw), -math.cos(yaw), 0])
-        camera2lidar[camera, :3, :3] = np.stack([right, [0, 0, -1], forward], axis=1)
-        camera2lidar[camera, :3, 3] = [0.5, 0.0, 1.8]
-    calibration = Calibration.from_camera2lidar(intrinsics, camera2lidar, TINY.pipeline.image,
-                                                TINY.pipeline.camera_names)
+    calibration = ring_calibration(TINY.pipeline)
+    intrinsics, camera2lidar = calibration.camera_intrinsics[:, :3, :3], calibration.camera2lidar
     point_ids, cells = frustum_bev_cells(calibration, TINY)
     geometry = TINY.pipeline.camera_geometry
     depth_bins, fh, fw = geometry.depth_bins, geometry.feature_height, geometry.feature_width
@@ -154,7 +143,7 @@ def test_voxelize_matches_brute_force():
         np.testing.assert_allclose(ours[index], mean, rtol=2e-3, atol=1e-3)    # fp16 storage
 
 
-def test_decode_matches_loop():
+def test_decode_matches_loop(loop_decode):
     rng = np.random.default_rng(4)
     preset = NUSCENES_R50
     k = preset.pipeline.head.num_proposals
@@ -163,20 +152,6 @@ def test_decode_matches_loop():
                    height=rng.normal(0, 5, (1, 1, k)), vel=rng.normal(size=(1, 2, k)))
     boxes = decode_boxes(**{key: torch.from_numpy(value) for key, value in outputs.items()},
                          preset=preset).numpy()
-    expected = []
-    for p in range(k):
-        scores = outputs["score"][0, :, p]
-        label = int(np.argmax(scores))
-        if scores[label] < 0.12:
-            continue
-        x = outputs["reg"][0, 0, p] * 0.6 - 54
-        y = outputs["reg"][0, 1, p] * 0.6 - 54
-        w, l, h = np.exp(outputs["dim"][0, :, p])
-        z = outputs["height"][0, 0, p] - h / 2
-        if not (-61.2 <= x <= 61.2 and -61.2 <= y <= 61.2 and -10 <= z <= 10):
-            continue
-        yaw = math.atan2(outputs["rot"][0, 0, p], outputs["rot"][0, 1, p])
-        expected.append([x, y, z, w, l, h, yaw, *outputs["vel"][0, :, p], label, scores[label]])
-    expected = np.array(sorted(expected, key=lambda row: -row[10]))
+    expected = loop_decode(outputs)
     assert 20 < len(expected) < k
     np.testing.assert_allclose(boxes, expected, rtol=1e-12, atol=1e-12)

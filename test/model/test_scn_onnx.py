@@ -12,8 +12,7 @@ torch = pytest.importorskip("torch")
 
 from bevfusion_ros.lidar.scn_graph import read_scn_onnx  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
-from bevfusion_ros.model.scn_onnx import (fold_batchnorm, run_scn_graph,  # noqa: E402
-                                          scn_graph_from_encoder, write_scn_onnx)
+from bevfusion_ros.model.scn_onnx import run_scn_graph, scn_graph_from_encoder, write_scn_onnx  # noqa: E402
 from bevfusion_ros.model.sparse_encoder import SparseEncoder, voxel_sample_inputs  # noqa: E402
 
 # Spec 5.4 wiring: node name, op, data inputs -> output (tensor ids in creation order, "0" = graph input).
@@ -69,6 +68,11 @@ def conv_bn_paths() -> list[tuple[str, str]]:
     return paths + [("conv_out.0", "conv_out.1")]
 
 
+def fold_batchnorm(encoder) -> list:
+    """The encoder's 21 convolutions with BN folded in, in spec 5.4 order (conv0 ... conv20)."""
+    return [node.layer for node in scn_graph_from_encoder(encoder) if node.layer is not None]
+
+
 def independent_fold(encoder) -> list[tuple[np.ndarray, np.ndarray]]:
     """Float64 BN folding from the state dict: (weight [kx,ky,kz,I,O], bias [O]) per conv."""
     state = {name: value.double().numpy() for name, value in encoder.state_dict().items()}
@@ -78,18 +82,6 @@ def independent_fold(encoder) -> list[tuple[np.ndarray, np.ndarray]]:
         bias = state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * scale
         folded.append((state[f"{conv}.weight"] * scale, bias))
     return folded
-
-
-def randomized_encoder(preset, seed: int) -> SparseEncoder:
-    torch.manual_seed(seed)
-    encoder = SparseEncoder(preset)
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return encoder.eval()
 
 
 def encoder_input_amax(encoder, frames) -> tuple[list[float], list[float]]:
@@ -124,7 +116,7 @@ def encoder_input_amax(encoder, frames) -> tuple[list[float], list[float]]:
 
 
 @pytest.fixture(scope="module")
-def r50(tmp_path_factory):
+def r50(tmp_path_factory, randomized_encoder):
     encoder = randomized_encoder(NUSCENES_R50, seed=10)
     frames = [voxel_sample_inputs(NUSCENES_R50, seed, num_voxels=100) for seed in (11, 12)]
     path = tmp_path_factory.mktemp("scn") / "lidar.backbone.xyz.onnx"
@@ -224,7 +216,7 @@ def test_weight_initializers_are_the_folded_weights_in_fp16(r50):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, randomized_encoder):
     encoder = randomized_encoder(TINY, seed=20)
     frames = [voxel_sample_inputs(TINY, seed=21, num_voxels=1500)]
     path = tmp_path_factory.mktemp("scn") / "tiny.onnx"
@@ -292,7 +284,7 @@ def test_parsed_fp16_graph_reproduces_the_encoder(tiny, tiny_frame):
     assert 0 < error < 2e-3 * scale
 
 
-def test_default_calibration_is_a_synthetic_frame(tmp_path):
+def test_default_calibration_is_a_synthetic_frame(tmp_path, randomized_encoder):
     encoder = randomized_encoder(TINY, seed=30)
     nodes = write_scn_onnx(encoder, TINY, tmp_path / "scn.onnx")
     features, _ = voxel_sample_inputs(TINY, seed=0, num_voxels=1000)

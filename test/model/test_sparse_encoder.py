@@ -97,19 +97,6 @@ def test_subm_layers_with_one_indice_key_share_the_rulebook():
         second(SparseVoxelTensor(torch.randn(5, 3), coords[:5], (6, 6, 6), x.rulebooks))
 
 
-def randomized_encoder(preset, seed: int) -> SparseEncoder:
-    """Encoder with seeded weights and non-trivial BN statistics, in eval mode."""
-    torch.manual_seed(seed)
-    encoder = SparseEncoder(preset)
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return encoder.eval()
-
-
 def dense_encoder_reference(encoder: SparseEncoder, features, coords, shape) -> torch.Tensor:
     """The encoder as dense float64 conv3d + BN + ReLU, masked to the active sites after every layer,
     then BEV channel c * Z + z built by explicit indexing (spec 5.3)."""
@@ -139,7 +126,7 @@ def dense_encoder_reference(encoder: SparseEncoder, features, coords, shape) -> 
     return torch.stack([x[0, c, :, :, z] for c in range(channels) for z in range(depth)])[None]
 
 
-def test_encoder_matches_dense_reference_on_a_small_grid():
+def test_encoder_matches_dense_reference_on_a_small_grid(randomized_encoder):
     encoder = randomized_encoder(SMALL_GRID, seed=1).double()
     shape = SMALL_GRID.pipeline.voxelization.sparse_shape
     features, coords = voxel_sample_inputs(SMALL_GRID, seed=1, num_voxels=3000)
@@ -151,7 +138,7 @@ def test_encoder_matches_dense_reference_on_a_small_grid():
     torch.testing.assert_close(bev, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
 
 
-def test_encoder_matches_dense_reference_on_the_tiny_grid_corner():
+def test_encoder_matches_dense_reference_on_the_tiny_grid_corner(randomized_encoder):
     """Voxels in the far corner box [X-48, X) x [Y-48, Y) x [0, 40) of the tiny grid (e.g. 288 x 288 x 41).
 
     X - 48 is a multiple of 8 (three stride-2 stages), so the dense reference can run on the box alone:

@@ -15,7 +15,7 @@ from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame, load_example_data
 from bevfusion_ros.model.presets import TINY
 from bevfusion_ros.streaming.assembler import EncodedImage, FrameAssembler, Sweep
-from bevfusion_ros.streaming.node_config import NodeConfig, SyncSettings
+from bevfusion_ros.streaming.node_config import NodeConfig
 
 LIDAR = "lidar_top"
 NAMES = TINY.pipeline.camera_names
