@@ -8,8 +8,8 @@ in its layout) per frame; ``ground_truth``: one ``(boxes [M, 9], labels [M])`` o
 ``(boxes, labels, num_points [M])`` per frame, boxes in the CUDA layout x, y, z (centre), w, l,
 h, yaw (mmdet3d, clockwise), vx, vy and labels indexing ``class_names``.
 
-The metric code is nuscenes-devkit 1.2.0's own (``pip install --no-deps nuscenes-devkit==1.2.0``
-plus ``requirements/nuscenes.txt``): every frame becomes a sample of an ``EvalBoxes`` of
+The metric code is nuscenes-devkit's own (``requirements/nuscenes.txt`` says how it is installed):
+every frame becomes a sample of an ``EvalBoxes`` of
 ``DetectionBox`` es, and per class and distance threshold ``accumulate`` matches them and
 ``calc_ap`` / ``calc_tp`` compute AP and the true-positive errors, as ``DetectionEval.evaluate``
 does. Conversion of a box:
@@ -88,9 +88,8 @@ def _devkit():
         from nuscenes.eval.detection.data_classes import (DetectionBox, DetectionConfig,
                                                           DetectionMetrics)
     except ImportError as error:       # pragma: no cover - depends on the environment
-        raise ImportError("evaluation needs nuscenes-devkit: pip install --no-deps "
-                          "nuscenes-devkit==1.2.0 && pip install -r requirements/nuscenes.txt"
-                          ) from error
+        raise ImportError("evaluation needs nuscenes-devkit: pip install -e .[nuscenes] && "
+                          "pip install --no-deps -r requirements/nuscenes.txt") from error
     return EvalBoxes, algo, DETECTION_NAMES, DetectionBox, DetectionConfig, DetectionMetrics
 
 

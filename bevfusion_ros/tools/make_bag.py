@@ -203,7 +203,7 @@ def _load_nuscenes(dataroot: Path, version: str) -> Any:
     except ImportError as error:
         raise SourceError(
             f"reading a nuScenes data root needs nuscenes-devkit ({error}); install the "
-            "'nuscenes' extra (see requirements/nuscenes.txt)") from error
+            "'nuscenes' extra, then requirements/nuscenes.txt with --no-deps") from error
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
 
 
