@@ -34,11 +34,13 @@ setup(
         # scipy: linear_sum_assignment of the training's proposal assignment (train.targets).
         "model": ["torch==2.13.0", "scipy==1.17.1"],
         "dev": ["pytest==9.2.0", "mypy==2.4.1"],
-        # rosbag2-compatible MCAP bags (bevfusion_ros.ros.bag, bevfusion-make-bag).
-        "bag": ["mcap==1.6.0", "mcap-ros2-support==0.6.0"],
-        # What `from nuscenes.nuscenes import NuScenes` imports (bevfusion-make-bag on a nuScenes
-        # data root). nuscenes-devkit==1.2.0 itself must be installed with --no-deps: it declares
-        # numpy<2, which would downgrade this project's numpy 2 (requirements/nuscenes.txt).
+        # rosbag2-compatible MCAP bags (bevfusion_ros.ros.bag, bevfusion-make-bag);
+        # mcap-ros2-support's reader checks the tests' bags independently, and bag.py imports
+        # zstandard itself (mcap also needs it, and lz4, for chunk compression).
+        "bag": ["mcap==1.6.0", "mcap-ros2-support==0.6.0", "zstandard==0.25.0"],
+        # What any `import nuscenes...` imports (bevfusion-eval's metric code, bevfusion-make-bag
+        # on a nuScenes data root). nuscenes-devkit itself is installed after these, with
+        # --no-deps: requirements/nuscenes.txt says why.
         "nuscenes": ["matplotlib==3.11.2", "scikit-learn==1.9.1", "pyquaternion==0.9.9",
                      "tqdm==4.70.1", "Pillow==13.0.0", "cachetools==8.0.1"],
     },

@@ -9,8 +9,8 @@
 #    *.cmake files, to this venv's Python and numpy include dirs (only where still foreign);
 # 4. builds the interface packages under msg/ (vision_msgs, tf2_msgs, bevfusion_ros_msgs) with plain
 #    cmake + ninja straight into .venv, skipping a package whose sources did not change;
-# 5. installs this repository in editable mode with its dev, model and bag extras, and
-#    nuscenes-devkit (bevfusion-make-bag on a nuScenes data root; requirements/nuscenes.txt);
+# 5. installs this repository in editable mode with its extras (setup.py: their pins), then
+#    nuscenes-devkit without its dependencies (requirements/nuscenes.txt says why);
 # 6. installs the tensorrt-stubs used by the TensorRT backend's type check (build/typecheck-stubs).
 #
 # Nothing outside the repository (and VENV, below) is touched (no sudo, no ~/.bashrc); the only
@@ -61,6 +61,9 @@ fi
 # Used only when the machine lacks cmake or ninja: pinned wheels from PyPI, installed into .venv.
 CMAKE_WHEEL="cmake==3.31.10"
 NINJA_WHEEL="ninja==1.13.2"
+# The extras of setup.py that the project install brings (the "nuscenes" one: what nuscenes-devkit's
+# modules import).
+EXTRAS="dev,model,bag,nuscenes"
 # Interface packages, in build order (each may depend only on those before it and on the wheels).
 MSG_PACKAGES=(msg/vendor/vision_msgs msg/vendor/tf2_msgs msg/bevfusion_ros_msgs)
 
@@ -221,16 +224,15 @@ build_msg_package() {
 
 install_project() {
   local key
-  key="$(hash_files setup.py setup.cfg pyproject.toml requirements/bag.txt requirements/nuscenes.txt)-$(cat "$STAMPS/ros-wheels")"
+  key="$(hash_files setup.py setup.cfg pyproject.toml requirements/nuscenes.txt)-$EXTRAS-$(cat "$STAMPS/ros-wheels")"
   if stamp_matches "$STAMPS/project" "$key" && "$VPY" -c 'import bevfusion_ros, mcap_ros2, nuscenes' 2>/dev/null; then
-    log "skip: bevfusion_ros already installed (editable, [dev,model,bag]) from this setup.py"
+    log "skip: bevfusion_ros already installed (editable, [$EXTRAS]) from this setup.py"
     return
   fi
-  log "installing bevfusion_ros in editable mode with [dev,model,bag] (torch pinned to the CPU wheel)"
-  "$VPY" -m pip install --quiet -e ".[dev,model,bag]" -r requirements/bag.txt
-  # nuscenes-devkit without its declared deps (it pins numpy<2): requirements/nuscenes.txt says why
-  "$VPY" -m pip install --quiet --no-deps nuscenes-devkit==1.2.0
-  "$VPY" -m pip install --quiet -r requirements/nuscenes.txt
+  log "installing bevfusion_ros in editable mode with [$EXTRAS] (torch pinned to the CPU wheel)"
+  "$VPY" -m pip install --quiet -e ".[$EXTRAS]"
+  # Last, without its declared deps (it pins numpy<2): requirements/nuscenes.txt says why
+  "$VPY" -m pip install --quiet --no-deps -r requirements/nuscenes.txt
   printf '%s' "$key" > "$STAMPS/project"
   log "done: bevfusion_ros installed"
 }

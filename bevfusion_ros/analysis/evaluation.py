@@ -8,49 +8,9 @@ in its layout) per frame; ``ground_truth``: one ``(boxes [M, 9], labels [M])`` o
 ``(boxes, labels, num_points [M])`` per frame, boxes in the CUDA layout x, y, z (centre), w, l,
 h, yaw (mmdet3d, clockwise), vx, vy and labels indexing ``class_names``.
 
-The metric code is nuscenes-devkit 1.2.0's own (``pip install --no-deps nuscenes-devkit==1.2.0``
-plus ``requirements/nuscenes.txt``): every frame becomes a sample of an ``EvalBoxes`` of
-``DetectionBox`` es, and per class and distance threshold ``accumulate`` matches them and
-``calc_ap`` / ``calc_tp`` compute AP and the true-positive errors, as ``DetectionEval.evaluate``
-does. Conversion of a box:
-
-* sample_token ``frame-{i}``; translation = the box centre (lidar frame); size = (w, l, h),
-  nuScenes' width-length-height (l is the extent along the heading);
-* rotation = the quaternion (w, x, y, z) = (cos(psi/2), 0, 0, sin(psi/2)) of the REP-103
-  heading psi = -yaw - pi/2 about +z (what the devkit's ``quaternion_yaw`` reads back);
-* velocity (vx, vy); detection_name = the class name (``name_map`` renames; by default the
-  names must be nuScenes' ten detection names, which the CUDA-BEVFusion class names are);
-  detection_score = the score (ground truth: -1); attribute_name "" (no attributes, so the
-  attribute error is not computed); ego_translation = the centre (the ego sits at the lidar
-  origin); num_pts = the given lidar point count for ground truth, else -1.
-
-What the devkit's ``DetectionEval`` does with a ``NuScenes`` object is replaced by equivalents:
-
-* range filter (``filter_eval_boxes``' first step): ground truth AND predictions whose centre
-  lies at ``ego_dist >= class_range[class]`` (xy distance from the lidar origin) are dropped;
-  ``class_range`` defaults to 50 m for every class (the synthetic scenes place objects within
-  50 m); :data:`NUSCENES_CLASS_RANGE` is nuScenes' own (``detection_cvpr_2019``);
-* point filter (its second step): ground-truth boxes with ``num_pts == 0`` are dropped (only
-  when point counts are given); the bike-rack filter needs nuScenes annotations and is skipped;
-* ``max_boxes_per_sample`` (500; the devkit refuses a submission with more): only the 500
-  highest-scoring predictions of a frame are kept; predictions with non-finite values are
-  dropped and sizes are clipped to >= :data:`MIN_SIZE` (the devkit asserts sizes > 0);
-  every drop is counted in ``EvalResult.filtered``.
-
-Summary numbers. AP (devkit ``calc_ap``): precision is linearly interpolated at 101 recall points
-0, 0.01, ..., 1 (0 beyond the highest recall reached), the points at recall <= min_recall (0.1)
-are dropped, min_precision (0.1) is subtracted (negatives -> 0) and the mean is rescaled by
-1 / (1 - min_precision). A class's mAP is the mean of its APs over the distance thresholds 0.5,
-1, 2, 4 m. ``mean_ap`` averages the class mAPs over the classes PRESENT in the evaluated ground
-truth (classes without ground-truth boxes are excluded, not counted as 0); ``nuscenes_mean_ap``
-is the devkit's ``DetectionMetrics.mean_ap`` over all ten classes (an absent class counts 0).
-TP errors at the 2 m threshold (``calc_tp``: mean over the recall range from min_recall to the
-highest recall reached; 1 when that range is empty): trans_err (m, xy), scale_err (1 - IoU of
-the aligned boxes), orient_err (rad; period pi for barriers), vel_err (m/s); as in the devkit,
-traffic_cone has no orient/vel error and barrier no vel error (NaN). ``mean_tp_errors`` is the
-NaN-ignoring mean over present classes, ``nuscenes_tp_errors`` the devkit's over all ten.
-``nds`` = (mean_ap_weight * mean_ap + sum(1 - min(1, err)) over the four errors)
-/ (mean_ap_weight + 4): the nuScenes detection score with the attribute term left out.
+The metric code is nuscenes-devkit's own. How a box is converted for it, which filters replace
+what its ``DetectionEval`` does with a ``NuScenes`` object, and how every summary number (AP,
+mAP, TP errors, NDS) is defined: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -86,9 +46,8 @@ def _devkit():
         from nuscenes.eval.detection.data_classes import (DetectionBox, DetectionConfig,
                                                           DetectionMetrics)
     except ImportError as error:       # pragma: no cover - depends on the environment
-        raise ImportError("evaluation needs nuscenes-devkit: pip install --no-deps "
-                          "nuscenes-devkit==1.2.0 && pip install -r requirements/nuscenes.txt"
-                          ) from error
+        raise ImportError("evaluation needs nuscenes-devkit: pip install -e .[nuscenes] && "
+                          "pip install --no-deps -r requirements/nuscenes.txt") from error
     return EvalBoxes, algo, DETECTION_NAMES, DetectionBox, DetectionConfig, DetectionMetrics
 
 
@@ -138,7 +97,7 @@ def count_points_in_boxes(points: np.ndarray, boxes: np.ndarray, margin: float =
 
 @dataclass
 class EvalResult:
-    """Metrics of one evaluation (see the module docstring for every definition).
+    """Metrics of one evaluation (docs/evaluation.md defines each).
 
     class_names:      the ten nuScenes detection names, in the evaluated model's order;
     num_frames:       frames evaluated; dist_ths: the matching thresholds (m);
@@ -361,7 +320,7 @@ def evaluate(predictions: Sequence[Detections | np.ndarray],
 
     ``class_names`` names the ground-truth labels (and the labels of prediction arrays;
     :class:`Detections` bring their own ``class_names``). ``name_map`` renames classes to
-    nuScenes detection names. See the module docstring for the conversion and the filters.
+    nuScenes detection names. docs/evaluation.md describes the conversion and the filters.
     """
     _, _, detection_names, _, _, DetectionMetrics = _devkit()
     if len(predictions) != len(ground_truth):

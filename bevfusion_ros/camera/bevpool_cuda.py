@@ -1,49 +1,12 @@
 """CuPy :func:`~bevfusion_ros.camera.bevpool.bev_pool`: one thread per (BEV cell, group of 8 channels).
 
-Tables, built once per calibration on the device by :func:`pool_tables` (called from
-:meth:`CameraGeometry.to_device`, kept in ``geometry.pool_tables``):
-
-* ``points`` int32 ``[keep_count, 2]``: (feature row, frustum point id) of every sorted point,
-  i.e. :func:`~bevfusion_ros.camera.bevpool.feature_rows` and ``indices`` precomputed, so the
-  kernel does no 64-bit load and no division per point; one 8-byte load fetches both.
-* ``slots`` int32 ``[X * Y, 3]`` rows ``(start, end, cell)``: the geometry's intervals, longest
-  first, then every cell without an interval as the empty slot ``(0, 0, cell)``. Every BEV cell
-  appears exactly once, so the kernel writes every output element (no zero fill). Longest first
-  is longest-processing-time scheduling: the 887-point cells of the nuScenes geometry start in
-  the first wave instead of ending the kernel alone, and a warp's (about 3) intervals have
-  about the same length, so its threads rarely idle.
-
-Thread ``t`` takes slot ``t // groups`` and the channels ``[8 g, 8 g + 8)``, ``g = t % groups``,
-``groups = ceil(C / 8)``. It walks the slot's sorted points in order and accumulates
-``F[row, c] * W_flat[id]`` in float32 with fused multiply-adds, one accumulator per channel,
-like CUDA-BEVFusion's kernel (spec 3.5). Points are processed in batches (8 with 16-byte loads,
-4 otherwise): the batch's feature and weight loads are issued together and the next batch's
-``points`` entries are prefetched before the FMAs, so a long interval waits about one L2
-latency per batch, not two per point. Loads, by path:
-
-* fp16 features with ``C % 8 == 0`` and a 16-byte aligned base: one 16-byte (``uint4``) load per
-  point fetches the thread's 8 channels (a 160-byte row of C = 80 is 10 such loads, one per
-  thread of the slot, so a row is read in full sectors);
-* otherwise (float32 features, other C, misaligned views) the generic path: 8 scalar loads,
-  channels ``>= C`` skipped.
-
-Output layouts (the returned array is always the logical ``[1, C, X, Y]``):
-
-* default (``out=None``) and ``out`` given as a channels-last view: the sums go into the
-  C-contiguous ``nhwc = [1, X, Y, C]`` buffer and ``nhwc.transpose(0, 3, 1, 2)`` is returned
-  (same values, channels-last strides). A thread's 8 channels are adjacent, so with
-  ``C % 8 == 0`` (and a 16-byte aligned buffer) it writes one 16-byte store of fp16 or two of
-  float32, and the ``groups`` threads of a cell write one contiguous ``C``-value run;
-  otherwise scalar channels-last stores.
-* ``out`` C-contiguous ``[1, C, X, Y]``: channel-major scalar stores, as before (slower).
-
-Why it agrees with :func:`bev_pool`: each (cell, channel) is computed by exactly one thread, from
-the same terms in the same order as the previous kernel (sorted-point order, FMA into a float32
-accumulator), whatever the path, layout or slot order; fp16 inputs convert to float32 exactly.
-So every path and layout gives bit-identical float32 sums, and the fp16 output is their
-round-to-nearest-even. NumPy rounds each product and sums an interval pairwise
-(``np.add.reduceat``), so GPU and NumPy agree to float32 rounding: ``|GPU - NumPy|`` stays below
-``1e-5 * sum |F * W|`` of the cell (tested), not bit for bit. Results are deterministic.
+Tables built once per calibration on the device by :func:`pool_tables` (called from
+:meth:`CameraGeometry.to_device`, kept in ``geometry.pool_tables``) give each thread its slot's
+sorted points, which it accumulates in float32 with fused multiply-adds like CUDA-BEVFusion's
+kernel (spec 3.5). Every load path and output layout gives bit-identical float32 sums; GPU and
+NumPy agree to float32 rounding (tested); results are deterministic. The tables, the schedule,
+the load paths, the output layouts and why it agrees with :func:`bev_pool`: docs/pipeline.md,
+"BEVPool on the GPU".
 
 Features and weights are read as float16 or float32 directly (other float dtypes are cast to
 float32 first). CuPy is imported inside the functions: importing this module never needs it.
@@ -201,7 +164,7 @@ __global__ void __launch_bounds__(THREADS) bev_pool(
 
 @dataclass(frozen=True)
 class PoolTables:
-    """Device tables of one geometry for the kernel (see the module doc); from :func:`pool_tables`.
+    """Device tables of one geometry for the kernel (docs/pipeline.md); from :func:`pool_tables`.
 
     points: int32 ``[keep_count, 2]`` (feature row, frustum point id) per sorted point;
     slots:  int32 ``[X * Y, 3]`` (start, end, cell): intervals longest first, then empty cells;

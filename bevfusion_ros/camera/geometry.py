@@ -1,37 +1,10 @@
 """LSS camera geometry: frustum -> lidar frame -> BEV cell, sorted into pooling intervals.
 
-Computed once per calibration (spec 3.2-3.3), then reused by :func:`bev_pool` every frame.
-
-Frustum point ``n = ((camera * D + k) * fH + i) * fW + j`` is the network-input pixel
-``(u, v) = (j * (W-1)/(fW-1), i * (H-1)/(fH-1))`` (``linspace``) at depth ``d = dmin + k * dstep``.
-Per camera, in float64 (the PyTorch reference's arithmetic):
-
-1. undo the image augmentation: ``(u0, v0, d0) = A^-1 ((u, v, d) - a)``;
-2. lift to ``(u0 d0, v0 d0, d0)`` and apply ``K^-1`` (3x3 block of ``camera_intrinsics``);
-3. to lidar: ``R p + t`` from ``camera2lidar``;
-4. cell ``int((p - lower) / step)`` per axis, truncated **toward zero** like CUDA's ``int()``
-   and PyTorch's ``.long()``; so cell 0 also takes ``(-step, 0)`` below the lower edge and the
-   z band of the nuScenes grid is effectively (-30, 10) m;
-5. kept when ``0 <= ix < X``, ``0 <= iy < Y``, ``0 <= iz < Z``.
-
-Grid constants are CUDA-BEVFusion's float32 ones: ``bx = float32(min + step/2)``,
-``dx = float32(step)``, lower edge ``bx - dx/2`` evaluated in double (-53.99999848 m, step
-0.30000001192 m for nuScenes). With them the example calibration gives 96,801 occupied cells.
-
-Quirk choices (CUDA-BEVFusion vs mit-han-lab):
-
-* ``camera0_augmentation``: CUDA inverts camera 0's ``img_aug_matrix`` for every camera;
-  mit-han-lab uses each camera's own. Default False (per camera); identical whenever all
-  cameras share one augmentation, as at nuScenes test time.
-* ``last_interval``: CUDA ends the last interval at ``total - 1`` (drops the last sorted
-  point, "cuda"); mit-han-lab and the reference sum every kept point ("exclusive", default).
-* CUDA gives dropped points rank 0 and sorts them in front, so a kept point in cell (0, 0)
-  would be mistaken for a dropped one. We sort only the kept points: cell (0, 0) is an
-  ordinary cell (it never occurs with the nuScenes geometry).
-* CUDA's BEV offset multiplies ix by the grid's X size where Y is meant; we use
-  ``ix * Y + iy``, identical for the square grids of all presets.
-* The BEV has a single z slice (nz = 1) in every CUDA-BEVFusion model; other z grids are
-  rejected instead of picking one of the incompatible CUDA / mit-han-lab z layouts.
+Computed once per calibration (spec 3.2-3.3), then reused by :func:`bev_pool` every frame; in
+float64 like the PyTorch reference, with CUDA-BEVFusion's float32 grid constants. The frustum
+point numbering, the steps, the grid constants and the quirk choices between CUDA-BEVFusion and
+mit-han-lab (``camera0_augmentation``, ``last_interval``, ...): docs/pipeline.md, "Camera
+geometry".
 """
 from __future__ import annotations
 
@@ -136,7 +109,7 @@ def interval_bounds(sorted_cells: np.ndarray, cuda_last_interval: bool) -> np.nd
 
 def compute_geometry(calibration: Calibration, config: PipelineConfig, camera0_augmentation: bool = False,
                      last_interval: LastInterval = "exclusive") -> CameraGeometry:
-    """Sorted frustum -> BEV assignment of ``calibration`` (see the module doc for the quirks)."""
+    """Sorted frustum -> BEV assignment of ``calibration`` (quirks: docs/pipeline.md)."""
     if last_interval not in ("exclusive", "cuda"):
         raise ValueError(f"last_interval must be 'exclusive' or 'cuda', got {last_interval!r}")
     geometry = config.camera_geometry

@@ -1,41 +1,11 @@
 """Decoding a frame's compressed camera images (JPEG, PNG, ...) to RGB, on the CPU or the GPU.
 
-ROS-free. :func:`decode_rgb` is the decoding core (OpenCV: any format OpenCV reads; grey
-replicated to 3 channels, alpha dropped, 16-bit scaled to 8 bit, EXIF orientation applied, as
-``cv2.imdecode(IMREAD_COLOR)`` does); ``convert.compressed_to_rgb`` uses it. :class:`ImageDecoder`
-decodes the images of a frame together:
-
-``device="cpu"``
-    :func:`decode_rgb` of each image on a small thread pool (``cv2.imdecode`` releases the GIL,
-    so six 1600x900 JPEGs take about the time of the slowest one). NumPy ``[H, W, 3]`` results.
-
-``device="cuda"``
-    One nvJPEG batch (``torchvision.io.decode_jpeg(list, mode=RGB, device="cuda")``; baseline
-    JPEGs go to the A100/H100 hardware decoder) for the images nvJPEG can decode like OpenCV:
-    8-bit 3-component Huffman JPEGs (baseline, extended or progressive) without an EXIF
-    rotation (:func:`nvjpeg_refusal` reads the headers on the host). The rest (PNG, grey or
-    CMYK JPEG, EXIF-rotated, RGB-coded, lossless/arithmetic, 12-bit, corrupt) and any image
-    nvJPEG then fails on are decoded on the CPU pool, in parallel with the GPU batch, and come
-    back as NumPy arrays (the GPU pipeline takes host and device images mixed; the reason of
-    each is in :attr:`ImageDecoder.fallbacks`). nvJPEG decodes the others to planar ``[3, H, W]``
-    torch tensors; each is handed to CuPy without a copy (DLPack) and transposed into a
-    C-contiguous CuPy ``[H, W, 3]`` array.
-
-A per-image failure never fails the others: :meth:`ImageDecoder.decode` puts an
-:class:`ImageError` (message says why) in that image's slot.
-
-Streams (``cuda``): torch runs on the current CuPy stream while decoding (``torch.cuda.stream``
-of that stream, its default stream for CuPy's null stream), so torch allocates the planar
-outputs there; torchvision decodes on a stream of its own, waits for it on the host and makes
-the current stream wait too; the DLPack hand-over and the transposes are then queued on the
-current CuPy stream. The results follow CuPy's convention: ready for work queued after them on
-that stream; work on another stream must wait for it first (:meth:`BEVFusionPipeline.forward`
-makes its camera stream wait for the caller's current stream). The host is not synchronised
-after the transposes.
-
-nvJPEG and libjpeg-turbo (OpenCV) do not decode bit-identically: the IDCT and the chroma
-upsampling of 4:2:0/4:2:2 images differ, by about a grey level on average (see
-test/gpu/test_jpeg_gpu.py for the measured bounds).
+ROS-free. :func:`decode_rgb` is the decoding core (OpenCV, as ``cv2.imdecode(IMREAD_COLOR)``
+does); ``convert.compressed_to_rgb`` uses it. :class:`ImageDecoder` decodes the images of a
+frame together: on a CPU thread pool (``device="cpu"``), or as one nvJPEG batch with the images
+nvJPEG cannot decode like OpenCV decoded on the CPU meanwhile (``device="cuda"``). A per-image
+failure never fails the others. Which images go where, the CUDA streams, and how nvJPEG and
+OpenCV differ: docs/pipeline.md, "Compressed images".
 """
 from __future__ import annotations
 
@@ -283,7 +253,7 @@ def _done(value: Any) -> Future:
 
 
 class ImageDecoder:
-    """Decodes the encoded images of a frame to RGB ``[H, W, 3]`` uint8 arrays (module docstring).
+    """Decodes the encoded images of a frame to RGB ``[H, W, 3]`` uint8 arrays (docs/pipeline.md).
 
     ``device``: ``"cpu"`` (NumPy results) or ``"cuda"`` (nvJPEG; CuPy results, NumPy for the
     images decoded on the CPU). ``workers``: threads of the CPU pool (1: no pool). ``"cuda"``

@@ -1,33 +1,11 @@
 """PyTorch backend: a small ONNX interpreter as a ``torch.nn.Module``, on CUDA or the CPU.
 
 :class:`OnnxModule` turns one ONNX graph (opset 13-17, static shapes) into a module that runs
-its nodes in file order. At build time every node whose inputs are all constant is evaluated
-once in float32 on the CPU (constant folding: ``Constant``, the int8 weights' ``DequantizeLinear``,
-the head's index arithmetic, and ``Shape`` of tensors whose shape ONNX shape inference fixes);
-the remaining constants become buffers on the target device. Inputs that only steer an op
-(reshape targets, slice bounds, resize sizes, TopK's ``k``, axes) are read on the host at build
-time, so a forward pass never synchronizes with the GPU and can be captured in a CUDA graph.
-
-Numerics:
-
-* every floating-point tensor is computed in the module's ``dtype`` (float16 on the GPU by
-  default, float32 for the CPU reference); ``Cast`` to any float type casts to that dtype;
-* ``QuantizeLinear``/``DequantizeLinear`` are emulated exactly as ONNX defines them, in float32:
-  ``q = clamp(round_half_even(x / scale) + zero_point)`` to int8/uint8, ``(q - zero_point) * scale``;
-* Conv/ConvTranspose weights are stored in the module's dtype and, with ``channels_last``,
-  in channels-last layout, so cuDNN picks NHWC kernels and conv outputs stay channels-last.
-  Graph outputs are returned C-contiguous.
-* on CUDA (``fuse_conv_activations``), a 2-D Conv whose only consumer is a Relu, or an Add
-  (with a same-shape tensor) whose only consumer is a Relu, runs as one cuDNN call with bias,
-  residual and ReLU in the conv's epilogue (``torch.cudnn_convolution_relu`` /
-  ``cudnn_convolution_add_relu``): the same sum, rounded once to ``dtype`` instead of after
-  each of the three ops, and three passes over the activation saved.
-
-Supported ops (exactly those in the graphs ``bevfusion-export`` writes, fp16 and int8 sets):
-Add, Cast, Concat, Constant, ConstantOfShape, Conv, ConvTranspose, DequantizeLinear, Div,
-Equal, Expand, Gather, GatherElements, Identity, MatMul, MaxPool, Mul, Pow, QuantizeLinear,
-ReduceMean, Relu, Reshape, Resize (linear), Shape, Sigmoid, Slice, Softmax, Sqrt, Sub, TopK,
-Transpose, Unsqueeze, Where. Anything else raises :class:`EngineError` naming the node.
+its nodes in file order, with constants folded and shape inputs read at build time, so a forward
+pass never synchronizes with the GPU and can be captured in a CUDA graph. It supports exactly
+the ops of the graphs ``bevfusion-export`` writes; anything else raises :class:`EngineError`
+naming the node. Build-time folding, numerics (dtype, Q/DQ emulation, channels-last, fused conv
++ ReLU) and the op list: docs/pipeline.md, "PyTorch backend".
 
 :class:`TorchEngine` wraps a module behind :class:`Engine` and can replay it as a CUDA graph.
 """

@@ -1,26 +1,10 @@
 """Tiled, software-pipelined fp16 sparse convolution on tensor cores (CuPy RawModule, sm_80+).
 
 :func:`sparse_conv_fp16_tiled` computes what :func:`bevfusion_ros.lidar._cuda.sparse_conv_fp16`
-computes (same arguments, same packed weight from ``_cuda.pack_conv_weight``, same zero handling,
-float32 epilogue and single cvt.rn rounding; with 64-row tiles the same sequence of m16n8k16
-float32 accumulations per output element, so the same fp16 bits are expected, which the GPU tests
-check to within 1 ulp) with a faster schedule:
-
-- warps split the block's output tile along rows *and* columns (e.g. 2 x 4 warps of 32 x 32
-  accumulators each for O = 128), so a block has more warps and each warp's shared-memory
-  fragment traffic per multiply is lower than with 16-row x O-column warps;
-- the reduction dimension is the sequence of 16-channel *k-steps* (active tap, channel slice),
-  taps without any neighbour in the tile left out; a pipeline *stage* stages ``stage_channels /
-  16`` consecutive k-steps (which may belong to different taps, e.g. two taps of a 16-channel
-  input), so there is one ``__syncthreads`` per stage instead of two per 16-channel slice;
-- stages are copied with ``cp.async`` (16-byte copies, zero-filled for a missing neighbour or for
-  channels past ``channels_in``) into a ring of ``stages`` shared-memory buffers, so the copies of
-  the next ``stages - 1`` stages are in flight while the current one multiplies;
-- the block's neighbour indices for all taps are read once, up front, into shared memory, where
-  the set of active taps is compacted with warp ballots.
-
-Shared memory is dynamic (:meth:`TileConfig.shared_bytes`; 53 KB for O = 128, 27 taps with the
-default tiling): above 48 KB the launcher raises the kernel's limit (the sm_80+ opt-in).
+computes (same arguments and packed weight; the same fp16 bits are expected, which the GPU tests
+check to within 1 ulp) with a faster schedule: warps split the tile along rows and columns, and
+stages of several k-steps are copied with ``cp.async`` into a ring of shared-memory buffers. The
+schedule and its shared memory: docs/pipeline.md, "fp16 sparse convolution kernel".
 
 Like ``_cuda``, ``cupy`` is imported inside the functions only: this module imports on machines
 without CuPy.

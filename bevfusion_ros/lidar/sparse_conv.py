@@ -1,29 +1,10 @@
 """Sparse 3D convolution primitives, NumPy or CuPy (no torch): rulebooks and gather-GEMM-scatter.
 
 Same semantics as spconv / libspconv and :mod:`bevfusion_ros.model.sparse_encoder` (the PyTorch
-reference): a convolution is cross-correlation, output site o reads input site
-i = o * stride - padding + tap through kernel tap (kx, ky, kz) of weight [kx, ky, kz, I, O];
-a submanifold (subm) convolution keeps the input sites as output sites; a regular (strided)
-convolution outputs every site of the grid floor((n + 2p - k) / s) + 1 that some input reaches,
-in ascending key order.
-
-Sites are integer coordinates (x, y, z) on a spatial shape (X, Y, Z); a site's linear key is
-(x * Y + y) * Z + z (int64). Neighbours are found in a site table, never through a dense grid:
-binary search in the sorted keys on the CPU, a hash table on the GPU. A :class:`Rulebook` stores them as a neighbour map: per tap and output
-row the input row, or ``num_inputs`` where that input site is inactive. Within one tap the pairs
-are one-to-one (a tap shifts every site by the same offset).
-
-Where it runs: every public function runs where its arrays live. NumPy: vectorised over the
-taps; the conv multiplies tap by tap over the real pairs only (``out[out_rows] += features[in_rows]
-@ W[tap]``, no repeated rows within a tap). CuPy: :mod:`bevfusion_ros.lidar._cuda` kernels build
-the rulebook (one launch per step: hash-table inserts, neighbour look-ups; a strided conv also
-marks and compacts its output sites, whose count is the one value read back to the host). A
-float16 conv is one implicit-GEMM launch on tensor cores (gather, multiply, bias, residual and
-ReLU fused; taps without any neighbour in a 64-row tile skipped); a float32 conv is an im2col gather [N_out, K * I] (zeros where a neighbour is missing)
-plus one cuBLAS GEMM with the weight as [K * I, O]. Both are dense over the K taps within a
-tile, about twice the FLOPs of the real pairs on lidar data, in one to three launches per conv.
-Arithmetic is in the dtype of the features: float32 (fp16 weights widened) is the reference;
-float16 storage with float32 accumulation is the GPU fast path.
+reference). Every public function runs where its arrays live. Arithmetic is in the dtype of the
+features: float32 (fp16 weights widened) is the reference; float16 storage with float32
+accumulation is the GPU fast path. The convolution's definition, site keys and rulebooks, and
+how NumPy and CuPy compute it: docs/pipeline.md, "Sparse convolution".
 """
 from __future__ import annotations
 

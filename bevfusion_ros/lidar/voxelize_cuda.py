@@ -1,41 +1,10 @@
 """CuPy :func:`~bevfusion_ros.lidar.voxelize.voxelize`: three RawKernels, one sort, one compaction.
 
 Bit-identical to the NumPy voxelizer (same voxel order, coords, point counts, fp16 feature bits and
-drop counters), whose semantics are stated in :mod:`bevfusion_ros.lidar.voxelize`. For N points
-with C channels (float32, or float16 read as its bits and widened exactly in the kernels):
-
-1. ``voxel_sort_keys`` (thread per point) -> ``packed`` int64 [N]: ``key * N + row`` for a kept
-   point, key = (iz * ny + iy) * nx + ix, and ``cells * N + row`` (cells = nx * ny * nz, above every
-   voxel key) for a dropped one. ``packed.sort()`` then lists the kept points grouped by voxel, each
-   group in input order (the row breaks ties), followed by the dropped points.
-2. ``mark_first_points`` (thread per sorted position j) -> ``is_first`` bool [N] and
-   ``sorted_position`` int64 [N], both indexed by input row: a group's first position marks its
-   row, the voxel's first point, and records j there (every row appears once in ``packed``, so
-   ``is_first`` needs no zero fill); the last kept position writes the kept-point count.
-   ``cupy.flatnonzero(is_first)`` -> ``first_rows`` int64 [V]: the first points in ascending input
-   row, which is the voxels' order of first appearance, with no second sort (host sync: V).
-3. ``voxel_means`` (thread per kept voxel v < M = min(V, max_voxels)) finds its group
-   [start, end) in ``packed`` (start = ``sorted_position[first_rows[v]]``, end by a galloping
-   search for the next key), writes coords int32 [M, 4] = (0, ix, iy, iz) decoded from the key,
-   point_count int32 [M] = min(size, max_points_per_voxel) and features fp16 [M, C]; it adds its
-   group size and point count to two counters (one integer atomic per warp: exact in any order).
-   One device-to-host copy of the three counters ends the call (host sync).
-
-Why the bits match: the voxel index is ``floorf(div_rn(sub_rn(p, low), size))`` (PTX ``sub.rn``/``div.rn`` without ``.ftz``) with the
-float32 constants NumPy uses (IEEE round-to-nearest float32 subtraction and division, as NumPy's
-float32 arrays compute them; no fast-math), the range test is the same half-open float32
-comparison, and the index bound is compared exactly (in double). The mean replays NumPy's
-[M, capacity, C] zero-padded buffer summed slot by slot: sum = point 0, then ``add.rn.f32`` of
-each next point in input order, or of +0.0 for each empty slot up to capacity (so a -0.0 sum
-in a voxel below capacity becomes +0.0, as in NumPy), then ``div.rn.f32`` by the float32 count and ``cvt.rn.f16.f32``
-(round to nearest even, like NumPy's float32 -> float16). Integer outputs come from the same
-keys and the same first-appearance order.
-
-Work: one 64-bit radix sort of N keys (CuPy's Thrust sort, which may block the host itself) plus
-O(N) and O(M log size) kernel work; no [M, capacity, C] buffer. Keys must fit int64:
-(cells + 1) * N < 2**63 (checked). Thread indices are 64-bit (grid-stride loops). Kernels run on
-the current CuPy stream. CuPy is imported inside the functions: importing this module never
-needs it.
+drop counters), whose semantics are stated in :mod:`bevfusion_ros.lidar.voxelize`. The kernels,
+why the bits match, the work and the int64 key limit: docs/pipeline.md, "Voxelization on the
+GPU". Kernels run on the current CuPy stream. CuPy is imported inside the functions: importing
+this module never needs it.
 """
 from __future__ import annotations
 

@@ -1,38 +1,11 @@
 """Conversions between ROS 2 messages and the numpy/Detections world of bevfusion_ros.
 
-Pure functions: no node, no ``rclpy.init`` needed.
-
-Images
-    :func:`image_to_rgb` (sensor_msgs/Image, encodings rgb8, bgr8, rgba8, bgra8, mono8, any row
-    padding ``step``), :func:`compressed_to_rgb` (sensor_msgs/CompressedImage, decoded by OpenCV)
-    and :func:`rgb_to_image` all use ``[H, W, 3]`` uint8 RGB arrays. An rgb8 image without row
-    padding comes back as a view that shares memory with ``msg.data`` (no copy); every other case
-    is one copy (channel reordering by OpenCV when importable, else numpy). Malformed images raise
-    :class:`ImageError`.
-
-Calibration
-    :func:`camera_info_intrinsics` / :func:`intrinsics_to_camera_info` (the 3x3 ``K``),
-    :func:`transform_to_matrix` / :func:`matrix_to_transform` (geometry_msgs/Transform <-> 4x4
-    homogeneous matrix; the matrix maps points of the child frame into the parent frame, as the
-    transform does). Malformed messages raise :class:`CalibrationMessageError`.
-    :func:`stamp_to_ns` / :func:`ns_to_stamp` convert builtin_interfaces/Time.
-
-Detections (REP-103)
-    Boxes are published in the lidar frame (``header.frame_id``) with REP-103 conventions: x
-    forward, y left, z up; the box heading psi is counter-clockwise from +x
-    (:meth:`Detections.headings`, ``orientation`` = rotation about +z by psi, see
-    :func:`yaw_to_quaternion`); ``bbox.center`` is the centre of the box (z included);
-    ``bbox.size`` is measured along the box's own axes: ``x`` = length (along the heading),
-    ``y`` = width, ``z`` = height. vision_msgs/Detection3D has no velocity field: the velocity
-    of each box (vx, vy in m/s, lidar frame, z = 0) goes to ``bevfusion_ros_msgs/FrameInfo.
-    velocities``, same count and order as ``Detection3DArray.detections`` (:func:`velocities`).
-    :func:`detections_to_markers` draws the same boxes for RViz (see :data:`CLASS_COLORS`).
-    Both are written straight to CDR bytes (:func:`serialize_detections`, :func:`serialize_markers`,
-    what the node publishes): building and serializing one Python object per field took ~60 ms
-    for 200 boxes on a 2-core CPU, the byte writers ~5 ms; the message forms are those bytes read back.
-
-``uint8[]`` fields are filled with ``array.array('B')``: assigning a numpy array goes element by
-element in rclpy (hundreds of times slower). Only this ROS layer imports message packages.
+Pure functions: no node, no ``rclpy.init`` needed; only this ROS layer imports message packages.
+Images are ``[H, W, 3]`` uint8 RGB arrays, calibrations 3x3 ``K`` and 4x4 homogeneous matrices,
+stamps integer nanoseconds. Boxes are published in the lidar frame with REP-103 conventions, each
+box's velocity in ``bevfusion_ros_msgs/FrameInfo.velocities``; detections and markers are
+written straight to CDR bytes. The conventions, and why CDR bytes and ``array.array('B')``:
+docs/messages.md.
 """
 from __future__ import annotations
 
@@ -317,7 +290,7 @@ def serialize_detections(detections: Detections, header: Header) -> bytes:
 
 
 def detections_to_msg(detections: Detections, header: Header) -> Detection3DArray:
-    """:func:`serialize_detections` as a Python message (REP-103, see the module docstring)."""
+    """:func:`serialize_detections` as a Python message (REP-103, see docs/messages.md)."""
     return deserialize_message(serialize_detections(detections, header), Detection3DArray)
 
 

@@ -3,32 +3,10 @@
     bevfusion-bench --through-node --model DIR --data EXAMPLE_DATA --backend gpu \\
                     --rates 12 25 --duration 60 [--compressed] [--sweeps N] [--json OUT]
 
-Three processes, as on a vehicle (all in the safe ROS environment of
-:func:`bevfusion_ros.ros.environment.safe_ros_process`: localhost discovery, the benchmark's own
-domain id and a temporary ROS_HOME):
-
-* **the node** (``python -m bevfusion_ros.tools.node``) with a parameter file written into
-  ``out_dir`` (:func:`node_parameters`: the chosen backend and precision, the benchmark's topics,
-  best-effort sensor QoS as for live drivers, raw ``Image`` or ``CompressedImage`` input, the
-  cloud's own ``time_lag`` channel or, with ``num_sweeps > 1``, past sweeps motion-compensated
-  with ``/tf`` odometry), its log in ``out_dir/node.log``;
-* **the publisher** (``python -m bevfusion_ros.ros.node_bench publish OPTIONS``, :func:`publish`):
-  the example frame's messages, built once (6 x ``Image`` rgb8 or the folder's JPEG files as
-  ``CompressedImage``, 6 x ``CameraInfo``, the ``PointCloud2``, ``/tf_static``, ``/tf`` odometry
-  with sweeps), re-stamped with the wall clock and published frame ``k`` at ``start + k / rate``:
-  a warm-up at the first rate, then each rate of ``rates`` for ``duration_s``. Per frame it writes
-  the wall time (ns, ``CLOCK_REALTIME``) before its first image and before its cloud into
-  ``out_dir/published.jsonl``;
-* **this process**, the recorder: it subscribes to ``~/detections``, ``~/frame_info`` and
-  ``/diagnostics``, takes each message's receive time (rmw's ``received_timestamp``, same clock),
-  and samples the node's CPU time and RSS from ``/proc``.
-
-Latency of a frame = ``Detection3DArray`` received - the publisher's call to publish the cloud
-(the last sensor message of the frame: from then on, everything the frame needs is on its way).
-The node's own phases (transport, sync, queue, points, images, calibration, forward, outputs, and
-the pipeline's stages) come from each frame's ``FrameInfo.timing_*``. A frame of a measured window
-that gets no answer is dropped, whatever dropped it (DDS, the node's queue, a failure): the node's
-diagnostics say which (``dropped.*``, ``frames_failed``).
+Three processes, as on a vehicle: the node, a publisher (:func:`publish`) and this process, the
+recorder. Latency of a frame = ``Detection3DArray`` received - the publisher's call to publish
+the cloud. The processes, what each measures and how unanswered frames count:
+docs/benchmarks.md, "Node benchmark".
 """
 from __future__ import annotations
 
@@ -199,7 +177,7 @@ class BenchPublisher:
 
 
 def publish(options: NodeBenchOptions, timeout_s: float) -> int:
-    """The publisher process (module docstring): wait until the node subscribes, then publish the
+    """The publisher process (docs/benchmarks.md): wait until the node subscribes, then publish the
     schedule, one JSON line per frame into ``out_dir/published.jsonl``. Exit status 2 when the
     node never subscribed within ``timeout_s``."""
     from bevfusion_ros.ros.convert import ns_to_stamp
@@ -464,7 +442,7 @@ def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any) -> d
 
 
 def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchReport:
-    """Run the benchmark (module docstring); the report is also written to ``out_dir/node_bench.json``."""
+    """Run the benchmark (docs/benchmarks.md); the report is also written to ``out_dir/node_bench.json``."""
     from bevfusion_ros.ros.soak import REPO_ROOT, NodeProcess, default_domain_id, wait_for
     options.validate()
     started = time.monotonic()

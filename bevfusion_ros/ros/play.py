@@ -3,43 +3,10 @@
     bevfusion-play BAG [--rate R] [--loop] [--clock] [--start-delay S] [--topics T ...]
                        [--qos reliable|sensor_data] [--wait-for-subscribers S]
 
-* One publisher per topic, of the message type recorded in the bag (``pkg/msg/Type``, imported
-  from ``pkg.msg``). ``--topics`` plays only those topics (each must be in the bag).
-* Messages go out in log-time order, paced in real time divided by ``--rate``: message *i* is
-  due ``(log_time_i - log_time_0) / rate`` seconds after the start of the pass, on a monotonic
-  clock. Each due time is computed from the start of the pass, never from the previous message,
-  so the playback does not drift; a message that is late (a slow publish) goes out at once and
-  the next ones keep their schedule.
-* QoS: reliable, keep-last depth 10 by default (``--qos reliable``), so a subscriber that is
-  slow to take a large message (an image, a point cloud) gets it late instead of losing it; the
-  publisher then blocks instead of dropping. ``--qos sensor_data`` uses the sensor-data profile
-  (best effort, depth 5) like most drivers; a reliable subscriber does not match it.
-* ``/tf_static`` is published reliable + transient local, depth 100, and each message published
-  on it holds every static transform seen so far in the bag (merged by child frame, the latest
-  one winning), as tf2's StaticTransformBroadcaster does: a subscriber that joins late gets the
-  whole static tree.
-* ``--clock``: also publishes ``rosgraph_msgs/Clock`` on ``/clock`` (reliable, depth 10, which
-  also matches the best-effort subscription of nodes with ``use_sim_time``): the bag time at
-  100 Hz (the log time of the first message during ``--start-delay``, then bag time advancing
-  at ``--rate`` and never past the next message), and the message's log time just before each
-  message.
-* ``--loop``: plays the bag again from its start when it ends (the first message of a pass is
-  due when the last one of the previous pass was); the bag time, ``/clock`` included, then goes
-  backwards, as with any looped bag.
-* ``--start-delay S`` (default 1.0): seconds between creating the publishers and the first
-  message, for subscribers to discover them (a volatile subscriber does not get messages
-  published before it matched). Discovery between processes can take a few seconds (Fast DDS
-  announces a participant again every 3 s when its first announcements were missed, e.g. on a
-  loaded machine): with ``--wait-for-subscribers S``, the start delay begins only once every
-  played topic has a matched subscriber (or S seconds after the publishers were created), for
-  tests and pipelines whose subscribers are known to be there.
-
-Prints its progress (messages published, elapsed time) about once a second and a summary at the
-end. At the end (or when stopped) it waits up to 2 s for reliable subscribers to acknowledge
-the last messages, which would be lost if the publishers were destroyed at once. Exit status:
-0 at the end of the bag, or when stopped by Ctrl-C / SIGTERM (promptly and cleanly); 1 when the
-bag cannot be played (unreadable, a requested topic not in it, a message type not installed);
-2 for bad arguments.
+One publisher per topic, of the recorded type; messages go out in log-time order, paced in real
+time divided by ``--rate`` without drift; ``/tf_static`` is latched and holds every static
+transform seen so far. Pacing, QoS, ``--clock``, ``--loop``, the start delay, progress output and
+exit status: docs/tools.md, "bevfusion-play".
 
 Library use (tests, the demo): :func:`play` with a node of an initialised context.
 """
@@ -300,7 +267,7 @@ def play(path: str, node: Node, rate: float = 1.0, loop: bool = False, clock: bo
          *, qos: str = "reliable", start_delay: float = 1.0, stop: threading.Event | None = None,
          progress: Callable[[PlayResult], None] | None = None, progress_period: float = 1.0,
          wait_for_subscribers: float | None = None) -> PlayResult:
-    """Publishes the bag at ``path`` from ``node`` (see the module docstring); returns when the
+    """Publishes the bag at ``path`` from ``node`` (see docs/tools.md); returns when the
     bag ends (never with ``loop``), when ``stop`` is set or when the node's context shuts down.
 
     ``topics``: the topics to play (default all; ValueError for one not in the bag).

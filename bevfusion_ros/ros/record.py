@@ -4,40 +4,10 @@ not installed.
     bevfusion-record --out BAG [--topics T ...] [--duration S] [--count N] [--json DIR]
                      [--use-sim-time]
 
-* Topics (default: the node's outputs ``/bevfusion/detections``, ``/bevfusion/frame_info``,
-  ``/bevfusion/markers`` and ``/diagnostics``) are subscribed to as they appear in the ROS graph:
-  a topic is taken once it has a publisher, with the type the graph announces for it (the class
-  is imported from ``pkg.msg``), so a recorder may be started before the publishers.
-* The subscription QoS follows the publishers present at that time, as ``ros2 bag record``
-  does: reliable if they all are (else best effort), transient local if they all are (so a
-  latched ``/tf_static`` is recorded), keep-last depth 100.
-* Every received message is written to the bag with :class:`bevfusion_ros.ros.bag.BagWriter`
-  (rosbag2-compatible MCAP, CDR), its log time being the receive time in nanoseconds from the
-  node's clock: the system time, or the ``/clock`` time with ``--use-sim-time`` (or
-  ``--ros-args -p use_sim_time:=true``).
-* Stops after ``--duration`` seconds (wall time since the start), after ``--count`` messages on
-  the first topic, or on Ctrl-C / SIGTERM; the bag is always closed properly. Exit status 0, 1
-  if the bag cannot be written, 2 for bad arguments.
-
-``--json DIR``: for every ``vision_msgs/Detection3DArray`` received (on any recorded topic), the
-file ``DIR/detections_<stamp_ns>.json``, ``stamp_ns`` being the array's header stamp in
-nanoseconds (a later array with the same stamp replaces the file)::
-
-    {
-      "topic": "/bevfusion/detections",
-      "stamp_ns": 1700000000123456789,
-      "frame_id": "lidar_top",
-      "receive_time_ns": 1700000000223456789,
-      "boxes": [
-        {"id": "0", "class_id": "car", "score": 0.875,
-         "center": [10.5, -2.25, 0.75], "yaw": 1.2870022, "size": [4.5, 1.875, 1.5]}
-      ]
-    }
-
-One box per Detection3D, in order: ``class_id`` and ``score`` of its best-scoring hypothesis
-(``""`` and ``null`` without any), ``center`` = ``bbox.center.position`` (x, y, z in metres,
-the box centre), ``yaw`` = heading in radians about +z in (-pi, pi] from
-``bbox.center.orientation``, ``size`` = ``bbox.size`` (length, width, height in metres).
+Topics are taken as they appear in the ROS graph, with the QoS of their publishers, and every
+message is written with :class:`bevfusion_ros.ros.bag.BagWriter`; ``--json DIR`` also writes
+every ``vision_msgs/Detection3DArray`` as a JSON file. Topic discovery, QoS, log times, when it
+stops, exit status and the JSON layout: docs/tools.md, "bevfusion-record".
 
 Library use (the demo, tests): :class:`Recorder` on a node that the caller spins.
 """
@@ -65,7 +35,7 @@ QUEUE_DEPTH = 100
 
 
 def detections_json(msg: Any, topic: str = "", receive_time_ns: int | None = None) -> dict[str, Any]:
-    """The JSON document of a Detection3DArray (format in the module docstring)."""
+    """The JSON document of a Detection3DArray (format in docs/tools.md)."""
     boxes = []
     for detection in msg.detections:
         best = max(detection.results, key=lambda r: r.hypothesis.score, default=None)
@@ -111,7 +81,7 @@ def subscription_qos(publishers: list[Any]) -> QoSProfile:
 
 
 class Recorder:
-    """Records ``topics`` from ``node`` into the MCAP bag ``out_path`` (see the module docstring).
+    """Records ``topics`` from ``node`` into the MCAP bag ``out_path`` (see docs/tools.md).
 
     The caller spins the node (the subscriptions' callbacks write the bag; a steady timer of
     the node subscribes to topics as they appear). ``counts[topic]``: messages written per

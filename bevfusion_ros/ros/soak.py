@@ -5,36 +5,8 @@ in, checking that the node survives, accounts for every frame and does not leak 
                                   duration_s=600, rate_hz=10, fault_every=10))
     report.failed_checks          # [] when the node met every acceptance criterion
 
-(``benchmarks/soak.py`` is the command line.) What happens:
-
-* The node runs as a child process (``python -m bevfusion_ros.tools.node``) with a parameter
-  file written into ``out_dir`` (:func:`node_parameters`: CPU backend, reliable input QoS, the
-  soak's own input topics, ``num_sweeps`` past sweeps motion-compensated with TF odometry in
-  ``odom``), its log in ``out_dir/node.log``. This process and the node share the safe ROS
-  environment (:func:`bevfusion_ros.ros.environment.safe_ros_process`: localhost
-  discovery, the soak's own domain id, a temporary ROS_HOME removed afterwards).
-* The messages of a few generated scenes are built once; each frame re-stamps their headers in
-  place and publishes 6 CameraInfo, 6 Image, the ``odom -> lidar`` odometry on ``/tf`` (the ego
-  driving forward at ``ego_speed_mps``) and the PointCloud2, frame ``k`` at ``start + k / rate``
-  (monotonic clock, no drift). Good stamps grow by ``1 / rate`` from a base near the wall clock.
-* Every ``fault_every``-th frame is faulty: fault ``j`` is ``FAULTS[j % len(FAULTS)]`` of
-  :mod:`bevfusion_ros.ros.faults`. Stamp faults re-stamp the cloud only (a lidar driver with a
-  bad clock: cameras keep the good stamp, and no odometry is published for that frame, as the
-  odometry source is healthy), and do not advance the good stamp sequence.
-* Before the schedule, good "priming" frames go out one at a time until the node answers one
-  (:func:`prime`): frames sent before the node's readers have matched this process's writers
-  are lost in DDS, not by the node. The node's counters then are the baseline: the report's
-  counters are those of the soak alone, and answers to priming frames are left out.
-* The node's RSS (``VmRSS`` of ``/proc/<pid>/status``) is sampled every ``rss_period_s``.
-* After the last frame, the soak waits (at most ``settle_timeout_s``) until the node's pipeline
-  diagnostics account for every cloud (:meth:`_Receiver.settled`), then evaluates the
-  acceptance criteria (:func:`evaluate`) and stops the node with SIGINT.
-
-Answers are matched to published frames by stamp; a stamp published twice (``duplicate_stamp``)
-gives its answers to its frames in publication order. Good frames that the node's log says it
-skipped or failed (``frame at <stamp> ns skipped|failed``) are named too (best effort: it reads
-the log). Only nodes of the soak may be in its ROS domain (:meth:`SoakDriver.foreign_nodes`):
-another ``bevfusion`` node there would mix its diagnostics and detections into the soak's.
+(``benchmarks/soak.py`` is the command line.) What happens, step by step, and how answers are
+matched to frames: docs/benchmarks.md, "Soak test".
 """
 from __future__ import annotations
 
@@ -735,7 +707,7 @@ def evaluate(report: SoakReport, frames: list[SentFrame], received: _Receiver, p
 
 # ------------------------------------------------------------------------------- the run
 def run_soak(options: SoakOptions, log: Callable[[str], None] = print) -> SoakReport:
-    """Run the soak (module docstring) and return its report; also written to
+    """Run the soak (docs/benchmarks.md) and return its report; also written to
     ``options.out_dir/soak.json``. Raises :class:`SoakError` when the node does not come up."""
     from bevfusion_ros.config import load_config
     options.validate()

@@ -1,24 +1,10 @@
 """Host -> GPU upload of a frame's images and points through pinned staging buffers.
 
-A copy from ordinary (pageable) host memory makes the driver stage the bytes through a small
-pinned buffer of its own and blocks the host until it is done. :class:`FrameUploader` instead
-owns, allocated once, page-locked host buffers and device buffers for the largest frame the
-configuration allows. Per frame it copies on the host only what the GPU will read, then queues an
-asynchronous host-to-device copy on the caller's stream:
-
-- images: only the band of source rows that normalization's bilinear taps touch (rows
-  ``row_band``, e.g. 367-899 of 900 for nuScenes at scale 0.48 and a 256-row crop: 59 % of the
-  bytes), camera by camera, so the DMA of one camera overlaps the host copy of the next. Rows
-  outside the band are never written on the device and never read (:func:`normalize_images`
-  reads exactly the rows of :func:`normalize_tables`, from which the band is computed);
-- points: the first N rows of a [max_points, C] buffer, copied in slices.
-
-The host copies run on a small thread pool (NumPy releases the GIL while copying): one thread
-copies at a few GB/s, far below the host's memory bandwidth, and 15 MB of image rows plus 5 MB
-of points would otherwise take milliseconds.
-
-Images already on the GPU (CuPy arrays, e.g. decoded by nvJPEG) skip the host: their row band
-is copied device to device into the same device buffer; a frame may mix both kinds.
+:class:`FrameUploader` owns, allocated once, page-locked host buffers and device buffers for the
+largest frame the configuration allows. Per frame it copies on the host only what the GPU will
+read (the band of image rows that normalization reads, the points' first N rows) and queues an
+asynchronous host-to-device copy on the caller's stream. Why, and how: docs/pipeline.md, "Frame
+upload".
 
 The returned device arrays are views of buffers reused by the next call: the caller must be done
 with a frame (the pipeline synchronises at the end of ``forward``) before uploading the next.

@@ -6,26 +6,10 @@
     bevfusion-eval --model DIR --data DIR ...
     bevfusion-eval --model DIR --seeds A:B --through-node [--node-out DIR] ...
 
-``--seeds A:B`` generates the synthetic scenes of seeds A, A+1, ..., B-1
-(:func:`bevfusion_ros.sim.scene.generate_scene`; ``--seeds S`` is the one seed S); ``--data`` reads
-CUDA-BEVFusion example-data folders instead: DIR itself, or every sub-folder of DIR (sorted by
-name) with ``points.tensor``, ``gt_bboxes_3d.tensor`` [M, 9] (CUDA layout, z = box centre) and
-``gt_labels_3d.tensor``. The pipeline runs every frame with ``head.score_threshold`` 0 (the whole
-ranked list enters AP), then :func:`bevfusion_ros.analysis.evaluation.evaluate` computes the metrics with
-nuscenes-devkit's code. Ground-truth boxes without lidar points are dropped as nuScenes does
-(synthetic scenes: the ray caster's hits per box; folders: points inside the box,
-:func:`~bevfusion_ros.analysis.evaluation.count_points_in_boxes`) unless ``--keep-empty-gt``.
-
-``--through-node`` evaluates the product as a ROS user runs it: the scenes go into a bag (raw
-images, 10 Hz, :func:`bevfusion_ros.tools.make_bag.write_frames_bag`), which is replayed frame by
-frame into ``bevfusion_node`` in a child process (model ``head.score_threshold`` 0); the
-predictions are the boxes of its ``Detection3DArray`` (with the FrameInfo velocities), read back
-from what it published (:mod:`bevfusion_ros.ros.node_runner`; its log and the recording go to
-``--node-out``). A frame the node did not answer counts as one without predictions.
-
-Prints progress every N frames, the per-class table and the summary; ``--json`` writes
-``{model, backend, precision, trained, weights, through_node, frames, seconds,
-metrics: EvalResult.to_dict()}``.
+The pipeline (with ``--through-node``: ``bevfusion_node``, fed a bag of the scenes) runs every
+frame with ``head.score_threshold`` 0, then :func:`bevfusion_ros.analysis.evaluation.evaluate`
+computes the metrics. The scenes, ground-truth filtering, ``--through-node`` and the JSON
+output: docs/evaluation.md, "bevfusion-eval".
 """
 from __future__ import annotations
 

@@ -2,34 +2,9 @@
 rosbag2-compatible MCAP bag of nuScenes data, or of generated scenes, with the topics and frames
 the bevfusion node subscribes to (``config/nuscenes.yaml``).
 
-``--seeds A:B``: the scenes of :func:`bevfusion_ros.sim.scene.generate_scene` for seeds A .. B-1,
-one frame each, stamped 0.1 s apart from ``--stamp-ns`` (:func:`write_frames_bag`): the rendered
-images as they are (rgb8; ``--compressed``: JPEG quality 95), the cloud with ``time_lag`` 0,
-``/tf_static`` of the synthetic rig. The ground truth is the scenes' own (regenerate by seed).
-
-SOURCE is either
-
-* a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``, calibration
-  tensors): one frame, every message stamped ``--stamp-ns`` (default 1533151603.547590 s, a
-  nuScenes-like time: the folder records none). The cloud carries x, y, z, intensity and
-  ``time_lag`` (the folder's 10 sweeps are already aggregated: play it to a node with
-  ``node.time_lag_field: time_lag``, which then uses the cloud as it is); ``/tf_static`` holds
-  ``lidar_top -> cam_<NAME>`` (the folder's camera2lidar), as
-  :mod:`bevfusion_ros.ros.frame_messages` builds them;
-* a nuScenes data root (``<root>/v1.0-mini/*.json`` tables, ``samples/``, ``sweeps/``), read with
-  nuscenes-devkit: for each selected scene (default all, in time order) every LIDAR_TOP
-  sample_data, keyframes and sweeps (``--max-frames`` caps them per scene), and every camera
-  sample_data within 50 ms of that span. Clouds have x, y, z, intensity (nuScenes stores no
-  per-point time; the ring index is dropped) in ``lidar_top``. ``/tf`` carries
-  ``odom -> base_link`` from each sample_data's ego pose (nuScenes ego poses are in the global
-  map frame, published here as ``odom``), ``/tf_static`` at the start of each scene
-  ``base_link -> lidar_top`` and ``base_link -> cam_<NAME>`` from the calibrated sensors.
-
-Topics: ``/CAM_<NAME>/image_raw`` (sensor_msgs/Image rgb8) or, with ``--compressed``,
-``/CAM_<NAME>/image_raw/compressed`` (sensor_msgs/CompressedImage, the original JPEG bytes, no
-re-encoding), ``/CAM_<NAME>/camera_info``, ``/LIDAR_TOP``, ``/tf``, ``/tf_static``. Header stamps
-and log times are the sensor times (nuScenes: microseconds * 1000); at equal times ``/tf_static``
-comes first, then ``/tf``, camera_info, images and the cloud.
+SOURCE is a CUDA-BEVFusion example-data folder or a nuScenes data root (read with
+nuscenes-devkit); ``--seeds A:B`` writes the generated scenes of those seeds. What each source
+becomes (frames, stamps, clouds, TF) and the topics: docs/tools.md, "bevfusion-make-bag".
 """
 from __future__ import annotations
 
@@ -137,7 +112,7 @@ def _write_frame(bag: Any, frame: Frame, stamp_ns: int, jpegs: Sequence[bytes] |
 def write_example_bag(source: str | Path, out: str | Path, *, compressed: bool = False,
                       stamp_ns: int = EXAMPLE_STAMP_NS,
                       camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> BagStats:
-    """One example-data frame as a bag (see the module docstring); returns what was written.
+    """One example-data frame as a bag (see docs/tools.md); returns what was written.
     ``compressed``: the folder's JPEG files as they are."""
     from bevfusion_ros.ros.bag import BagWriter
 
@@ -203,7 +178,7 @@ def _load_nuscenes(dataroot: Path, version: str) -> Any:
     except ImportError as error:
         raise SourceError(
             f"reading a nuScenes data root needs nuscenes-devkit ({error}); install the "
-            "'nuscenes' extra (see requirements/nuscenes.txt)") from error
+            "'nuscenes' extra, then requirements/nuscenes.txt with --no-deps") from error
     return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
 
 
@@ -358,7 +333,7 @@ def write_nuscenes_bag(dataroot: str | Path, out: str | Path, *, version: str = 
                        max_frames: int | None = None,
                        camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES,
                        progress: Callable[[str], None] | None = None) -> BagStats:
-    """Scenes of a nuScenes data root as a bag (see the module docstring)."""
+    """Scenes of a nuScenes data root as a bag (see docs/tools.md)."""
     from bevfusion_ros.ros.bag import BagWriter
 
     if max_frames is not None and max_frames < 1:

@@ -1,40 +1,10 @@
 """Training loop: the differentiable BEVFusion forward, optimiser, schedule, checkpoints, export.
 
-Forward (:func:`forward_train`), the reference's dataflow (:class:`BEVFusionReference`) with
-gradients and batches:
-
-1. camera: ResNet + FPN + DepthLSS nets on all ``B x N`` images at once (the layers of
-   ``CameraBackboneExport``), softmax over depth bins;
-2. BEVPool per sample with the reference's :func:`bev_pool` (float32 scatter-add, differentiable),
-   then ``vtransform.downsample`` on the batch;
-3. lidar per sample (the sparse encoder handles batch index 0 only): voxels through
-   ``SparseEncoder`` in float32 with autocast off; its rulebooks (index pairs, which depend only
-   on the voxel coordinates) are kept in a small LRU cache per scene seed;
-4. fuser + SECOND/FPN decoder + TransFusion head on the batch, everything in training mode
-   (BatchNorm batch statistics, dropout 0.1 in the head).
-
-With ``amp`` the camera nets, fuser, decoder and head run under autocast (fp16 + GradScaler on
-CUDA, bfloat16 on CPU); BEVPool, the sparse encoder and the losses stay float32.
-
-Optimiser AdamW (weight decay 0.01) with a per-step schedule (:func:`learning_rate`):
-``onecycle`` (default; mit-han-lab's cyclic: cosine from lr/10 up to lr over the first 40% of
-the steps, then cosine down to lr * 1e-4), ``cosine`` (lr -> lr * 1e-3) or ``constant``;
-gradient clipping at L2 norm 35 (mit-han-lab ``grad_clip``).
-
-Outputs in ``out_dir``: ``model.pt`` (the plain ``state_dict``, loadable by
-``export_model_set(..., checkpoint=)``), ``train_state.pt`` (optimiser, scaler, epoch, RNG, for
-``--resume``), ``train_log.jsonl`` (one line per step), both checkpoint files rewritten after
-every epoch and when the run pauses; with ``export`` the ONNX model folder ``out_dir/model``.
-
-Pausing and resuming: ``stop_after`` (steps) or ``time_limit`` (seconds) end the run early
-without changing its schedule, after writing both checkpoint files; ``resume`` with the same
-options continues at the next step, mid-epoch included, so a run split over several
-time-limited sessions gives the same result as one (on the CPU: bit for bit).
-
-Determinism: model init (``build_model(preset, seed)``), dropout (torch's global RNG, seeded and
-saved in ``train_state.pt``) and the sample order (``seed + epoch``) follow ``seed``; on the CPU
-two runs give identical losses. On CUDA, ``index_add_``/``index_put_`` with accumulation
-(BEVPool, sparse convs) use atomics, so runs agree only to rounding.
+:func:`forward_train` is the reference's dataflow (:class:`BEVFusionReference`) with gradients
+and batches; AdamW with a per-step schedule (:func:`learning_rate`); ``model.pt`` and
+``train_state.pt`` in ``out_dir`` let a time-limited run pause and resume with the same result.
+The forward step by step, mixed precision, the optimiser, the outputs, resuming and determinism:
+docs/training.md, "Loop".
 """
 from __future__ import annotations
 
@@ -190,7 +160,7 @@ def lidar_branch(model: BEVFusionModel, features: torch.Tensor, coords: torch.Te
 
 def forward_train(model: BEVFusionModel, samples: list[Sample], device: torch.device | str,
                   amp: bool = False, rulebook_cache: RulebookCache | None = None) -> HeadOutput:
-    """Differentiable forward of a batch of samples (see the module doc) -> the head's output."""
+    """Differentiable forward of a batch of samples (docs/training.md) -> the head's output."""
     device = torch.device(device)
     preset = model.preset
     images = torch.stack([s["images"] for s in samples]).to(device, non_blocking=True).float()
@@ -395,7 +365,7 @@ def new_trainer(config: TrainConfig) -> tuple[Trainer, int]:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.preset`` on the scenes ``config.seeds``; see the module doc."""
+    """Train ``config.preset`` on the scenes ``config.seeds``; see docs/training.md."""
     log = config.log or (lambda _message: None)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

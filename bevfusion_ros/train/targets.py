@@ -1,43 +1,12 @@
 """TransFusion training targets: dense Gaussian heatmaps, box encoding, proposal assignment.
 
-Conventions (the head's, see :mod:`bevfusion_ros.model.head` and spec 6.2/6.3):
-
-* BEV grid ``[C, X, Y]``: cell ``(ix, iy)`` covers ``x in [xmin + ix * cx, xmin + (ix + 1) * cx)``
-  with ``cx = out_size_factor * voxel_x`` (3 m for ``tiny``, 0.6 m for ``nuscenes-r50``);
-  ``xmin`` is the voxelizer's ``point_range_min``.
-* Ground-truth boxes ``[M, 9]`` are CUDA-layout ``x, y, z, w, l, h, yaw, vx, vy`` with z the box
-  centre (:mod:`bevfusion_ros.sim.scene`), yaw mmdet3d's clockwise angle.
-
-Box encoding (:func:`encode_boxes`), the exact inverse of ``decode_boxes``
-(:func:`bevfusion_ros.model.reference.decode_boxes`, :func:`bevfusion_ros.head.decode.decode_boxes`),
-10 channels in the head's ``BOX_HEAD_CHANNELS`` order::
-
-    center (2) = ((x - xmin) / cx, (y - ymin) / cy)     BEV-cell units, query position included
-    height (1) = z + h / 2                              decode: z = height - h / 2
-    dim    (3) = (log w, log l, log h)                  decode: exp
-    rot    (2) = (sin yaw, cos yaw)                     decode: atan2(rot0, rot1)
-    vel    (2) = (vx, vy)
-
-``height`` is the box top because the decode subtracts h/2 and our z is the centre: the same
-target convention as mit-han-lab's nuScenes training (spec 6.5 correction), so the decoded z of
-our weights and of NVIDIA's means the same thing (the true box centre).
-
-Dense heatmap (:func:`heatmap_targets`): mmdet3d/TransFusion ``get_targets_single``: per box the
-footprint in cells (w / cx, l / cy), ``radius = max(min_radius, int(gaussian_radius(...,
-min_overlap)))`` with mmdet3d's ``gaussian_radius`` (including its well-known missing ``/ 2a``),
-a Gaussian of sigma ``(2 r + 1) / 6`` drawn with ``draw_heatmap_gaussian`` (element-wise max,
-value exactly 1 at the centre cell ``int(coord)``) into the box's class channel.
-
-Proposal assignment (:func:`assign_proposals`): **Hungarian (one-to-one)**, TransFusion's
-``HungarianAssigner3D`` costs (focal class cost x 0.15 + BEV L1 centre cost x 0.25, the centre
-taken from the prediction and normalised by the point-cloud range; no IoU cost), restricted to
-feasible pairs: the proposal's class (``proposal_class``, fixed by the dense heatmap) equals the
-GT label and the proposal's query cell centre lies within ``radius + match_margin`` cells of the
-GT centre (``radius`` = the GT's heatmap radius). The restriction keeps a GT from being
-regressed by a far-away proposal of another class, which could never output that box anyway
-(the score is masked by ``one_hot(proposal_class)``). One-to-one matching (unlike
-nearest-centre) teaches the class branch to score duplicates low, which matters because the
-deploy path has no NMS. The solver is ``scipy.optimize.linear_sum_assignment``.
+Conventions are the head's (:mod:`bevfusion_ros.model.head`, spec 6.2/6.3): BEV grid
+``[C, X, Y]``, cells of ``out_size_factor * voxel`` from the voxelizer's ``point_range_min``;
+ground-truth boxes ``[M, 9]`` in the CUDA layout with z the box centre. :func:`encode_boxes` is
+the exact inverse of ``decode_boxes``; :func:`heatmap_targets` follows mmdet3d/TransFusion;
+:func:`assign_proposals` is a one-to-one (Hungarian) assignment restricted to feasible pairs,
+solved by ``scipy.optimize.linear_sum_assignment``.
+The encoding, the heatmap radius and the assignment costs, and why: docs/training.md, "Targets".
 """
 from __future__ import annotations
 
@@ -95,7 +64,7 @@ class BevGrid:
 
 # ----------------------------------------------------------------------------- box encoding
 def encode_boxes(boxes: np.ndarray, preset: ModelPreset) -> np.ndarray:
-    """GT boxes ``[M, 9]`` -> regression targets ``[M, 10]`` float64 (layout in the module doc)."""
+    """GT boxes ``[M, 9]`` -> regression targets ``[M, 10]`` float64 (layout in docs/training.md)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
     grid = BevGrid.of(preset)
     code = np.empty((len(boxes), BOX_CODE_SIZE), dtype=np.float64)
