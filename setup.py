@@ -33,7 +33,7 @@ setup(
         # the development machines' disk; an unpinned torch pulls a multi-GB CUDA build.
         # scipy: linear_sum_assignment of the training's proposal assignment (train.targets).
         "model": ["torch==2.13.0", "scipy==1.17.1"],
-        "dev": ["pytest==9.2.0", "mypy==2.4.1"],
+        "dev": ["pytest==9.2.0", "mypy==2.4.1", "ruff==0.17.6"],
         # rosbag2-compatible MCAP bags (bevfusion_ros.ros.bag, bevfusion-make-bag);
         # mcap-ros2-support's reader checks the tests' bags independently, and bag.py imports
         # zstandard itself (mcap also needs it, and lz4, for chunk compression).

@@ -1,5 +1,6 @@
 """Each dense engine of a model folder on its own: CUDA-graph replay time (channels-last weights,
-with and without the fused cuDNN conv+bias(+residual)+ReLU calls, and NCHW) and the kernels of one replay (CUPTI, via torch.profiler), with the ONNX ops behind them.
+with and without the fused cuDNN conv+bias(+residual)+ReLU calls, and NCHW) and the kernels of
+one replay (CUPTI, via torch.profiler), with the ONNX ops behind them.
 
     python benchmarks/engine_profile.py MODEL_DIR [--precision fp16] [--top 12]
 
@@ -18,7 +19,6 @@ import torch
 from bevfusion_ros.engines.select import DENSE_MODEL_FILES
 from bevfusion_ros.engines.torch_gpu import TorchEngine
 from bevfusion_ros.tools.cuda_timing import median_ms
-
 
 VARIANTS = {"fused": {}, "unfused": {"fuse_conv_activations": False},
             "NCHW": {"channels_last": False, "fuse_conv_activations": False}}

@@ -9,8 +9,8 @@ GPU path's gather writes and the GEMM reads (N_out * K * I elements, twice).
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import time
+from functools import partial
 
 import numpy as np
 
@@ -53,7 +53,8 @@ def main() -> None:
         rulebook = conv.rulebook(x, rulebooks)
         pairs = rulebook.num_pairs
         flops = 2 * pairs * layer.in_channels * layer.out_channels
-        im2col = 2 * rulebook.num_outputs * rulebook.geometry.kernel_volume * layer.in_channels * np.dtype(args.dtype).itemsize
+        im2col = (2 * rulebook.num_outputs * rulebook.geometry.kernel_volume * layer.in_channels
+                  * np.dtype(args.dtype).itemsize)
         rows.append((node.name, layer.subm, x.features.shape[0], rulebook.num_outputs, layer.in_channels,
                      layer.out_channels, rulebook.geometry.kernel_volume, pairs, flops, im2col, fresh))
         cases.append((conv, x, rulebook, fresh))

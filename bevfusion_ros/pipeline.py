@@ -22,7 +22,6 @@ camera-only (the lidar BEV is zero). Every such event is listed in ``detections.
 from __future__ import annotations
 
 import dataclasses
-
 import gc
 import logging
 import sys
@@ -39,7 +38,6 @@ import yaml
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
-from bevfusion_ros.runtime.array_module import is_cupy, to_numpy
 from bevfusion_ros.camera.normalize import check_images, normalize_images
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
@@ -50,6 +48,7 @@ from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame, black_image
 from bevfusion_ros.lidar.scn import SparseEncoderRunner
 from bevfusion_ros.lidar.voxelize import voxelize
+from bevfusion_ros.runtime.array_module import is_cupy, to_numpy
 from bevfusion_ros.runtime.upload import FrameUploader
 
 LOG = logging.getLogger("bevfusion_ros.pipeline")

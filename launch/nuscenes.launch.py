@@ -10,18 +10,20 @@ Every parameter is documented in config/nuscenes.yaml. ``use_sim_time:=true`` fo
 from pathlib import Path
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
+
+from launch import LaunchDescription
 
 
 def generate_launch_description() -> LaunchDescription:
     share = Path(get_package_share_directory("bevfusion_ros"))
     arguments = [
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "nuscenes.yaml"),
-                              description="node parameters (the geometry comes from the model folder's bevfusion.yaml)"),
+                              description="node parameters (the geometry comes from the model "
+                                          "folder's bevfusion.yaml)"),
         DeclareLaunchArgument("model_dir", default_value="out/models/nuscenes-r50-fp16",
                               description="CUDA-BEVFusion model folder"),
         DeclareLaunchArgument("backend", default_value="auto", description="auto | tensorrt | gpu | cpu"),

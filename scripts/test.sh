@@ -9,4 +9,7 @@ ROS_HOME="$(mktemp -d)"
 export ROS_HOME
 export FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds-large-data.xml"
 trap 'rm -rf "$ROS_HOME"' EXIT
+if [ "$#" -eq 0 ]; then                 # the whole suite: lint the whole tree first (ruff.toml)
+  .venv/bin/ruff check .
+fi
 .venv/bin/python -m pytest -q "$@"

@@ -16,10 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from bevfusion_ros.engines import (DENSE_MODEL_FILES, EngineError, OnnxRuntimeEngine,  # noqa: E402
-                                   check_interface, expected_interfaces)
-from bevfusion_ros.engines.torch_gpu import (OnnxModule, TorchEngine, _fuse_conv_activations,  # noqa: E402
-                                             _static_shapes)
+from bevfusion_ros.engines import (  # noqa: E402
+    DENSE_MODEL_FILES,
+    EngineError,
+    OnnxRuntimeEngine,
+    check_interface,
+    expected_interfaces,
+)
+from bevfusion_ros.engines.torch_gpu import OnnxModule, TorchEngine, _fuse_conv_activations, _static_shapes  # noqa: E402
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import TINY  # noqa: E402
 

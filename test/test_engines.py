@@ -7,9 +7,15 @@ import pytest
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")                       # only to export the model sets
 
-from bevfusion_ros.engines import (DENSE_MODEL_FILES, EngineError, EngineInterfaceError,  # noqa: E402
-                                   OnnxRuntimeEngine, check_interface, expected_interfaces,
-                                   load_dense_engines)
+from bevfusion_ros.engines import (  # noqa: E402
+    DENSE_MODEL_FILES,
+    EngineError,
+    EngineInterfaceError,
+    OnnxRuntimeEngine,
+    check_interface,
+    expected_interfaces,
+    load_dense_engines,
+)
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 

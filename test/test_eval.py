@@ -25,10 +25,15 @@ import pytest
 
 pytest.importorskip("nuscenes.eval.detection.algo")
 
+from bevfusion_ros.analysis.evaluation import (  # noqa: E402
+    NUSCENES_CLASS_RANGE,
+    EvalResult,
+    count_points_in_boxes,
+    evaluate,
+    heading_quaternion,
+)
 from bevfusion_ros.config import NUSCENES_CLASS_NAMES  # noqa: E402
 from bevfusion_ros.detections import Detections  # noqa: E402
-from bevfusion_ros.analysis.evaluation import (NUSCENES_CLASS_RANGE, EvalResult,  # noqa: E402
-                                      count_points_in_boxes, evaluate, heading_quaternion)
 
 NAMES = NUSCENES_CLASS_NAMES
 CAR, TRUCK, BUS, BARRIER, PEDESTRIAN, CONE = (NAMES.index(name) for name in

@@ -6,8 +6,14 @@ import struct
 import numpy as np
 import pytest
 
-from bevfusion_ros.io.tensor import (TENSOR_MAGIC, TensorFileError, decode_tensor, encode_tensor,
-                                     read_tensor, write_tensor)
+from bevfusion_ros.io.tensor import (
+    TENSOR_MAGIC,
+    TensorFileError,
+    decode_tensor,
+    encode_tensor,
+    read_tensor,
+    write_tensor,
+)
 
 # Independent table of the format's dtype codes (spec 1.6) for the reference packer.
 CODES = {1: "<i4", 2: "<f2", 3: "<f4", 4: "<i8", 5: "<u8", 6: "<u4", 7: "i1", 8: "u1",

@@ -71,8 +71,8 @@ def test_end_to_end_parity_with_reference(pipeline, reference, frame):
     assert np.abs(yaw_error).max() < 1e-3                                      # radians
     assert np.abs(got[:, 7:9] - expected[:, 7:9]).max() < 1e-3                 # m/s
     assert np.abs(got[:, 10] - expected[:, 10]).max() < 1e-3                   # score
-    stages = {"upload_points", "upload_images", "normalize", "depth", "camera_backbone", "bevpool", "vtransform", "voxelize",
-              "lidar_backbone", "fuser", "head", "decode"}
+    stages = {"upload_points", "upload_images", "normalize", "depth", "camera_backbone", "bevpool", "vtransform",
+              "voxelize", "lidar_backbone", "fuser", "head", "decode"}
     assert set(detections.stage_ms) - {"camera_geometry"} == stages
     assert set(pipeline.forward(frame).stage_ms) == stages          # geometry kept: not recomputed
 

@@ -15,9 +15,17 @@ import pytest
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, NUSCENES_CLASS_NAMES, load_config
 from bevfusion_ros.io.frame import load_example_data
 from bevfusion_ros.io.tensor import read_tensor
-from bevfusion_ros.sim import (CLASS_SPECS, GROUND_INDEX, MISS_INDEX, build_scene, cast_rays,
-                               generate_scene, synthetic_calibration, synthetic_rig,
-                               write_example_folder)
+from bevfusion_ros.sim import (
+    CLASS_SPECS,
+    GROUND_INDEX,
+    MISS_INDEX,
+    build_scene,
+    cast_rays,
+    generate_scene,
+    synthetic_calibration,
+    synthetic_rig,
+    write_example_folder,
+)
 from bevfusion_ros.sim.scene import MAX_RANGE, box_face_colors, lidar_directions
 from bevfusion_ros.tools import make_scene
 

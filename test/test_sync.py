@@ -9,9 +9,18 @@ import random
 
 import pytest
 
-from bevfusion_ros.streaming.sync import (DROP_DUPLICATE, DROP_FUTURE, DROP_OUT_OF_ORDER, DROP_RESET,
-                                MISSING_CAMERA_POLICIES, REASON_NO_MATCH, REASON_STALE,
-                                REASON_SUPERSEDED, LidarTriggeredSync, SyncedFrame)
+from bevfusion_ros.streaming.sync import (
+    DROP_DUPLICATE,
+    DROP_FUTURE,
+    DROP_OUT_OF_ORDER,
+    DROP_RESET,
+    MISSING_CAMERA_POLICIES,
+    REASON_NO_MATCH,
+    REASON_STALE,
+    REASON_SUPERSEDED,
+    LidarTriggeredSync,
+    SyncedFrame,
+)
 
 MS = 1_000_000  # nanoseconds per millisecond
 S = 1_000_000_000  # nanoseconds per second

@@ -22,8 +22,7 @@ from onnx import TensorProto, helper
 from bevfusion_ros.engines import EngineError, PlanCache, TensorRTEngine, load_dense_engines
 from bevfusion_ros.engines.plan_cache import sha256_hex
 from bevfusion_ros.engines.select import UnknownBackendError, choose_backend, resolve_backend
-from bevfusion_ros.engines.tensorrt import (BuildSettings, GpuIdentity, build_settings, cached_plan,
-                                            tensorrt_version)
+from bevfusion_ros.engines.tensorrt import BuildSettings, GpuIdentity, build_settings, cached_plan, tensorrt_version
 from bevfusion_ros.model.presets import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,8 @@ from bevfusion_ros.model.export import MODEL_FILES, calibrate_random_weights  # 
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 from bevfusion_ros.model.reference import BEVFusionReference, decode_boxes  # noqa: E402
 from bevfusion_ros.train import targets as T  # noqa: E402
-from bevfusion_ros.train.data import (SceneDataset, calibration_for_preset,  # noqa: E402
-                                      parse_scene_range)
-from bevfusion_ros.train.loop import (TrainConfig, forward_train, learning_rate,  # noqa: E402
-                                      train)
+from bevfusion_ros.train.data import SceneDataset, calibration_for_preset, parse_scene_range  # noqa: E402
+from bevfusion_ros.train.loop import TrainConfig, forward_train, learning_rate, train  # noqa: E402
 from bevfusion_ros.train.losses import gaussian_focal_loss, sigmoid_focal_loss  # noqa: E402
 
 SCENE_SEED = 0

@@ -7,11 +7,16 @@ import cv2
 import numpy as np
 import pytest
 
+from bevfusion_ros.analysis.visualize import (
+    CLASS_COLORS,
+    forward_direction,
+    project_edges,
+    render_visualization,
+    save_visualization,
+)
 from bevfusion_ros.config import NUSCENES_CLASS_NAMES, PipelineConfig
 from bevfusion_ros.detections import Detections
 from bevfusion_ros.io import load_example_data
-from bevfusion_ros.analysis.visualize import (CLASS_COLORS, forward_direction, project_edges, render_visualization,
-                                     save_visualization)
 
 CONFIG = PipelineConfig()
 # Default layout for 1600x900 cameras: 480x270 tiles in a 3x2 grid, a 540x540 BEV panel right of

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bevfusion_ros.detections import H, L, LABEL, SCORE, VX, VY, W, X, Y, YAW, Z, Detections, rep103_heading
+from bevfusion_ros.detections import LABEL, SCORE, VX, VY, YAW, Detections, H, L, W, X, Y, Z, rep103_heading
 
 DIST_THS = (0.5, 1.0, 2.0, 4.0)
 DIST_TH_TP = 2.0
@@ -43,8 +43,7 @@ def _devkit():
         from nuscenes.eval.common.data_classes import EvalBoxes
         from nuscenes.eval.detection import algo
         from nuscenes.eval.detection.constants import DETECTION_NAMES
-        from nuscenes.eval.detection.data_classes import (DetectionBox, DetectionConfig,
-                                                          DetectionMetrics)
+        from nuscenes.eval.detection.data_classes import DetectionBox, DetectionConfig, DetectionMetrics
     except ImportError as error:       # pragma: no cover - depends on the environment
         raise ImportError("evaluation needs nuscenes-devkit: pip install -e .[nuscenes] && "
                           "pip install --no-deps -r requirements/nuscenes.txt") from error

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.camera.geometry import CameraGeometry
+from bevfusion_ros.runtime.array_module import is_cupy
 
 CHUNK_POINTS = 8192      # sorted points per step: 8192 x C float32 (2.6 MB at C = 80)
 

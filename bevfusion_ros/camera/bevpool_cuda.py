@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import get_array_module, is_cupy
 from bevfusion_ros.camera.bevpool import check_inputs, feature_rows
 from bevfusion_ros.camera.geometry import CameraGeometry
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy
 
 CHANNEL_GROUP = 8        # channels per thread: 8 float32 accumulators in registers
 THREADS = 256

@@ -413,7 +413,8 @@ class ImageDecoder:
         rgb = np.stack([xx * 5, yy * 7, 255 - xx * 5], axis=-1).astype(np.uint8)
         ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok or nvjpeg_refusal(jpeg) is not None:
-            raise RuntimeError(f"OpenCV wrote no nvJPEG-decodable test JPEG ({nvjpeg_refusal(jpeg) if ok else 'imencode failed'})")
+            why = nvjpeg_refusal(jpeg) if ok else "imencode failed"
+            raise RuntimeError(f"OpenCV wrote no nvJPEG-decodable test JPEG ({why})")
         (decoded,) = self._decode_gpu([jpeg.reshape(-1)])
         if isinstance(decoded, Exception):
             raise decoded

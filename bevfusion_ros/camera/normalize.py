@@ -1,8 +1,8 @@
 """Camera images -> network input: fixed-point bilinear resize, crop, mean/std (spec 1.2).
 
 Per output pixel (ox, oy) the source position is ``src = (o + crop + 0.5) * step - 0.5`` in
-float32 with ``step = 1.0f / float32(resize_scale)`` (a float32 division, as CUDA's kernel); the two neighbours ``floor(src)`` and
-``floor(src) + 1`` are clamped to the image and blended with 11-bit weights
+float32 with ``step = 1.0f / float32(resize_scale)`` (a float32 division, as CUDA's kernel); the
+two neighbours ``floor(src)`` and ``floor(src) + 1`` are clamped to the image and blended with 11-bit weights
 ``l = rint(frac * 2048)``, ``h = 2048 - l`` in integer arithmetic (OpenCV's uint8
 INTER_LINEAR scheme, total scale 2**22)::
 
@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.config import ImageConfig
+from bevfusion_ros.runtime.array_module import is_cupy
 
 WEIGHT_BITS = 11
 WEIGHT_SCALE = 1 << WEIGHT_BITS          # 2048: the weights of one axis sum to this

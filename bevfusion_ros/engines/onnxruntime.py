@@ -12,8 +12,14 @@ import numpy as np
 import onnxruntime
 
 from bevfusion_ros.config import PipelineConfig
-from bevfusion_ros.engines.base import (DENSE_MODEL_FILES, Engine, EngineError, FileEngine, TensorSpec,
-                                        check_dense_engines)
+from bevfusion_ros.engines.base import (
+    DENSE_MODEL_FILES,
+    Engine,
+    EngineError,
+    FileEngine,
+    TensorSpec,
+    check_dense_engines,
+)
 
 # ONNX Runtime type strings of the element types our graphs use.
 _ORT_DTYPES: dict[str, np.dtype] = {

@@ -17,11 +17,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from bevfusion_ros.runtime.array_module import gpu_available
 from bevfusion_ros.config import PipelineConfig
 from bevfusion_ros.engines.base import DENSE_MODEL_FILES, Engine, EngineError, check_dense_engines
 from bevfusion_ros.engines.onnxruntime import OnnxRuntimeEngine
 from bevfusion_ros.engines.plan_cache import PlanCache
+from bevfusion_ros.runtime.array_module import gpu_available
 
 LOGGER = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "gpu", "cpu")
@@ -112,6 +112,7 @@ def engine_factory(backend: str, threads: int | None = None, plan_cache: PlanCac
         return lambda path: OnnxRuntimeEngine(path, ("CPUExecutionProvider",), threads)
     if backend == "gpu":
         import torch
+
         from bevfusion_ros.engines.torch_gpu import TorchEngine
         dtype = torch.float16 if precision == "fp16" else torch.float32
         return lambda path: TorchEngine(path, dtype=dtype)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.engines.base import EngineError, FileEngine, Shape, TensorSpec
+from bevfusion_ros.runtime.array_module import is_cupy
 
 SUPPORTED_OPSETS = range(13, 18)
 """Default-domain opset versions whose op semantics the interpreter implements."""

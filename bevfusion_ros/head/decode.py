@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import is_cupy
 from bevfusion_ros.config import PipelineConfig
+from bevfusion_ros.runtime.array_module import is_cupy
 
 BOX_COLUMNS = ("x", "y", "z", "w", "l", "h", "yaw", "vx", "vy", "label", "score")
 # Head outputs in the export's declaration order (spec 2.5) -> channels (spec 6.2); ``score``

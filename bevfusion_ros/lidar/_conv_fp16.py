@@ -454,7 +454,8 @@ class TiledConv:
         self.config = default_tile_config(channels_out) if config is None else config
         if not self.config.fits(channels_out):
             raise ValueError(f"sparse_conv_fp16_tiled: {self.config} does not split {channels_out} columns")
-        self.packed_weight, self.taps, self.channels_in, self.channels_out = packed_weight, taps, channels_in, channels_out
+        self.packed_weight, self.taps = packed_weight, taps
+        self.channels_in, self.channels_out = channels_in, channels_out
         self.bias = cupy.ascontiguousarray(bias, dtype=cupy.float16)
         self._kernel = _tiled_kernel(channels_out, self.config, channels_in % 8 == 0)
         self._shared = self.config.shared_bytes(channels_out, taps)

@@ -394,7 +394,8 @@ def gather_columns(features: Any, neighbors: Any) -> Any:
 
 
 def fused_conv_supported(channels_out: int) -> bool:
-    """Whether the fp16 kernel (:mod:`bevfusion_ros.lidar._conv_fp16`) handles ``channels_out`` output channels on this GPU
+    """Whether the fp16 kernel (:mod:`bevfusion_ros.lidar._conv_fp16`) handles ``channels_out``
+    output channels on this GPU
     (multiples of 16 up to 128: 128 columns of accumulators fill a warp's registers; tensor-core
     ``mma.sync`` m16n8k16 needs compute capability 8.0 or newer)."""
     import cupy

@@ -31,11 +31,19 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from numpy.typing import DTypeLike
 
-from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, ScnLayer, ScnNode, read_scn_onnx
-from bevfusion_ros.lidar.sparse_conv import (ConvGeometry, Rulebook, Triple, build_rulebook,
-                                             linear_keys, prepare_fp16_conv, scatter_dense,
-                                             site_table, sparse_conv)
+from bevfusion_ros.lidar.sparse_conv import (
+    ConvGeometry,
+    Rulebook,
+    Triple,
+    build_rulebook,
+    linear_keys,
+    prepare_fp16_conv,
+    scatter_dense,
+    site_table,
+    sparse_conv,
+)
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 
 Array = Any                      # numpy.ndarray or cupy.ndarray
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))

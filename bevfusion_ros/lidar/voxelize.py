@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 from bevfusion_ros.config import VoxelizationConfig
+from bevfusion_ros.runtime.array_module import get_array_module, is_cupy, to_numpy
 
 Array = Any                      # numpy.ndarray or cupy.ndarray
 

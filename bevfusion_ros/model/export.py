@@ -28,16 +28,15 @@ import yaml
 
 from bevfusion_ros.config import save_config
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
-from bevfusion_ros.model.camera import (CameraBackboneExport, VTransformExport, camera_sample_inputs,
-                                        export_camera_onnx)
+from bevfusion_ros.model.camera import CameraBackboneExport, VTransformExport, camera_sample_inputs, export_camera_onnx
 from bevfusion_ros.model.checkpoint import load_checkpoint
-from bevfusion_ros.model.fuser import (FuserExport, export_fuser_head_onnx, fuser_sample_inputs)
+from bevfusion_ros.model.fuser import FuserExport, export_fuser_head_onnx, fuser_sample_inputs
 from bevfusion_ros.model.head import HeadExport, head_sample_inputs
 from bevfusion_ros.model.presets import ModelPreset
 from bevfusion_ros.model.quantize import quantize_qdq
-from bevfusion_ros.model.scn_onnx import write_scn_onnx
 from bevfusion_ros.model.reference import voxelize
 from bevfusion_ros.model.samples import synthetic_sweep
+from bevfusion_ros.model.scn_onnx import write_scn_onnx
 
 MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
                "lidar.backbone.xyz.onnx")
@@ -132,9 +131,9 @@ def export_model_set(preset: ModelPreset, precision: str, out_dir: Path,
         _quantize_file(out_dir / "fuser.onnx",
                        [_feeds(("camera", "lidar"), sample) for sample in fuser_samples])
     trained = checkpoint is not None
+    weights = f"checkpoint {checkpoint}" if trained else "seeded random weights, UNTRAINED"
     save_config(preset.pipeline, out_dir / "bevfusion.yaml",
-                header=f"Geometry of the {preset.name} model exported by bevfusion-export "
-                       f"({precision}, {'checkpoint ' + str(checkpoint) if trained else 'seeded random weights, UNTRAINED'}).")
+                header=f"Geometry of the {preset.name} model exported by bevfusion-export ({precision}, {weights}).")
     files = {name: (out_dir / name).stat().st_size for name in MODEL_FILES}
     _write_export_info(out_dir, preset, precision, checkpoint, seed, files, trained_on)
     return ExportResult(out_dir, files, time.perf_counter() - start)

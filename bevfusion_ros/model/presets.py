@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from bevfusion_ros.config import (CameraGeometryConfig, HeadConfig, ImageConfig, PipelineConfig,
-                                  VoxelizationConfig)
+from bevfusion_ros.config import CameraGeometryConfig, HeadConfig, ImageConfig, PipelineConfig, VoxelizationConfig
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from bevfusion_ros.model.fuser import FuserExport
 from bevfusion_ros.model.head import HeadExport
 from bevfusion_ros.model.presets import ModelPreset
 
+
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A NumPy array as a tensor on the current default device (see BEVFusionReference.device)."""
     return torch.from_numpy(np.ascontiguousarray(array)).to(torch.get_default_device())

@@ -34,13 +34,21 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from bevfusion_ros.lidar.scn_graph import (SPARSE_CONVOLUTION, WEIGHT_TO_ONNX, ScnLayer, ScnNode,
-                                           layer_attributes)
+from bevfusion_ros.lidar.scn_graph import SPARSE_CONVOLUTION, WEIGHT_TO_ONNX, ScnLayer, ScnNode, layer_attributes
 from bevfusion_ros.model.presets import ModelPreset
-from bevfusion_ros.model.sparse_encoder import (SparseBasicBlock, SparseConvolution, SparseEncoder,
-                                                SparseVoxelTensor, Triple, cached_rulebook,
-                                                conv_output_shape, scatter_dense, sparse_conv,
-                                                sparse_input, voxel_sample_inputs)
+from bevfusion_ros.model.sparse_encoder import (
+    SparseBasicBlock,
+    SparseConvolution,
+    SparseEncoder,
+    SparseVoxelTensor,
+    Triple,
+    cached_rulebook,
+    conv_output_shape,
+    scatter_dense,
+    sparse_conv,
+    sparse_input,
+    voxel_sample_inputs,
+)
 
 OUTPUT_BOUND = 200000
 DEFAULT_CALIBRATION_VOXELS = 1000   # synthetic frame used when no calibration frames are given

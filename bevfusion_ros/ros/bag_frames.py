@@ -37,7 +37,8 @@ class BagFrames:
         self.assembler = FrameAssembler(config, settings, file_calibration)
         self.problems: list[str] = []
         suffix = "/compressed" if settings.compressed_images else ""
-        self._camera_of_topic = {f"{topic}{suffix}": name for name, topic in zip(config.camera_names, settings.camera_topics)}
+        self._camera_of_topic = {f"{topic}{suffix}": name
+                                 for name, topic in zip(config.camera_names, settings.camera_topics)}
         self._camera_of_info = dict(zip(settings.info_topics(), config.camera_names))
         self._pending: collections.deque[tuple[int, SyncedFrame]] = collections.deque()
 

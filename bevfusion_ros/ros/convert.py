@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 from builtin_interfaces.msg import Duration, Time
-from rclpy.serialization import deserialize_message
 from geometry_msgs.msg import Quaternion, Transform, Vector3
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import ColorRGBA, Header
 from vision_msgs.msg import Detection3DArray
@@ -29,7 +29,7 @@ except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
     cv2 = None  # type: ignore[assignment]
 
 from bevfusion_ros.camera.jpeg import ImageError, decode_rgb, uint8_buffer
-from bevfusion_ros.detections import H, L, SCORE, VX, VY, W, X, Y, Z, Detections, cuda_yaw
+from bevfusion_ros.detections import SCORE, VX, VY, Detections, H, L, W, X, Y, Z, cuda_yaw
 from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.ros.cdr import CdrWriter, cdr_string, header_bytes
 from bevfusion_ros.streaming.transforms import quaternion_from_matrix, transform_from_translation_quaternion
@@ -37,7 +37,8 @@ from bevfusion_ros.streaming.transforms import quaternion_from_matrix, transform
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
     "VELOCITY_ARROW_MIN_SPEED", "camera_info_intrinsics", "class_color", "compressed_to_rgb",
-    "detections_to_markers", "detections_to_msg", "image_to_rgb", "serialize_detections", "serialize_markers", "intrinsics_to_camera_info",
+    "detections_to_markers", "detections_to_msg", "image_to_rgb", "serialize_detections", "serialize_markers",
+    "intrinsics_to_camera_info",
     "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
     "velocities", "yaw_to_quaternion", "quaternion_yaw",
 ]
@@ -417,10 +418,11 @@ def serialize_markers(detections: Detections, header: Header, namespace: str = "
     arrow_ends = centres + np.pad(velocities_xy, ((0, 0), (0, 1)))
     tops = (boxes[:, Z] + boxes[:, H] / 2).tolist()
     moving = (np.hypot(velocities_xy[:, 0], velocities_xy[:, 1]) > VELOCITY_ARROW_MIN_SPEED).tolist()
-    lines_pose, arrow_pose = _pose_scale((0.0, 0.0, 0.0), (0.05, 0.0, 0.0)), _pose_scale((0.0, 0.0, 0.0), (0.1, 0.2, 0.2))
+    origin = (0.0, 0.0, 0.0)
+    lines_pose, arrow_pose = _pose_scale(origin, (0.05, 0.0, 0.0)), _pose_scale(origin, (0.1, 0.2, 0.2))
     writer = CdrWriter()
     writer.uint32(1 + 2 * len(boxes) + sum(moving))
-    _put_marker(writer, (frame, cdr_string("")), 0, Marker.ARROW, Marker.DELETEALL, _pose_scale((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    _put_marker(writer, (frame, cdr_string("")), 0, Marker.ARROW, Marker.DELETEALL, _pose_scale(origin, origin),
                 bytes(16) + struct.pack("<iI?", 0, 0, False))
     for index, (label, score) in enumerate(zip(detections.labels.tolist(), boxes[:, SCORE].tolist())):
         color = colors[label % len(colors)]

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bevfusion_ros_msgs.msg import FrameInfo
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.subscription import Subscription
 from rclpy.timer import Timer
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
@@ -38,14 +38,17 @@ from visualization_msgs.msg import MarkerArray
 from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
-from bevfusion_ros.streaming.node_config import (NodeConfig, command_line_parameters, configs_from_parameters,
-                                       nest_dotted)
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.ros import cdr, convert, edge, parameters
-from bevfusion_ros.streaming.sync import DROP_REASONS, MISSING_CAMERA_POLICIES, SyncedFrame
 from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest
+from bevfusion_ros.streaming.node_config import (
+    NodeConfig,
+    command_line_parameters,
+    configs_from_parameters,
+    nest_dotted,
+)
+from bevfusion_ros.streaming.sync import DROP_REASONS, MISSING_CAMERA_POLICIES, SyncedFrame
 from bevfusion_ros.streaming.worker import FrameWorker
-from bevfusion_ros_msgs.msg import FrameInfo
 
 NODE_NAME = "bevfusion"
 RCLPY_PARAMETERS = {"use_sim_time", "start_type_description_service"}   # declared by rclpy itself
@@ -135,7 +138,8 @@ class BEVFusionBehaviour:
         self.assembler = FrameAssembler(self.config, self.settings, self._file_calibration(), decoder)
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self.get_logger().info(
-            f"model {model_dir} on backend {self.pipeline.backend} ({self.pipeline.model_info.get('weights', 'weights?')}); "
+            f"model {model_dir} on backend {self.pipeline.backend} "
+            f"({self.pipeline.model_info.get('weights', 'weights?')}); "
             f"cameras {list(self.config.camera_names)}; lidar {self.settings.lidar_topic}; "
             f"missing_camera={self.settings.sync.missing_camera}; sweeps={self.settings.num_sweeps}")
         if self.pipeline.trained is False:

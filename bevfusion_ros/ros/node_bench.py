@@ -238,12 +238,11 @@ class Recorder:
 
     def __init__(self, domain_id: int) -> None:
         import rclpy
+        from bevfusion_ros_msgs.msg import FrameInfo
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from vision_msgs.msg import Detection3DArray
-
-        from bevfusion_ros_msgs.msg import FrameInfo
         self.lock = threading.Lock()
         self.answers: dict[int, Answer] = {}
         self.frame_infos: dict[int, dict[str, float]] = {}
@@ -478,7 +477,8 @@ def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchRepo
             wait_for(lambda: recorder.counters_settled(len(frames)), COUNTERS_GRACE_S, lambda: not node.alive())
             samples = sampler.stop()
             with recorder.lock:
-                answers, infos, report.node_counters = dict(recorder.answers), dict(recorder.frame_infos), dict(recorder.status)
+                answers, infos = dict(recorder.answers), dict(recorder.frame_infos)
+                report.node_counters = dict(recorder.status)
                 velocities = dict(recorder.velocities)
             report.windows = [_window(options, i, rate, frames, answers, infos, samples)
                               for i, rate in enumerate(options.rates_hz)]
@@ -560,7 +560,8 @@ def format_report(report: NodeBenchReport) -> str:
             if stats:
                 lines.append(f"    {name:<28}p50 {stats['p50']:8.2f}  p90 {stats['p90']:8.2f}  p99 {stats['p99']:8.2f}")
     lines.append(f"highest rate with zero drops: {report.highest_rate_without_drops} Hz; node RSS MiB "
-                 f"{report.node_rss_mib}; exit code {report.node_exit_code}, Traceback in log {report.traceback_in_log}")
+                 f"{report.node_rss_mib}; exit code {report.node_exit_code}, "
+                 f"Traceback in log {report.traceback_in_log}")
     counters = {k: v for k, v in report.node_counters.items() if k.startswith(("frames_", "dropped."))}
     lines.append(f"node counters: {counters}")
     if report.box_check:

@@ -10,7 +10,8 @@ and ``bevfusion-eval --through-node`` run the product this way, as a user would.
   clouds with ``time_lag``, one sweep).
 * While it runs, this process's environment is the safe ROS one (localhost discovery, its own
   domain id and a temporary ROS_HOME, :func:`bevfusion_ros.ros.environment.safe_ros_process`;
-  restored afterwards), which the node inherits; this process records ``/bevfusion/detections``, ``/bevfusion/frame_info``, ``/bevfusion/markers`` and
+  restored afterwards), which the node inherits; this process records ``/bevfusion/detections``,
+  ``/bevfusion/frame_info``, ``/bevfusion/markers`` and
   ``/diagnostics`` into ``out_dir/detections.mcap``, and plays the bag (``bevfusion-play``).
 * ``lockstep``: after each cloud the player waits until the node has answered it (a FrameInfo
   for every cloud so far, at most ``frame_timeout`` seconds), so that no frame is dropped
@@ -113,10 +114,10 @@ def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockst
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
-    from bevfusion_ros.streaming.node_config import NodeConfig
     from bevfusion_ros.ros.bag import bag_summary
     from bevfusion_ros.ros.play import play
     from bevfusion_ros.ros.record import Recorder
+    from bevfusion_ros.streaming.node_config import NodeConfig
 
     lidar_topic = NodeConfig().lidar_topic
     context = rclpy.Context()

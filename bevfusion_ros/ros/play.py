@@ -23,8 +23,7 @@ from typing import Any
 
 from rclpy.duration import Duration
 from rclpy.node import Node
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_sensor_data)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from bevfusion_ros.ros.bag import BagMessage, bag_summary, message_class, read_bag
 

@@ -376,14 +376,13 @@ class SoakDriver:
 
     def __init__(self, domain_id: int, camera_names: Sequence[str]) -> None:
         import rclpy
+        from bevfusion_ros_msgs.msg import FrameInfo
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, Image, PointCloud2
         from tf2_msgs.msg import TFMessage
         from vision_msgs.msg import Detection3DArray
-
-        from bevfusion_ros_msgs.msg import FrameInfo
         sensors = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=SENSOR_QUEUE_DEPTH,
                              reliability=ReliabilityPolicy.RELIABLE)
         latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,

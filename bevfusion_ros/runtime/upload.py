@@ -21,7 +21,6 @@ import numpy as np
 from bevfusion_ros.camera.normalize import normalize_tables
 from bevfusion_ros.config import ImageConfig
 
-
 COPY_THREADS = 6                 # host copy threads (at most the CPU count)
 
 

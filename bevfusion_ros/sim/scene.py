@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, NUSCENES_CLASS_NAMES, ImageConfig
-from bevfusion_ros.detections import H, L, VX, VY, W, X, Y, YAW, Z, cuda_yaw, rep103_heading
+from bevfusion_ros.detections import VX, VY, YAW, H, L, W, X, Y, Z, cuda_yaw, rep103_heading
 from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame

@@ -11,9 +11,16 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from bevfusion_ros.config import (NUSCENES_CAMERA_NAMES, ConfigError, PipelineConfig, _require,
-                                  _ros_parameters, _section_from_mapping, config_from_dict,
-                                  config_to_dict)
+from bevfusion_ros.config import (
+    NUSCENES_CAMERA_NAMES,
+    ConfigError,
+    PipelineConfig,
+    _require,
+    _ros_parameters,
+    _section_from_mapping,
+    config_from_dict,
+    config_to_dict,
+)
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.streaming.sync import MISSING_CAMERA_POLICIES
 

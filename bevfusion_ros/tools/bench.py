@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,8 +25,8 @@ import numpy as np
 
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.io.frame import Frame
-from bevfusion_ros.runtime.memory import keep_large_buffers
 from bevfusion_ros.pipeline import BEVFusionPipeline
+from bevfusion_ros.runtime.memory import keep_large_buffers
 from bevfusion_ros.tools.infer import STAGE_ORDER
 
 

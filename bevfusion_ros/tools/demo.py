@@ -118,8 +118,8 @@ def ground_truth_detections(scene, class_names: tuple[str, ...]) -> Detections:
 def summarize(args: argparse.Namespace, model: Path, replay, scenes: list, note: str,
               started: float) -> None:
     """detections.json, visualization.png, mAP (generated scenes) and the summary lines."""
-    from bevfusion_ros.io.frame import load_example_data
     from bevfusion_ros.analysis.visualize import save_visualization
+    from bevfusion_ros.io.frame import load_example_data
     from bevfusion_ros.tools.make_bag import scene_stamp_ns
     config = load_config(model / "bevfusion.yaml")
     if scenes:                                   # the last scene the node answered

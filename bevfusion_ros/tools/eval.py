@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from bevfusion_ros.analysis.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.engines.select import BACKENDS
-from bevfusion_ros.analysis.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
 from bevfusion_ros.io import FrameError, load_example_data
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from bevfusion_ros.model.checkpoint import CheckpointError
-from bevfusion_ros.model.presets import PRESETS, get_preset
 from bevfusion_ros.model.export import PRECISIONS, export_model_set
+from bevfusion_ros.model.presets import PRESETS, get_preset
 
 
 def main(argv: list[str] | None = None) -> int:

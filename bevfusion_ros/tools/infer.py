@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from bevfusion_ros.analysis.visualize import save_visualization
 from bevfusion_ros.config import load_config
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.tools.cli import run_reporting_errors
-from bevfusion_ros.analysis.visualize import save_visualization
 
 STAGE_ORDER = ("camera_geometry", "upload_points", "upload_images", "normalize", "depth",
                "camera_backbone", "bevpool", "vtransform", "voxelize", "lidar_backbone", "fuser", "head",

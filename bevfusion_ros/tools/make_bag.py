@@ -24,7 +24,6 @@ from bevfusion_ros.io.calibration import pose_matrix
 from bevfusion_ros.io.frame import Frame, read_rgb_image
 from bevfusion_ros.streaming.node_config import NodeConfig, camera_info_topic, camera_topic
 
-
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
 SCENE_PERIOD_NS = 100_000_000          # generated scenes: one frame every 0.1 s
 LIDAR_CHANNEL = "LIDAR_TOP"

@@ -19,7 +19,8 @@ def start_node(command_line: Sequence[str], managed: bool = False) -> BEVFusionN
     parameter or calibration; the traceback too with ``--log-level debug``)."""
     import rclpy
     import rclpy.logging
-    from bevfusion_ros.ros.node import BEVFusionLifecycleNode, BEVFusionNode, NODE_NAME
+
+    from bevfusion_ros.ros.node import NODE_NAME, BEVFusionLifecycleNode, BEVFusionNode
     from bevfusion_ros.tools.cli import USER_ERRORS
     try:
         return (BEVFusionLifecycleNode if managed else BEVFusionNode)(command_line=command_line)

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from bevfusion_ros.runtime.array_module import to_numpy
 from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.normalize import normalize_images
-from bevfusion_ros.detections import H, L, LABEL, SCORE, VX, VY, W, X, Y, YAW, Z
+from bevfusion_ros.detections import LABEL, SCORE, VX, VY, YAW, H, L, W, X, Y, Z
 from bevfusion_ros.head.decode import decode_boxes
 from bevfusion_ros.io import load_example_data
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.pipeline import BEVFusionPipeline, prepare_points
+from bevfusion_ros.runtime.array_module import to_numpy
 
 
 def stage_chain(pipeline: BEVFusionPipeline, images: Any, points: Any, xp: Any) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
     from rclpy.utilities import remove_ros_args
+
     from bevfusion_ros.ros.bag import BagError
     from bevfusion_ros.ros.play import PlayResult, check_play_options, install_stop_handlers, play
     full = list(sys.argv) if argv is None else ["bevfusion-play", *argv]

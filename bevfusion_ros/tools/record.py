@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"topics to record (default: {' '.join(DEFAULT_TOPICS)})")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     parser.add_argument("--count", type=int, metavar="N", help="stop after N messages on the first topic")
-    parser.add_argument("--json", metavar="DIR", help="also write each Detection3DArray as DIR/detections_<stamp_ns>.json")
+    parser.add_argument("--json", metavar="DIR",
+                        help="also write each Detection3DArray as DIR/detections_<stamp_ns>.json")
     parser.add_argument("--use-sim-time", action="store_true", help="log times from /clock")
     return parser
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.parameter import Parameter
     from rclpy.signals import SignalHandlerOptions
     from rclpy.utilities import remove_ros_args
+
     from bevfusion_ros.ros.bag import BagError
     from bevfusion_ros.ros.play import install_stop_handlers
     from bevfusion_ros.ros.record import Recorder

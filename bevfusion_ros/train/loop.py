@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
 from bevfusion_ros.model.checkpoint import load_checkpoint
-from bevfusion_ros.model.head import HeadOutput
 from bevfusion_ros.model.export import PRECISIONS
+from bevfusion_ros.model.head import HeadOutput
 from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
 from bevfusion_ros.model.reference import bev_pool
 from bevfusion_ros.model.sparse_encoder import flatten_z_into_channels, scatter_dense, sparse_input
-from bevfusion_ros.train.data import SceneDataset, Sample, collate_samples, parse_scene_range
+from bevfusion_ros.train.data import Sample, SceneDataset, collate_samples, parse_scene_range
 from bevfusion_ros.train.losses import LossConfig, LossTerms, transfusion_loss
 from bevfusion_ros.train.targets import TargetConfig
 

@@ -28,8 +28,13 @@ import torch.nn.functional as F
 
 from bevfusion_ros.model.head import HeadOutput
 from bevfusion_ros.model.presets import ModelPreset
-from bevfusion_ros.train.targets import (BOX_CODE_LAYOUT, TargetConfig, assign_proposals,
-                                         class_targets, regression_targets)
+from bevfusion_ros.train.targets import (
+    BOX_CODE_LAYOUT,
+    TargetConfig,
+    assign_proposals,
+    class_targets,
+    regression_targets,
+)
 
 HEATMAP_CLAMP = 1e-4       # mit-han-lab clamp_sigmoid
 

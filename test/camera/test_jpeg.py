@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from bevfusion_ros.camera import jpeg
-from bevfusion_ros.camera.jpeg import (ImageDecoder, ImageError, choose_decode_device, decode_rgb,
-                                       nvjpeg_refusal, nvjpeg_unavailable, uint8_buffer)
+from bevfusion_ros.camera.jpeg import (
+    ImageDecoder,
+    ImageError,
+    choose_decode_device,
+    decode_rgb,
+    nvjpeg_refusal,
+    nvjpeg_unavailable,
+    uint8_buffer,
+)
 
 Image = pytest.importorskip("PIL.Image")
 

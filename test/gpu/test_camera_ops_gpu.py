@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from gpu_timing import median_ms, report
 
 from bevfusion_ros.camera.bevpool import bev_pool, feature_rows
 from bevfusion_ros.camera.depth import depth_map, project_points
@@ -23,8 +24,6 @@ from bevfusion_ros.camera.geometry import compute_geometry
 from bevfusion_ros.camera.normalize import normalize_images
 from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
-
-from gpu_timing import median_ms, report
 
 cupy = pytest.importorskip("cupy")
 

@@ -25,11 +25,11 @@ import sys
 
 import numpy as np
 import pytest
+from gpu_timing import median_ms, report
 
 from bevfusion_ros.lidar import _cuda
 from bevfusion_ros.lidar._conv_fp16 import TileConfig, default_tile_config, sparse_conv_fp16_tiled
 from bevfusion_ros.lidar.sparse_conv import ConvGeometry, build_rulebook
-from gpu_timing import median_ms, report
 
 cupy = pytest.importorskip("cupy")
 

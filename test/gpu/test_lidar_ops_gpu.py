@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import gpu_timing
 import numpy as np
 import pytest
 
@@ -31,8 +32,6 @@ from bevfusion_ros.lidar.scn import SparseEncoderRunner
 from bevfusion_ros.lidar.sparse_conv import ConvGeometry, build_rulebook, scatter_dense, sparse_conv
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
-
-import gpu_timing
 
 cupy = pytest.importorskip("cupy")
 

@@ -18,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bevfusion_ros.model.camera import (CameraBackboneExport, VTransformExport, build_camera_encoder,
-                                        camera_sample_inputs, export_camera_onnx)
+from bevfusion_ros.model.camera import (
+    CameraBackboneExport,
+    VTransformExport,
+    build_camera_encoder,
+    camera_sample_inputs,
+    export_camera_onnx,
+)
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY
 
 # torchvision's resnet50 has 25,557,032 parameters; its fc (2048 x 1000 + 1000) is absent in mmdet.

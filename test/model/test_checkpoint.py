@@ -8,11 +8,16 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from bevfusion_ros.model.checkpoint import (MAX_LISTED,  # noqa: E402
-                                            CheckpointError, load_checkpoint)
-from bevfusion_ros.model.mit_han_lab_keys import (TABLE_PATH, bevfusion_entries,  # noqa: E402
-                                                  format_table, load_table, main,
-                                                  parameter_count, parse_table)
+from bevfusion_ros.model.checkpoint import MAX_LISTED, CheckpointError, load_checkpoint  # noqa: E402
+from bevfusion_ros.model.mit_han_lab_keys import (  # noqa: E402
+    TABLE_PATH,
+    bevfusion_entries,
+    format_table,
+    load_table,
+    main,
+    parameter_count,
+    parse_table,
+)
 
 # torchvision resnet50: 25,557,032 parameters, of which fc (2048 x 1000 + 1000) = 2,049,000.
 RESNET50_WITHOUT_FC = 25_557_032 - 2_049_000

@@ -18,11 +18,23 @@ onnxruntime = pytest.importorskip("onnxruntime")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bevfusion_ros.model.fuser import (FuserExport, build_decoder, build_fuser,  # noqa: E402
-                                       export_fuser_head_onnx, fuser_sample_inputs)
-from bevfusion_ros.model.head import (HEATMAP_PRIOR_BIAS, HeadExport, LocalMaxSuppression,  # noqa: E402
-                                      TransformerDecoderLayer, TransFusionHead, bev_cell_centres,
-                                      head_sample_inputs, select_top_proposals)
+from bevfusion_ros.model.fuser import (  # noqa: E402
+    FuserExport,
+    build_decoder,
+    build_fuser,
+    export_fuser_head_onnx,
+    fuser_sample_inputs,
+)
+from bevfusion_ros.model.head import (  # noqa: E402
+    HEATMAP_PRIOR_BIAS,
+    HeadExport,
+    LocalMaxSuppression,
+    TransformerDecoderLayer,
+    TransFusionHead,
+    bev_cell_centres,
+    head_sample_inputs,
+    select_top_proposals,
+)
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
 
 UNSUPPRESSED = ("pedestrian", "traffic_cone")

@@ -1,7 +1,6 @@
 """BEVFusionReference's stages against brute-force loops and OpenCV."""
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import pytest
@@ -10,8 +9,14 @@ torch = pytest.importorskip("torch")
 
 from bevfusion_ros.io.frame import load_example_data  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
-from bevfusion_ros.model.reference import (bev_pool, decode_boxes, depth_images,  # noqa: E402
-                                           frustum_bev_cells, normalize_images, voxelize)
+from bevfusion_ros.model.reference import (  # noqa: E402
+    bev_pool,
+    decode_boxes,
+    depth_images,
+    frustum_bev_cells,
+    normalize_images,
+    voxelize,
+)
 
 
 def test_normalize_matches_opencv_resize_and_crop():
@@ -101,7 +106,8 @@ def test_frustum_cells_and_bev_pool_against_loops(ring_calibration):
     flat_weights = weights.numpy().reshape(-1)
     for n, cell in ours.items():
         camera, pixel = n // (depth_bins * fh * fw), n % (fh * fw)
-        reference[:, cell // ny, cell % ny] += flat_weights[n] * features.numpy()[camera].reshape(-1, geometry.camera_channels)[pixel]
+        pixel_features = features.numpy()[camera].reshape(-1, geometry.camera_channels)[pixel]
+        reference[:, cell // ny, cell % ny] += flat_weights[n] * pixel_features
     np.testing.assert_allclose(pooled, reference, rtol=1e-10, atol=1e-10)
 
 

@@ -11,9 +11,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from bevfusion_ros.model.mit_han_lab_keys import load_table  # noqa: E402
 from bevfusion_ros.model.presets import NUSCENES_R50, TINY  # noqa: E402
-from bevfusion_ros.model.sparse_encoder import (SparseConvolution, SparseEncoder,  # noqa: E402
-                                                SparseVoxelTensor, build_rulebook, sparse_conv,
-                                                voxel_sample_inputs)
+from bevfusion_ros.model.sparse_encoder import (  # noqa: E402
+    SparseConvolution,
+    SparseEncoder,
+    SparseVoxelTensor,
+    build_rulebook,
+    sparse_conv,
+    voxel_sample_inputs,
+)
+
 
 def small_grid_preset(cells: int = 24):
     """TINY with a cells x cells x 41 grid, small enough for a dense reference of the whole grid."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rclpy
+from bevfusion_ros_msgs.msg import FrameInfo
 from conftest import next_domain_id
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.context import Context
@@ -35,7 +36,6 @@ from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.environment import safe_ros_environment
 from bevfusion_ros.ros.frame_messages import FrameMessages, frame_messages
-from bevfusion_ros_msgs.msg import FrameInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0

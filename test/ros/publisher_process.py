@@ -16,15 +16,19 @@ import threading
 import time
 from pathlib import Path
 
-import ros_samples as samples
 import rclpy
+import ros_samples as samples
 from geometry_msgs.msg import Point, Pose, PoseWithCovariance, Quaternion, Vector3
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 from vision_msgs.msg import (
-    BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesis, ObjectHypothesisWithPose,
+    BoundingBox3D,
+    Detection3D,
+    Detection3DArray,
+    ObjectHypothesis,
+    ObjectHypothesisWithPose,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, if not pip-installed

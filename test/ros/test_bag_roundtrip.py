@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from test_node import (FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, core, example,  # noqa: F401
-                       model_dir)
+from test_node import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, core, example, model_dir  # noqa: F401
 
-from bevfusion_ros.streaming.node_config import NUSCENES_CAMERA_TOPICS
 from bevfusion_ros.ros.bag import bag_summary
+from bevfusion_ros.streaming.node_config import NUSCENES_CAMERA_TOPICS
 from bevfusion_ros.tools import make_bag
 
 mcap_ros2_reader = pytest.importorskip("mcap_ros2.reader")

@@ -20,8 +20,14 @@ import pytest
 from conftest import next_domain_id
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import TransformStamped
-from node_harness import (FRAME_TIMEOUT_S, REPO_ROOT, NodeUnderTest, assert_same_boxes, diagnostic_values,
-                          publish_and_wait)
+from node_harness import (
+    FRAME_TIMEOUT_S,
+    REPO_ROOT,
+    NodeUnderTest,
+    assert_same_boxes,
+    diagnostic_values,
+    publish_and_wait,
+)
 from tf2_msgs.msg import TFMessage
 
 from bevfusion_ros.io.calibration import Calibration

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from diagnostic_msgs.msg import DiagnosticStatus
-from node_harness import (FRAME_TIMEOUT_S, REPO_ROOT, NodeUnderTest, assert_same_boxes, frame_header)
+from node_harness import FRAME_TIMEOUT_S, REPO_ROOT, NodeUnderTest, assert_same_boxes, frame_header
 from node_harness import publish_and_wait as publish_at
 from sensor_msgs.msg import PointCloud2
 from tf2_msgs.msg import TFMessage
@@ -212,7 +212,8 @@ def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path
             harness.tf_pub.publish(TFMessage(transforms=[TransformStamped(
                 header=header(stamp, "odom"), child_frame_id=LIDAR_FRAME, transform=transform)]))
             harness.wait_acked([harness.tf_pub])
-            harness.publish(example, stamp, cloud=cloud_message(lidar_points, stamp, names=("x", "y", "z", "intensity")))
+            cloud = cloud_message(lidar_points, stamp, names=("x", "y", "z", "intensity"))
+            harness.publish(example, stamp, cloud=cloud)
             assert harness.spin_until(lambda: stamp in harness.detections, FRAME_TIMEOUT_S)
             accumulated = expected_sweeps.add(lidar_points, stamp, convert.transform_to_matrix(transform))
         assert len(accumulated) > 2.5 * len(lidar_points)        # close points of past sweeps dropped

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bevfusion_ros.ros.node_bench import (PHASE_ORDER, Answer, NodeBenchOptions, analyze_window,
-                                          format_report, run_node_bench)
+from bevfusion_ros.ros.node_bench import (
+    PHASE_ORDER,
+    Answer,
+    NodeBenchOptions,
+    analyze_window,
+    format_report,
+    run_node_bench,
+)
 from bevfusion_ros.sim.scene import generate_scene, write_example_folder
 
 TINY_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-synthetic"

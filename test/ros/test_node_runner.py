@@ -18,7 +18,8 @@ from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.ros.bag import bag_summary, read_bag
 from bevfusion_ros.ros.node_runner import replay_through_node
 from bevfusion_ros.sim.scene import generate_scene
-from bevfusion_ros.tools import demo, eval as eval_tool
+from bevfusion_ros.tools import demo
+from bevfusion_ros.tools import eval as eval_tool
 from bevfusion_ros.tools.make_bag import SCENE_PERIOD_NS, scene_stamp_ns, write_frames_bag
 
 pytest.importorskip("nuscenes.eval.detection.algo")

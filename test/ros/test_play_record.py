@@ -27,21 +27,20 @@ import pytest
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import (Point, Pose, Quaternion, Transform, TransformStamped, Vector3)
+from geometry_msgs.msg import Point, Pose, Quaternion, Transform, TransformStamped, Vector3
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image, PointCloud2, PointField
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
-from vision_msgs.msg import (BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesis,
-                             ObjectHypothesisWithPose)
+from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesis, ObjectHypothesisWithPose
 
 from bevfusion_ros.ros import play as play_module
 from bevfusion_ros.ros import record as record_module
-from bevfusion_ros.tools import play as play_tool
 from bevfusion_ros.ros.bag import BagWriter, bag_summary, read_bag
 from bevfusion_ros.ros.record import Recorder
+from bevfusion_ros.tools import play as play_tool
 
 BASE_NS = 1_700_000_000_000_000_000
 MS = 1_000_000
@@ -84,7 +83,8 @@ def cloud(ns: int, seed: int) -> PointCloud2:
 def static_tf(ns: int, child: str, x: float) -> TFMessage:
     return TFMessage(transforms=[TransformStamped(
         header=header(ns, "base_link"), child_frame_id=child,
-        transform=Transform(translation=Vector3(x=x, y=0.25, z=1.75), rotation=Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)))])
+        transform=Transform(translation=Vector3(x=x, y=0.25, z=1.75),
+                            rotation=Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)))])
 
 
 #: (class_id, score, center, yaw, size) of the boxes of detections(ns, seed), seed shifting x.
@@ -107,7 +107,8 @@ def detections(ns: int, seed: int) -> Detection3DArray:
 
 def schedule() -> list[tuple[int, str, object]]:
     """(log time ns, topic, message) of the test bag, in log-time order; 1.3 s long."""
-    rows = [(0, TF_STATIC, static_tf, "lidar_top", 0.5), (100, IMAGE, image, 0), (200, TF_STATIC, static_tf, "cam_front", 1.25),
+    rows = [(0, TF_STATIC, static_tf, "lidar_top", 0.5), (100, IMAGE, image, 0),
+            (200, TF_STATIC, static_tf, "cam_front", 1.25),
             (300, POINTS, cloud, 0), (500, IMAGE, image, 1), (700, DETECTIONS, detections, 0),
             (900, IMAGE, image, 2), (1100, POINTS, cloud, 1), (1300, DETECTIONS, detections, 1)]
     return [(BASE_NS + ms * MS, topic, make(BASE_NS + ms * MS, *args)) for ms, topic, make, *args in rows]
@@ -258,7 +259,8 @@ def test_play_rate_and_clock(ros_env, test_node, bag):
     inbox = Inbox(node, topics)
     rows = schedule()
     rate = 2.0
-    child = start_child(ros_env, "bevfusion_ros.tools.play", bag, "--start-delay", "1", *WAIT, "--rate", rate, "--clock")
+    child = start_child(ros_env, "bevfusion_ros.tools.play", bag, "--start-delay", "1", *WAIT, "--rate", rate,
+                        "--clock")
     try:
         what = spin_while_playing(executor, inbox, child, lambda: len(inbox.data()) >= len(rows))
         last_ns = rows[-1][0]     # its /clock went out before the message, may be taken after it
