@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pytest
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes
@@ -14,37 +13,8 @@ from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import DescribeParameters, SetParameters
 
-from bevfusion_ros.io.calibration import Calibration
-from bevfusion_ros.io.frame import Frame, load_example_data
-from bevfusion_ros.model.export import export_model_set
-from bevfusion_ros.model.presets import TINY
-from bevfusion_ros.pipeline import BEVFusionPipeline
-from bevfusion_ros.ros import convert
-
 STAMP_NS = 1_700_000_000_000_000_000
 PERIOD_NS = 100_000_000
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=3).out_dir
-
-
-@pytest.fixture(scope="module")
-def example(example_data_dir) -> Frame:
-    """The example frame, its calibration rebuilt as the node rebuilds it (through TF)."""
-    frame = load_example_data(example_data_dir)
-    calibration = frame.calibration
-    camera2lidar = np.stack([convert.transform_to_matrix(convert.matrix_to_transform(matrix))
-                             for matrix in calibration.camera2lidar])
-    rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], camera2lidar,
-                                            TINY.pipeline.image, calibration.camera_names)
-    return Frame(frame.images, frame.points, rebuilt)
-
-
-@pytest.fixture(scope="module")
-def core(model_dir) -> BEVFusionPipeline:
-    return BEVFusionPipeline.from_model_dir(model_dir)
 
 
 def transition(harness: NodeUnderTest, transition_id: int) -> bool:

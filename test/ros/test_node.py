@@ -19,11 +19,8 @@ from node_harness import publish_and_wait as publish_at
 from sensor_msgs.msg import PointCloud2
 from tf2_msgs.msg import TFMessage
 
-from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame, load_example_data
-from bevfusion_ros.model.export import export_model_set
 from bevfusion_ros.model.presets import TINY
-from bevfusion_ros.pipeline import BEVFusionPipeline
 from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.frame_messages import cloud_message, frame_messages
 
@@ -35,29 +32,6 @@ _stamps = itertools.count(1)
 def next_stamp_ns() -> int:
     """Increasing stamps, 100 ms apart, shared by every frame this module publishes."""
     return BASE_STAMP_NS + next(_stamps) * PERIOD_NS
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=3).out_dir
-
-
-@pytest.fixture(scope="module")
-def example(example_data_dir) -> Frame:
-    """The example frame with its calibration rebuilt as the node rebuilds it: K, and camera2lidar
-    as a TF transform carries it (a unit quaternion: the stored float32 rotation orthonormalised)."""
-    frame = load_example_data(example_data_dir)
-    calibration = frame.calibration
-    camera2lidar = np.stack([convert.transform_to_matrix(convert.matrix_to_transform(matrix))
-                             for matrix in calibration.camera2lidar])
-    rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], camera2lidar,
-                                            TINY.pipeline.image, calibration.camera_names)
-    return Frame(frame.images, frame.points, rebuilt)
-
-
-@pytest.fixture(scope="module")
-def core(model_dir) -> BEVFusionPipeline:
-    return BEVFusionPipeline.from_model_dir(model_dir)
 
 
 @pytest.fixture(scope="module")
