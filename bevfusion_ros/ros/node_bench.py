@@ -37,6 +37,7 @@ WORLD_FRAME = "odom"
 PUBLISHED_FILE = "published.jsonl"
 REPORT_FILE = "node_bench.json"
 PHASE_GAP_S = 1.0           # pause between two rates: the node's queue drains
+INPUT_QOS = ("sensor_data", "reliable")
 ANSWER_GRACE_S = 3.0        # after the last frame, wait this long for late answers
 COUNTERS_GRACE_S = 10.0     # then this long for a diagnostic that accounts for every frame sent
 POLL_S = 0.05
@@ -62,6 +63,7 @@ class NodeBenchOptions:
     startup_timeout_s: float = 300.0    # node start (model load, GPU warm-up) until its topics match
     check_boxes: bool = False           # compare the node's boxes with the library path's (same backend)
     node_source: Path | None = None     # run the node of another checkout (e.g. a baseline); None: this one
+    input_qos: str = "sensor_data"      # the node's node.input_qos (tests: reliable, nothing lost)
     score_threshold: float | None = None  # head.score_threshold of node and library path (None: the model's)
 
     def validate(self) -> "NodeBenchOptions":
@@ -69,6 +71,8 @@ class NodeBenchOptions:
             raise ValueError("rates and duration must be positive, warm-up not negative")
         if self.num_sweeps < 1:
             raise ValueError("num_sweeps must be at least 1")
+        if self.input_qos not in INPUT_QOS:
+            raise ValueError(f"input_qos must be one of {list(INPUT_QOS)}, got {self.input_qos!r}")
         return self
 
     def schedule(self) -> list[tuple[int, float, float]]:
@@ -107,7 +111,7 @@ def node_parameters(options: NodeBenchOptions, path: Path) -> Path:
     node = {"model_dir": str(options.model_dir.resolve()), "backend": options.backend,
             "precision": options.precision, "lidar_topic": LIDAR_TOPIC,
             "camera_topics": camera_topics(config.camera_names), "compressed_images": options.compressed,
-            "input_qos": "sensor_data", "time_lag_field": "" if sweeps else "time_lag",
+            "input_qos": options.input_qos, "time_lag_field": "" if sweeps else "time_lag",
             "num_sweeps": options.num_sweeps, "world_frame": WORLD_FRAME, "diagnostics_period_s": 0.5,
             "sync": {"slop_s": min(0.05, 0.4 / max(options.rates_hz))}}
     save_config(config, path, node=node)
@@ -149,7 +153,7 @@ class BenchPublisher:
     """The publisher process's rclpy side: sensor publishers (best effort, as live drivers),
     ``/tf_static`` latched, ``/tf`` reliable."""
 
-    def __init__(self, camera_names: Sequence[str], compressed: bool) -> None:
+    def __init__(self, camera_names: Sequence[str], compressed: bool, input_qos: str = "sensor_data") -> None:
         import rclpy
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -159,10 +163,12 @@ class BenchPublisher:
         create = self.node.create_publisher
         image_type, suffix = (CompressedImage, "/compressed") if compressed else (Image, "")
         topics = camera_topics(camera_names)
-        self.images = [create(image_type, topic + suffix, qos_profile_sensor_data) for topic in topics]
+        sensor = (qos_profile_sensor_data if input_qos == "sensor_data"
+                  else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        self.images = [create(image_type, topic + suffix, sensor) for topic in topics]
         self.infos = [create(CameraInfo, topic.rsplit("/", 1)[0] + "/camera_info",
                              QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)) for topic in topics]
-        self.cloud = create(PointCloud2, LIDAR_TOPIC, qos_profile_sensor_data)
+        self.cloud = create(PointCloud2, LIDAR_TOPIC, sensor)
         self.tf = create(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
         self.tf_static = create(TFMessage, "/tf_static", QoSProfile(
             depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
@@ -183,7 +189,7 @@ def publish(options: NodeBenchOptions, timeout_s: float) -> int:
     from bevfusion_ros.ros.convert import ns_to_stamp
     from bevfusion_ros.ros.soak import odometry_message
     messages, camera_names = frame_bundle(options)
-    ros = BenchPublisher(camera_names, options.compressed)
+    ros = BenchPublisher(camera_names, options.compressed, options.input_qos)
     try:
         ros.tf_static.publish(messages.tf_static)
         deadline = time.monotonic() + timeout_s

@@ -45,7 +45,7 @@ def scene_dir(tmp_path_factory):
 def test_tiny_model_through_the_node(scene_dir, tmp_path, compressed):
     options = NodeBenchOptions(model_dir=TINY_MODEL, data_dir=scene_dir, out_dir=tmp_path, backend="cpu",
                                rates_hz=(1.0,), duration_s=4.0, warmup_s=1.0, compressed=compressed,
-                               check_boxes=True, startup_timeout_s=120.0)
+                               check_boxes=True, startup_timeout_s=120.0, input_qos="reliable")
     report = run_node_bench(options)
     window, = report.windows
     assert report.node_exit_code == 0 and not report.traceback_in_log
