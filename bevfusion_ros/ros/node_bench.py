@@ -37,7 +37,6 @@ WORLD_FRAME = "odom"
 PUBLISHED_FILE = "published.jsonl"
 REPORT_FILE = "node_bench.json"
 PHASE_GAP_S = 1.0           # pause between two rates: the node's queue drains
-INPUT_QOS = ("sensor_data", "reliable")
 ANSWER_GRACE_S = 3.0        # after the last frame, wait this long for late answers
 COUNTERS_GRACE_S = 10.0     # then this long for a diagnostic that accounts for every frame sent
 POLL_S = 0.05
@@ -71,6 +70,7 @@ class NodeBenchOptions:
             raise ValueError("rates and duration must be positive, warm-up not negative")
         if self.num_sweeps < 1:
             raise ValueError("num_sweeps must be at least 1")
+        from bevfusion_ros.streaming.node_config import INPUT_QOS
         if self.input_qos not in INPUT_QOS:
             raise ValueError(f"input_qos must be one of {list(INPUT_QOS)}, got {self.input_qos!r}")
         return self
