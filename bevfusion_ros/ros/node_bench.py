@@ -253,6 +253,7 @@ class Recorder:
         self.answers: dict[int, Answer] = {}
         self.frame_infos: dict[int, dict[str, float]] = {}
         self.velocities: dict[int, Any] = {}          # stamp -> FrameInfo.velocities
+        self.cameras_used: dict[int, tuple[str, ...]] = {}     # stamp -> FrameInfo.cameras_used
         self.status: dict[str, str] = {}
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
@@ -285,6 +286,7 @@ class Recorder:
             stamp_ns = stamp_to_ns(msg.header.stamp)
             self.frame_infos[stamp_ns] = dict(zip(msg.timing_names, msg.timing_ms))
             self.velocities[stamp_ns] = msg.velocities
+            self.cameras_used[stamp_ns] = tuple(msg.cameras_used)
 
     def _on_diagnostics(self, msg: Any) -> None:
         for status in msg.status:
@@ -420,9 +422,11 @@ def cpu_percent(samples: list[tuple[int, float, int]], start_ns: int, end_ns: in
     return round(100.0 * (inside[-1][1] - inside[0][1]) / ((inside[-1][0] - inside[0][0]) / NS_PER_S), 1)
 
 
-def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any) -> dict[str, Any]:
-    """The node's boxes of one frame against the library path's on the same frame, same backend
-    and precision (:func:`bevfusion_ros.tools.parity.match_boxes`)."""
+def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any,
+                cameras_used: Sequence[str] | None = None) -> dict[str, Any]:
+    """The node's boxes of one frame against the library path's on the same frame with the same
+    cameras (a camera whose image came too late for the node's sync is left out of both), same
+    backend and precision (:func:`bevfusion_ros.tools.parity.match_boxes`)."""
     from bevfusion_ros.io import load_example_data
     from bevfusion_ros.io.calibration import Calibration
     from bevfusion_ros.pipeline import BEVFusionPipeline
@@ -438,10 +442,11 @@ def check_boxes(options: NodeBenchOptions, answer: Answer, velocities: Any) -> d
     if options.num_sweeps > 1:
         frame = dataclasses.replace(frame, points=np.concatenate(
             [frame.points[:, :4], np.zeros((len(frame.points), 1), np.float32)], axis=1))
-    library = pipeline.forward(frame).boxes
+    library = pipeline.forward(frame, cameras_used).boxes
     node = msg_to_detections(answer.message, pipeline.config.head.class_names, velocities).boxes
     match = match_boxes(node, library) if len(node) and len(library) else None
-    return {"library_boxes": int(len(library)), "node_boxes": int(len(node)),
+    used = pipeline.config.camera_names if cameras_used is None else cameras_used
+    return {"library_boxes": int(len(library)), "node_boxes": int(len(node)), "cameras_used": len(used),
             "paired_within_1mm": None if match is None else round(match.fraction_within(1e-3), 4),
             "max_difference": None if match is None else float(match.max_difference(node, library, 1e-3))}
 
@@ -485,7 +490,7 @@ def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchRepo
             with recorder.lock:
                 answers, infos = dict(recorder.answers), dict(recorder.frame_infos)
                 report.node_counters = dict(recorder.status)
-                velocities = dict(recorder.velocities)
+                velocities, cameras_used = dict(recorder.velocities), dict(recorder.cameras_used)
             report.windows = [_window(options, i, rate, frames, answers, infos, samples)
                               for i, rate in enumerate(options.rates_hz)]
             held = [w.rate_hz for w in report.windows if w.published and w.dropped == 0]
@@ -502,7 +507,7 @@ def run_node_bench(options: NodeBenchOptions, log: Any = print) -> NodeBenchRepo
     report.traceback_in_log = "Traceback" in node.log_text()
     if options.check_boxes and answers:
         last = max(answers)
-        report.box_check = check_boxes(options, answers[last], velocities.get(last))
+        report.box_check = check_boxes(options, answers[last], velocities.get(last), cameras_used.get(last))
     report.wall_s = round(time.monotonic() - started, 1)
     (out / REPORT_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=1))
     return report
