@@ -26,6 +26,9 @@ from rclpy.context import Context
 from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterValue, SetParametersResult
+from rcl_interfaces.srv import SetParameters
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from tf2_msgs.msg import TFMessage
 from vision_msgs.msg import Detection3DArray
@@ -209,6 +212,13 @@ class NodeUnderTest:
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)
         return output
+
+
+def set_parameter(harness: NodeUnderTest, name: str, value: ParameterValue) -> SetParametersResult:
+    """``ros2 param set`` of the node's parameter ``name``; the node's answer."""
+    request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)])
+    result, = harness.call(SetParameters, "/bevfusion/set_parameters", request).results
+    return result
 
 
 def publish_and_wait(harness: NodeUnderTest, frame: Frame, stamp: int, **options) -> int:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes
-from rcl_interfaces.msg import Parameter as ParameterMsg
+from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, set_parameter
 from rcl_interfaces.msg import ParameterType, ParameterValue
-from rcl_interfaces.srv import DescribeParameters, SetParameters
+from rcl_interfaces.srv import DescribeParameters
 
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame, load_example_data
@@ -91,12 +90,6 @@ def test_managed_node_outputs_only_while_active_and_keeps_its_calibration(model_
     finally:
         output = harness.close()
     assert "Traceback" not in output, output
-
-
-def set_parameter(harness: NodeUnderTest, name: str, value: ParameterValue):
-    request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)])
-    result, = harness.call(SetParameters, "/bevfusion/set_parameters", request).results
-    return result
 
 
 def test_parameters_are_described_and_the_score_threshold_changes_at_run_time(model_dir, tmp_path, example, core):
