@@ -24,7 +24,7 @@ status=$?
 seconds=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 check="$(python3 -c '
 import importlib.metadata as md
-import rclpy, vision_msgs.msg, tf2_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg
+import rclpy, vision_msgs.msg, tf2_msgs.msg, autoware_perception_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg
 import diagnostic_msgs.msg, visualization_msgs.msg
 print("rclpy", md.version("ros-rclpy"), "+ messages import ok")' 2>&1 | tail -1)"
 echo "ROS setup ($prefix, $(python3 -V)): setup.sh exit $status in $seconds s; $check;" \

@@ -12,6 +12,7 @@ clockwise angle and w is the extent along the box's local x axis at yaw 0. The R
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,31 @@ class Detections:
                    class_names=class_names, stamp_ns=document["stamp_ns"],
                    frame_id=document["frame_id"], stage_ms=document["stage_ms"],
                    cameras_used=tuple(document["cameras_used"]), warnings=tuple(document["warnings"]))
+
+    def transformed(self, target_T_source: np.ndarray, frame_id: str) -> "Detections":
+        """The boxes in another frame ``frame_id``, given ``target_T_source`` (float [4, 4], maps
+        points of the boxes' frame into it, as :meth:`TransformBuffer.lookup
+        <bevfusion_ros.streaming.transforms.TransformBuffer.lookup>` returns it).
+
+        Centres are moved by the rigid transform; headings and velocities are rotated, not
+        translated. Boxes stay upright in the target frame (REP-103 frames such as base_link and
+        map have z up): the heading is the direction of the box's rotated forward axis in the
+        target's xy plane, the velocity the xy part of the rotated (vx, vy, 0). Both are exact
+        for a transform that rotates about z only. The result's boxes are float64, so that map
+        coordinates far from the origin keep their precision.
+        """
+        matrix = np.asarray(target_T_source, dtype=np.float64)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"target_T_source must be a [4, 4] matrix, got {list(matrix.shape)}")
+        rotation, translation = matrix[:3, :3], matrix[:3, 3]
+        boxes = self.boxes.astype(np.float64)
+        heading = self.headings()
+        forward = np.stack([np.cos(heading), np.sin(heading), np.zeros_like(heading)], axis=1) @ rotation.T
+        velocity = np.pad(boxes[:, [VX, VY]], ((0, 0), (0, 1))) @ rotation.T
+        boxes[:, [X, Y, Z]] = boxes[:, [X, Y, Z]] @ rotation.T + translation
+        boxes[:, YAW] = cuda_yaw(np.arctan2(forward[:, 1], forward[:, 0]))
+        boxes[:, [VX, VY]] = velocity[:, :2]
+        return dataclasses.replace(self, boxes=boxes, frame_id=frame_id)
 
     def corners_lidar(self) -> np.ndarray:
         """Box corners float64 ``[M, 8, 3]`` in the lidar frame.

@@ -7,8 +7,9 @@
 # 2. installs ROS 2 Kilted from PyPI wheels: requirements/ros.txt + requirements/ros-build.txt;
 # 3. rewrites the include paths of the machine that built those wheels, found in their exported
 #    *.cmake files, to this venv's Python and numpy include dirs (only where still foreign);
-# 4. builds the interface packages under msg/ (vision_msgs, tf2_msgs, bevfusion_ros_msgs) with plain
-#    cmake + ninja straight into .venv, skipping a package whose sources did not change;
+# 4. builds the interface packages under msg/ (vision_msgs, tf2_msgs, autoware_perception_msgs,
+#    bevfusion_ros_msgs) with plain cmake + ninja straight into .venv, skipping a package whose
+#    sources did not change;
 # 5. installs this repository in editable mode with its extras (setup.py: their pins), then
 #    nuscenes-devkit without its dependencies (requirements/nuscenes.txt says why);
 # 6. installs the tensorrt-stubs used by the TensorRT backend's type check (build/typecheck-stubs).
@@ -65,7 +66,7 @@ NINJA_WHEEL="ninja==1.13.2"
 # modules import).
 EXTRAS="dev,model,bag,nuscenes"
 # Interface packages, in build order (each may depend only on those before it and on the wheels).
-MSG_PACKAGES=(msg/vendor/vision_msgs msg/vendor/tf2_msgs msg/bevfusion_ros_msgs)
+MSG_PACKAGES=(msg/vendor/vision_msgs msg/vendor/tf2_msgs msg/vendor/autoware_perception_msgs msg/bevfusion_ros_msgs)
 
 cd "$ROOT"
 
@@ -278,7 +279,7 @@ main() {
     install_project
     install_typecheck_stubs
   fi
-  "$VPY" -c 'import rclpy, vision_msgs.msg, tf2_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg' \
+  "$VPY" -c 'import rclpy, vision_msgs.msg, tf2_msgs.msg, autoware_perception_msgs.msg, bevfusion_ros_msgs.msg, sensor_msgs.msg' \
     || { log "error: the venv cannot import rclpy and the messages"; exit 1; }
   if [ "$ROS_ONLY" = 1 ]; then
     log "ready (ROS only) in $((SECONDS - start)) s: $VPY imports rclpy and all messages directly"

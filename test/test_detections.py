@@ -98,3 +98,72 @@ def test_rejects_malformed_boxes():
         Detections(np.zeros((2, 9), np.float32), NUSCENES_CLASS_NAMES)
     with pytest.raises(ValueError, match=r"labels must be integers in \[0, 10\)"):
         detections(box(label=10))
+
+
+def rotation_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """Rz(yaw) @ Ry(pitch) @ Rx(roll), float64, written out element by element."""
+    cr, sr, cp, sp, cy, sy = (f(a) for a in (roll, pitch, yaw) for f in (math.cos, math.sin))
+    rx = np.array([[1, 0, 0], [0, cr, -sr], [0, sr, cr]])
+    ry = np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
+    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rigid(rotation: np.ndarray, translation) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation, translation
+    return matrix
+
+
+def test_boxes_moved_by_a_yaw_transform_have_the_moved_corners_and_rotated_velocities():
+    """base_link_T_lidar of a nuScenes-like mounting (lidar turned ~-90 deg, 1.84 m up): every
+    corner of every box is the lidar-frame corner moved by the transform (float64 loop), the
+    heading turns by the transform's yaw and the velocity is rotated, not translated."""
+    source = random_detections(3, 40)
+    yaw = -1.5732
+    matrix = rigid(rotation_matrix(0.0, 0.0, yaw), [0.943713, 0.0, 1.84023])
+    moved = source.transformed(matrix, "base_link")
+    assert moved.frame_id == "base_link" and moved.boxes.dtype == np.float64
+    corners, expected_corners = moved.corners_lidar(), source.corners_lidar()
+    for box_index in range(len(source)):
+        for corner_index in range(8):
+            point = np.append(expected_corners[box_index, corner_index], 1.0)
+            np.testing.assert_allclose(corners[box_index, corner_index], (matrix @ point)[:3], atol=1e-8)
+    turned = np.angle(np.exp(1j * (moved.headings() - source.headings() - yaw)))
+    np.testing.assert_allclose(turned, 0.0, atol=1e-6)
+    c, s = math.cos(yaw), math.sin(yaw)
+    vx, vy = source.boxes[:, 7].astype(np.float64), source.boxes[:, 8].astype(np.float64)
+    np.testing.assert_allclose(moved.boxes[:, 7], c * vx - s * vy, atol=1e-9)
+    np.testing.assert_allclose(moved.boxes[:, 8], s * vx + c * vy, atol=1e-9)
+    np.testing.assert_array_equal(moved.boxes[:, [3, 4, 5, 9, 10]], source.boxes[:, [3, 4, 5, 9, 10]])
+    assert (moved.stamp_ns, moved.cameras_used, moved.warnings) == (source.stamp_ns, source.cameras_used,
+                                                                     source.warnings)
+
+
+def test_a_tilted_transform_keeps_boxes_upright_along_their_projected_forward_axis():
+    """Roll and pitch: the centre is moved exactly; the heading is the direction of the rotated
+    forward axis (cos psi, sin psi, 0) in the target's xy plane, the velocity the xy part of the
+    rotated (vx, vy, 0)."""
+    source = random_detections(5, 30)
+    rotation = rotation_matrix(0.05, -0.08, 0.7)
+    matrix = rigid(rotation, [10.0, -4.0, 0.5])
+    moved = source.transformed(matrix, "map")
+    for row, moved_row, psi in zip(source.boxes.astype(np.float64), moved.boxes, source.headings()):
+        np.testing.assert_allclose(moved_row[:3], rotation @ row[:3] + [10.0, -4.0, 0.5], atol=1e-9)
+        forward = rotation @ [math.cos(psi), math.sin(psi), 0.0]
+        velocity = rotation @ [row[7], row[8], 0.0]
+        np.testing.assert_allclose(moved_row[7:9], velocity[:2], atol=1e-9)
+        (heading,) = detections(box(yaw=moved_row[6])).headings()
+        assert abs(np.angle(np.exp(1j * (heading - math.atan2(forward[1], forward[0]))))) < 1e-6
+
+
+def test_map_coordinates_far_from_the_origin_keep_centimetres():
+    """A map origin 600 km away (UTM-like): float32 boxes would keep 6 cm steps."""
+    source = detections(box(x=1.013, y=-2.021, z=0.25))
+    moved = source.transformed(rigid(np.eye(3), [612_345.0, 5_432_109.0, 12.0]), "map")
+    np.testing.assert_allclose(moved.boxes[0, :3], [612_346.013, 5_432_106.979, 12.25], atol=1e-5)
+
+
+def test_transform_must_be_four_by_four():
+    with pytest.raises(ValueError, match=r"\[4, 4\]"):
+        random_detections(1, 2).transformed(np.eye(3), "map")

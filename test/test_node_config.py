@@ -26,6 +26,15 @@ def test_the_shipped_node_params_start_any_model_folder():
     pipeline, node = configs_from_parameters(yaml_parameters(NODE_PARAMS), TINY)
     assert pipeline == TINY
     assert node.sync.backwards_tolerance_s == 1.0 and node.tf_timeout_s == 0.1
+    assert (node.output_frame, node.publish_autoware_objects, node.class_score_thresholds) == ("", False, ("",))
+
+
+def test_class_thresholds_are_checked_against_the_models_classes():
+    """TINY's classes are nuScenes': a class of another model is refused at start-up."""
+    _, node = configs_from_parameters({"node": {"class_score_thresholds": ["car:0.3", "traffic_cone:0.6"]}}, TINY)
+    assert node.class_score_thresholds == ("car:0.3", "traffic_cone:0.6")
+    with pytest.raises(ConfigError, match="unknown class 'Car'.*'traffic_cone'"):
+        configs_from_parameters({"node": {"class_score_thresholds": ["Car:0.3"]}}, TINY)
 
 
 def test_parameters_repeating_the_model_geometry_are_accepted():
@@ -65,6 +74,11 @@ def test_without_a_model_config_the_parameters_give_the_geometry():
     ("node.sync.backwards_tolerance_s", -1.0, "node.sync.backwards_tolerance_s': must be >= 0"),
     ("node.tf_timeout_s", -0.1, "node.tf_timeout_s': must be >= 0"),
     ("node.sync.max_future_s", True, "node.sync.max_future_s': expected a number"),
+    ("node.class_score_thresholds", ["car:0.3", "lorry:0.2"], "node.class_score_thresholds: unknown class 'lorry'"),
+    ("node.class_score_thresholds", ["car=0.3"], "node.class_score_thresholds: entry 'car=0.3' is not"),
+    ("node.class_score_thresholds", "car:0.3", "config 'node.class_score_thresholds': expected a list"),
+    ("node.output_frame", 5, "config 'node.output_frame': expected str"),
+    ("node.publish_autoware_objects", "yes", "config 'node.publish_autoware_objects': expected bool"),
 ])
 def test_wrong_typed_or_bad_node_values_name_the_parameter(name, value, message):
     with pytest.raises(ConfigError) as error:

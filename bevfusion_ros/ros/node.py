@@ -1,4 +1,5 @@
-"""``bevfusion_node``: 6 cameras + 1 lidar in, 3D detections, RViz markers and diagnostics out.
+"""``bevfusion_node``: 6 cameras + 1 lidar in, 3D detections, RViz markers and diagnostics out
+(optionally Autoware's DetectedObjects on ``~/objects``; all in ``node.output_frame`` when set).
 
     bevfusion_node --ros-args --params-file config/nuscenes.yaml -p node.model_dir:=DIR
 
@@ -36,17 +37,19 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from bevfusion_ros.camera.jpeg import ImageDecoder
-from bevfusion_ros.config import PipelineConfig, load_config
+from bevfusion_ros.config import ConfigError, PipelineConfig, load_config
+from bevfusion_ros.detections import Detections
 from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
-from bevfusion_ros.ros import cdr, convert, edge, parameters
-from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest
+from bevfusion_ros.ros import autoware, cdr, convert, edge, parameters
+from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest, Sweep
 from bevfusion_ros.streaming.node_config import (
     NodeConfig,
     command_line_parameters,
     configs_from_parameters,
     nest_dotted,
 )
+from bevfusion_ros.streaming.score_thresholds import ScoreThresholds
 from bevfusion_ros.streaming.sync import DROP_REASONS, MISSING_CAMERA_POLICIES, SyncedFrame
 from bevfusion_ros.streaming.worker import FrameWorker
 
@@ -60,9 +63,16 @@ OK, WARN, ERROR = (ord(level) for level in (DiagnosticStatus.OK, DiagnosticStatu
 DROP_QUEUE_FULL = "queue_full"
 RELIABLE_INPUTS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
                              reliability=ReliabilityPolicy.RELIABLE)
+OUTPUT_FRAME_PROBLEM = (
+    "no transform from the lidar frame {source!r} to node.output_frame {target!r} at {stamp} ns ({error}): "
+    "the frame is not published (its boxes are never published in another frame than node.output_frame)")
 TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                            reliability=ReliabilityPolicy.RELIABLE,
                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+class OutputFrameError(LookupError):
+    """A frame whose boxes cannot be moved into ``node.output_frame`` (no TF at its stamp)."""
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,16 @@ class BEVFusionBehaviour:
     worker: FrameWorker | None = None
     assembler: FrameAssembler | None = None
     _io: list[Any] = []                      # publishers, subscriptions, timers while active
+    objects_pub: Publisher | None = None     # ~/objects, when node.publish_autoware_objects
 
     def _configure(self, command_line: Sequence[str]) -> None:
         model_dir, self.config, self.settings = self._read_parameters(command_line)
+        if self.settings.publish_autoware_objects:
+            autoware.objects_message_type()              # missing: a ConfigError before the slow load
         self.pipeline = BEVFusionPipeline.from_model_dir(model_dir, self.config, self.settings.backend,
                                                          self.settings.precision)
+        self._set_score_thresholds(ScoreThresholds.from_entries(
+            self.config.head.score_threshold, self.settings.class_score_thresholds, self.config.head.class_names))
         self.status = NodeStatus()
         decoder = None
         if self.settings.compressed_images:
@@ -181,13 +196,20 @@ class BEVFusionBehaviour:
             if change.name == "node.sync.missing_camera" and change.value not in MISSING_CAMERA_POLICIES:
                 return SetParametersResult(successful=False, reason=(
                     f"node.sync.missing_camera must be one of {list(MISSING_CAMERA_POLICIES)}, got {change.value!r}"))
+            if change.name == "node.class_score_thresholds":
+                try:
+                    self.score_thresholds.with_entries(change.value)
+                except ConfigError as error:
+                    return SetParametersResult(successful=False, reason=str(error))
         for change in changes:
             self._apply(change.name, change.value)
         return SetParametersResult(successful=True)
 
     def _apply(self, name: str, value: Any) -> None:
-        if name == "head.score_threshold" and self.pipeline is not None:
-            self.pipeline.set_score_threshold(value)
+        if name == "head.score_threshold":
+            self._set_score_thresholds(self.score_thresholds.with_default(value))
+        elif name == "node.class_score_thresholds":
+            self._set_score_thresholds(self.score_thresholds.with_entries(value))
         elif name == "node.sync.missing_camera" and self.assembler is not None:
             self.assembler.sync.missing_camera = value
             self.settings = dataclasses.replace(self.settings, sync=dataclasses.replace(self.settings.sync,
@@ -195,6 +217,13 @@ class BEVFusionBehaviour:
         elif name == "node.publish_markers":
             self.settings = dataclasses.replace(self.settings, publish_markers=bool(value))
         self.get_logger().info(f"parameter {name} set to {value!r} (from the next frame on)")
+
+    def _set_score_thresholds(self, thresholds: ScoreThresholds) -> None:
+        """Per-class thresholds from the next frame on: the head keeps what the lowest one allows,
+        :meth:`ScoreThresholds.apply` cuts each class (:mod:`~bevfusion_ros.streaming.score_thresholds`)."""
+        self.score_thresholds = thresholds
+        if self.pipeline is not None:
+            self.pipeline.set_score_threshold(thresholds.decode_threshold)
 
     def _file_calibration(self) -> Calibration | None:
         if self.settings.calibration_source != "file":
@@ -215,6 +244,10 @@ class BEVFusionBehaviour:
         self.markers_pub = self.create_publisher(MarkerArray, "~/markers", reliable)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
         io = [self.detections_pub, self.frame_info_pub, self.markers_pub, self.diagnostics_pub]
+        self.objects_pub = None
+        if settings.publish_autoware_objects:
+            self.objects_pub = self.create_publisher(autoware.objects_message_type(), "~/objects", reliable)
+            io.append(self.objects_pub)
         for camera, topic, info_topic in zip(self.config.camera_names, settings.camera_topics,
                                              settings.info_topics()):
             image_topic = f"{topic}/compressed" if settings.compressed_images else topic
@@ -346,12 +379,28 @@ class BEVFusionBehaviour:
             self._report(WARN, assembled.calibration_error, "calibration_errors")
         detections = self.pipeline.forward(assembled.frame, assembled.cameras_used)
         phases.lap("forward")
+        detections = self._in_output_frame(self.score_thresholds.apply(detections), assembled.sweep)
         warnings = [*assembled.warnings, *detections.warnings]
         missing = assembled.missing
         if missing:
             warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
-        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=assembled.sweep.frame_id)
+        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=detections.frame_id)
         self._publish(header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
+
+    def _in_output_frame(self, detections: Detections, sweep: Sweep) -> Detections:
+        """The boxes in ``node.output_frame`` (the sweep's frame when empty), moved by TF at the
+        sweep's stamp, waited for until ``node.tf_timeout_s`` after the sweep arrived; raises
+        :class:`OutputFrameError` without that TF (the frame then fails and is not published)."""
+        target = self.settings.output_frame
+        if not target or target.lstrip("/") == sweep.frame_id.lstrip("/"):
+            return dataclasses.replace(detections, frame_id=sweep.frame_id)
+        timeout_s = sweep.received_s + self.settings.tf_timeout_s - time.monotonic()
+        try:
+            matrix = self.assembler.transforms.wait_for_transform(target, sweep.frame_id, sweep.stamp_ns, timeout_s)
+        except (LookupError, ValueError) as error:
+            raise OutputFrameError(OUTPUT_FRAME_PROBLEM.format(source=sweep.frame_id, target=target,
+                                                               stamp=sweep.stamp_ns, error=error)) from None
+        return detections.transformed(matrix, target)
 
     # ---------------------------------------------------------------- outputs
     def _publish(self, header: Header, detections: Any, missing: dict[str, str], arrival_s: float,
@@ -365,6 +414,8 @@ class BEVFusionBehaviour:
         latency_ms = (time.monotonic() - arrival_s) * 1e3
         if self.settings.publish_markers:
             self.markers_pub.publish(convert.serialize_markers(detections, out_header))
+        if self.objects_pub is not None:
+            self.objects_pub.publish(autoware.serialize_detected_objects(detections, out_header))
         phases.lap("outputs")
         timings = {**phases.ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
         info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),

@@ -22,8 +22,8 @@ from bevfusion_ros.config import PipelineConfig
 from bevfusion_ros.streaming.node_config import NodeConfig
 
 #: Parameters a running node accepts (``ros2 param set``); all others need a restart (read_only).
-RUNTIME_PARAMETERS: frozenset[str] = frozenset({"head.score_threshold", "node.sync.missing_camera",
-                                                "node.publish_markers"})
+RUNTIME_PARAMETERS: frozenset[str] = frozenset({"head.score_threshold", "node.class_score_thresholds",
+                                                "node.sync.missing_camera", "node.publish_markers"})
 #: Fixed ranges: (from, to) inclusive.
 RANGES: dict[str, tuple[float, float]] = {"head.score_threshold": (0.0, 1.0), "node.num_sweeps": (1, 100),
                                           "node.queue_size": (1, 1000)}

@@ -22,6 +22,7 @@ from bevfusion_ros.config import (
     config_to_dict,
 )
 from bevfusion_ros.engines.select import BACKENDS
+from bevfusion_ros.streaming.score_thresholds import parse_class_thresholds
 from bevfusion_ros.streaming.sync import MISSING_CAMERA_POLICIES
 
 #: Pipeline settings a parameter file may change on a model folder that has a ``bevfusion.yaml``
@@ -78,6 +79,9 @@ class NodeConfig:
     calibration_file: str = ""          # CUDA-BEVFusion example-data folder or calibration YAML
     queue_size: int = 1                 # frames waiting for the worker; the oldest is dropped
     publish_markers: bool = True
+    publish_autoware_objects: bool = False   # also ~/objects: autoware_perception_msgs/DetectedObjects
+    output_frame: str = ""              # frame of every output ('': the lidar's); boxes moved there by TF
+    class_score_thresholds: tuple[str, ...] = ("",)   # "class:threshold" entries; others: head.score_threshold
     diagnostics_period_s: float = 1.0
     sync: SyncSettings = field(default_factory=SyncSettings)
 
@@ -98,6 +102,7 @@ class NodeConfig:
         _require(self.diagnostics_period_s > 0, "node.diagnostics_period_s", "must be > 0")
         _require(self.tf_timeout_s >= 0, "node.tf_timeout_s", "must be >= 0")
         self.sync.validate()
+        parse_class_thresholds(self.class_score_thresholds, pipeline.head.class_names)
         return self
 
     def _given_info_topics(self) -> tuple[str, ...]:

@@ -123,19 +123,25 @@ def rclpy_context(ros_env: RosEnv) -> Iterator["rclpy.context.Context"]:
         rclpy.shutdown(context=context)
 
 
-# ------------------------------------------------------------------------------ the node's tests
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny preset exported with seed 3 (the node tests' model)."""
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset exported with seed 3 (what the node tests run), once per session."""
     from bevfusion_ros.model.export import export_model_set
     from bevfusion_ros.model.presets import TINY
     return export_model_set(TINY, "fp16", tmp_path_factory.mktemp("tiny"), seed=3).out_dir
 
 
-@pytest.fixture(scope="module")
-def example(example_data_dir):
-    """The example frame with its calibration rebuilt as the node rebuilds it: K, and camera2lidar
-    as a TF transform carries it (a unit quaternion: the stored float32 rotation orthonormalised)."""
+@pytest.fixture(scope="session")
+def tiny_core(tiny_model_dir: Path):
+    """The core pipeline of :func:`tiny_model_dir`, run in this process as the reference."""
+    from bevfusion_ros.pipeline import BEVFusionPipeline
+    return BEVFusionPipeline.from_model_dir(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def node_example(example_data_dir: Path):
+    """The example frame with its calibration rebuilt as the node rebuilds it from CameraInfo K
+    and TF (camera2lidar through a unit quaternion)."""
     import numpy as np
 
     from bevfusion_ros.io.calibration import Calibration
@@ -149,10 +155,3 @@ def example(example_data_dir):
     rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], camera2lidar,
                                             TINY.pipeline.image, calibration.camera_names)
     return Frame(frame.images, frame.points, rebuilt)
-
-
-@pytest.fixture(scope="module")
-def core(model_dir):
-    """The core pipeline on the node tests' model (CPU)."""
-    from bevfusion_ros.pipeline import BEVFusionPipeline
-    return BEVFusionPipeline.from_model_dir(model_dir)

@@ -23,6 +23,9 @@ import rclpy
 from bevfusion_ros_msgs.msg import FrameInfo
 from conftest import next_domain_id
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterValue, SetParametersResult
+from rcl_interfaces.srv import SetParameters
 from rclpy.context import Context
 from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
@@ -209,6 +212,13 @@ class NodeUnderTest:
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)
         return output
+
+
+def set_parameter(harness: NodeUnderTest, name: str, value: ParameterValue) -> SetParametersResult:
+    """``ros2 param set`` of the node's parameter ``name``; the node's answer."""
+    request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)])
+    result, = harness.call(SetParameters, "/bevfusion/set_parameters", request).results
+    return result
 
 
 def publish_and_wait(harness: NodeUnderTest, frame: Frame, stamp: int, **options) -> int:

@@ -8,10 +8,9 @@ import dataclasses
 import numpy as np
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes
-from rcl_interfaces.msg import Parameter as ParameterMsg
+from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, set_parameter
 from rcl_interfaces.msg import ParameterType, ParameterValue
-from rcl_interfaces.srv import DescribeParameters, SetParameters
+from rcl_interfaces.srv import DescribeParameters
 
 STAMP_NS = 1_700_000_000_000_000_000
 PERIOD_NS = 100_000_000
@@ -26,8 +25,9 @@ def state(harness: NodeUnderTest) -> int:
     return harness.call(GetState, "/bevfusion/get_state", GetState.Request()).current_state.id
 
 
-def test_managed_node_outputs_only_while_active_and_keeps_its_calibration(model_dir, tmp_path, example, core):
-    harness = NodeUnderTest(model_dir, tmp_path, "zero_fill", managed=True)
+def test_managed_node_outputs_only_while_active_and_keeps_its_calibration(tiny_model_dir, tmp_path, node_example,
+                                                                          tiny_core):
+    harness = NodeUnderTest(tiny_model_dir, tmp_path, "zero_fill", managed=True)
     try:
         assert state(harness) == State.PRIMARY_STATE_UNCONFIGURED
         assert harness.cloud_pub.get_subscription_count() == 0
@@ -35,23 +35,23 @@ def test_managed_node_outputs_only_while_active_and_keeps_its_calibration(model_
         assert state(harness) == State.PRIMARY_STATE_INACTIVE
         assert transition(harness, Transition.TRANSITION_ACTIVATE)
         harness.wait_ready()
-        harness.publish(example, STAMP_NS)
+        harness.publish(node_example, STAMP_NS)
         assert harness.spin_until(lambda: STAMP_NS in harness.detections, FRAME_TIMEOUT_S)
-        assert_same_boxes(harness.detections[STAMP_NS], core.forward(example))
+        assert_same_boxes(harness.detections[STAMP_NS], tiny_core.forward(node_example))
 
         assert transition(harness, Transition.TRANSITION_DEACTIVATE)
         assert harness.spin_until(lambda: harness.cloud_pub.get_subscription_count() == 0, FRAME_TIMEOUT_S)
         inactive_stamp = STAMP_NS + PERIOD_NS
-        harness.publish(example, inactive_stamp)                 # nobody subscribes: never answered
+        harness.publish(node_example, inactive_stamp)                 # nobody subscribes: never answered
         assert transition(harness, Transition.TRANSITION_ACTIVATE)
         harness.wait_ready()
         active_stamp = STAMP_NS + 2 * PERIOD_NS
-        harness.publish(example, active_stamp, camera_infos=False)    # K from before the deactivation
+        harness.publish(node_example, active_stamp, camera_infos=False)    # K from before the deactivation
         assert harness.spin_until(lambda: active_stamp in harness.frame_infos and active_stamp in harness.detections,
                                   FRAME_TIMEOUT_S)
         assert inactive_stamp not in harness.detections
         assert tuple(harness.frame_infos[active_stamp].cameras_used) == harness.cameras
-        assert_same_boxes(harness.detections[active_stamp], core.forward(example))
+        assert_same_boxes(harness.detections[active_stamp], tiny_core.forward(node_example))
 
         assert transition(harness, Transition.TRANSITION_DEACTIVATE)
         assert transition(harness, Transition.TRANSITION_CLEANUP)
@@ -63,14 +63,9 @@ def test_managed_node_outputs_only_while_active_and_keeps_its_calibration(model_
     assert "Traceback" not in output, output
 
 
-def set_parameter(harness: NodeUnderTest, name: str, value: ParameterValue):
-    request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=value)])
-    result, = harness.call(SetParameters, "/bevfusion/set_parameters", request).results
-    return result
-
-
-def test_parameters_are_described_and_the_score_threshold_changes_at_run_time(model_dir, tmp_path, example, core):
-    harness = NodeUnderTest(model_dir, tmp_path, "zero_fill")
+def test_parameters_are_described_and_the_score_threshold_changes_at_run_time(tiny_model_dir, tmp_path, node_example,
+                                                                             tiny_core):
+    harness = NodeUnderTest(tiny_model_dir, tmp_path, "zero_fill")
     try:
         harness.wait_ready()
         described = harness.call(DescribeParameters, "/bevfusion/describe_parameters", DescribeParameters.Request(
@@ -88,12 +83,12 @@ def test_parameters_are_described_and_the_score_threshold_changes_at_run_time(mo
             type=ParameterType.PARAMETER_DOUBLE, double_value=1.5))
         assert not out_of_range.successful
 
-        everything = core.forward(example)
+        everything = tiny_core.forward(node_example)
         all_boxes = everything.boxes
         cut = float(np.median(all_boxes[:, 10]))
         assert set_parameter(harness, "head.score_threshold", ParameterValue(
             type=ParameterType.PARAMETER_DOUBLE, double_value=cut)).successful
-        harness.publish(example, STAMP_NS)
+        harness.publish(node_example, STAMP_NS)
         assert harness.spin_until(lambda: STAMP_NS in harness.detections, FRAME_TIMEOUT_S)
         kept = all_boxes[:, 10] >= cut
         assert 0 < kept.sum() < len(all_boxes)

@@ -35,8 +35,8 @@ def next_stamp_ns() -> int:
 
 
 @pytest.fixture(scope="module")
-def zero_fill_node(model_dir, tmp_path_factory):
-    harness = NodeUnderTest(model_dir, tmp_path_factory.mktemp("zero_fill"), "zero_fill")
+def zero_fill_node(tiny_model_dir, tmp_path_factory):
+    harness = NodeUnderTest(tiny_model_dir, tmp_path_factory.mktemp("zero_fill"), "zero_fill")
     harness.wait_ready()
     yield harness
     output = harness.close()
@@ -52,11 +52,11 @@ def warned_missing(harness: NodeUnderTest, camera: str) -> bool:
     return any(s.level == DiagnosticStatus.WARN and camera in s.message for s in harness.diagnostics)
 
 
-def test_node_detections_equal_the_core_pipeline(zero_fill_node, example, core):
-    stamp = publish_and_wait(zero_fill_node, example)
+def test_node_detections_equal_the_core_pipeline(zero_fill_node, node_example, tiny_core):
+    stamp = publish_and_wait(zero_fill_node, node_example)
     msg = zero_fill_node.detections[stamp]
     assert msg.header.frame_id == "lidar_top" and convert.stamp_to_ns(msg.header.stamp) == stamp
-    expected = core.forward(example)
+    expected = tiny_core.forward(node_example)
     assert_same_boxes(msg, expected)
     info = zero_fill_node.frame_infos[stamp]
     assert tuple(info.cameras_used) == zero_fill_node.cameras and list(info.cameras_missing) == []
@@ -64,64 +64,64 @@ def test_node_detections_equal_the_core_pipeline(zero_fill_node, example, core):
     np.testing.assert_allclose([[v.x, v.y] for v in info.velocities], expected.boxes[:, 7:9], atol=1e-3)
 
 
-def test_missing_camera_zero_fill(zero_fill_node, example, core):
+def test_missing_camera_zero_fill(zero_fill_node, node_example, tiny_core):
     missing = zero_fill_node.cameras[2]
-    stamp = publish_and_wait(zero_fill_node, example, skip=(missing,))
+    stamp = publish_and_wait(zero_fill_node, node_example, skip=(missing,))
     info = zero_fill_node.frame_infos[stamp]
     assert list(info.cameras_missing) == [missing] and missing not in info.cameras_used
     used = tuple(name for name in zero_fill_node.cameras if name != missing)
-    assert_same_boxes(zero_fill_node.detections[stamp], core.forward(example, used))
+    assert_same_boxes(zero_fill_node.detections[stamp], tiny_core.forward(node_example, used))
     assert zero_fill_node.spin_until(lambda: warned_missing(zero_fill_node, missing), 5.0)
 
 
-def test_missing_camera_lidar_only(model_dir, tmp_path, example, core):
-    harness = NodeUnderTest(model_dir, tmp_path, "lidar_only")
+def test_missing_camera_lidar_only(tiny_model_dir, tmp_path, node_example, tiny_core):
+    harness = NodeUnderTest(tiny_model_dir, tmp_path, "lidar_only")
     try:
         harness.wait_ready()
         missing = harness.cameras[4]
-        stamp = publish_and_wait(harness, example, skip=(missing,))
+        stamp = publish_and_wait(harness, node_example, skip=(missing,))
         info = harness.frame_infos[stamp]
         assert list(info.cameras_used) == [] and missing in info.cameras_missing
-        assert_same_boxes(harness.detections[stamp], core.forward(example, ()))
+        assert_same_boxes(harness.detections[stamp], tiny_core.forward(node_example, ()))
         assert harness.spin_until(lambda: warned_missing(harness, missing), 5.0)
     finally:
         output = harness.close()
     assert "Traceback" not in output, output
 
 
-def test_bad_inputs_give_diagnostics_and_the_next_frame_is_processed(zero_fill_node, example, core):
+def test_bad_inputs_give_diagnostics_and_the_next_frame_is_processed(zero_fill_node, node_example, tiny_core):
     node = zero_fill_node
     camera = node.cameras[3]
     small = convert.rgb_to_image(np.zeros((450, 800, 3), np.uint8), frame_header(camera))
-    stamp = publish_and_wait(node, example, images={camera: small})           # wrong size: camera dropped
+    stamp = publish_and_wait(node, node_example, images={camera: small})           # wrong size: camera dropped
     assert camera in node.frame_infos[stamp].cameras_missing
     assert node.spin_until(lambda: node.statuses_mentioning("800x450"), 5.0)
-    wrong = convert.rgb_to_image(example.images[0], frame_header(camera))
+    wrong = convert.rgb_to_image(node_example.images[0], frame_header(camera))
     wrong.encoding = "32FC1"
-    stamp = publish_and_wait(node, example, images={camera: wrong})          # wrong encoding
+    stamp = publish_and_wait(node, node_example, images={camera: wrong})          # wrong encoding
     assert node.spin_until(lambda: node.statuses_mentioning("32FC1"), 5.0)
-    cases = {"lacks field(s) ['z'": cloud_message(example.points[:, [0, 1, 3]], 0, names=("x", "y", "intensity")),
-             "NaN": nan_cloud(example.points)}
+    cases = {"lacks field(s) ['z'": cloud_message(node_example.points[:, [0, 1, 3]], 0, names=("x", "y", "intensity")),
+             "NaN": nan_cloud(node_example.points)}
     for text, cloud in cases.items():
         stamp = next_stamp_ns()
         cloud.header.stamp = convert.ns_to_stamp(stamp)
-        node.publish(example, stamp, cloud=cloud)
+        node.publish(node_example, stamp, cloud=cloud)
         assert node.spin_until(lambda: node.statuses_mentioning(text), FRAME_TIMEOUT_S), text
     assert stamp in node.detections or node.spin_until(lambda: stamp in node.detections, FRAME_TIMEOUT_S)
     stamp = next_stamp_ns()
-    node.publish(Frame(example.images, example.points[:0], example.calibration), stamp)    # empty cloud
+    node.publish(Frame(node_example.images, node_example.points[:0], node_example.calibration), stamp)    # empty cloud
     assert node.spin_until(lambda: stamp in node.detections, FRAME_TIMEOUT_S)
     assert node.spin_until(lambda: node.statuses_mentioning("empty point cloud"), 5.0)
-    node.publish(example, BASE_STAMP_NS - 3600 * 10**9)                        # an hour back: bag loop
+    node.publish(node_example, BASE_STAMP_NS - 3600 * 10**9)                        # an hour back: bag loop
     assert node.spin_until(lambda: node.statuses_mentioning("backwards"), FRAME_TIMEOUT_S)
-    stamp = publish_and_wait(node, example)                                     # the next good frame
-    assert_same_boxes(node.detections[stamp], core.forward(example))
-    uncalibrated = frame_messages(example, 0).camera_infos[3]
+    stamp = publish_and_wait(node, node_example)                                     # the next good frame
+    assert_same_boxes(node.detections[stamp], tiny_core.forward(node_example))
+    uncalibrated = frame_messages(node_example, 0).camera_infos[3]
     uncalibrated.k = [0.0] * 9
     node.info_pubs[3].publish(uncalibrated)                                    # invalid CameraInfo
     assert node.spin_until(lambda: node.statuses_mentioning(f"CameraInfo of {camera}"), 5.0)
-    stamp = publish_and_wait(node, example, camera_infos=False)                # last valid K kept
-    assert_same_boxes(node.detections[stamp], core.forward(example))
+    stamp = publish_and_wait(node, node_example, camera_infos=False)                # last valid K kept
+    assert_same_boxes(node.detections[stamp], tiny_core.forward(node_example))
 
 
 def nan_cloud(points: np.ndarray) -> PointCloud2:
@@ -130,7 +130,7 @@ def nan_cloud(points: np.ndarray) -> PointCloud2:
     return cloud_message(noisy, 0)
 
 
-def test_hundred_frames_at_10_hz_are_answered_or_counted(zero_fill_node, example):
+def test_hundred_frames_at_10_hz_are_answered_or_counted(zero_fill_node, node_example):
     """Message-to-detection latency through ROS (printed); every frame answered or dropped.
 
     The counters come from settled diagnostics (every cloud published so far accounted for), so
@@ -144,7 +144,7 @@ def test_hundred_frames_at_10_hz_are_answered_or_counted(zero_fill_node, example
         stamp = next_stamp_ns()
         stamps.append(stamp)
         published_ns = time.time_ns()
-        node.publish(example, stamp)
+        node.publish(node_example, stamp)
         node.receive_ns.setdefault(-stamp, published_ns)
         while time.monotonic() < start + (index + 1) * 0.1:
             node.executor.spin_once(timeout_sec=0.01)
@@ -164,16 +164,16 @@ def test_hundred_frames_at_10_hz_are_answered_or_counted(zero_fill_node, example
           f"p99 {np.percentile(latencies, 99):.1f} ms")
 
 
-def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path, example, core):
+def test_past_sweeps_are_motion_compensated_with_tf_odometry(tiny_model_dir, tmp_path, node_example, tiny_core):
     """num_sweeps 3: the node moves the two previous sweeps into the current lidar frame with the
     odom -> lidar_top poses it received on /tf, and gives them their time lag."""
     from geometry_msgs.msg import TransformStamped
 
     from bevfusion_ros.ros.frame_messages import LIDAR_FRAME, header
     from bevfusion_ros.streaming.sweeps import SweepAccumulator
-    harness = NodeUnderTest(model_dir, tmp_path, "zero_fill", num_sweeps=3, time_lag_field="", world_frame="odom")
+    harness = NodeUnderTest(tiny_model_dir, tmp_path, "zero_fill", num_sweeps=3, time_lag_field="", world_frame="odom")
     expected_sweeps = SweepAccumulator(3)
-    lidar_points = example.points[:, :4]
+    lidar_points = node_example.points[:, :4]
     try:
         harness.wait_ready()
         for index in range(3):
@@ -187,12 +187,12 @@ def test_past_sweeps_are_motion_compensated_with_tf_odometry(model_dir, tmp_path
                 header=header(stamp, "odom"), child_frame_id=LIDAR_FRAME, transform=transform)]))
             harness.wait_acked([harness.tf_pub])
             cloud = cloud_message(lidar_points, stamp, names=("x", "y", "z", "intensity"))
-            harness.publish(example, stamp, cloud=cloud)
+            harness.publish(node_example, stamp, cloud=cloud)
             assert harness.spin_until(lambda: stamp in harness.detections, FRAME_TIMEOUT_S)
             accumulated = expected_sweeps.add(lidar_points, stamp, convert.transform_to_matrix(transform))
         assert len(accumulated) > 2.5 * len(lidar_points)        # close points of past sweeps dropped
         assert np.unique(accumulated[:, 4]).tolist() == pytest.approx([0.0, 0.1, 0.2])
-        expected = core.forward(Frame(example.images, accumulated, example.calibration))
+        expected = tiny_core.forward(Frame(node_example.images, accumulated, node_example.calibration))
         assert_same_boxes(harness.detections[stamp], expected)
     finally:
         output = harness.close()
