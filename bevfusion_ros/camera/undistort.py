@@ -38,6 +38,7 @@ calibration whose extrinsics alone change keeps its tables (:func:`remap_tables`
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
@@ -49,6 +50,7 @@ from bevfusion_ros.camera.normalize import normalize_tables
 from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.distortion import Distortion
+from bevfusion_ros.io.frame import Frame
 
 #: Outside position of a remap entry: its four taps are all outside any image (sampled as 0).
 OUTSIDE = -2.0
@@ -263,3 +265,19 @@ def distorted_image(rgb: np.ndarray, intrinsics: np.ndarray, distortion: Distort
     source = source.reshape(height, width, 2).astype(np.float32)
     return cv2.remap(rgb, source[..., 0], source[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                      borderValue=0)
+
+
+def distorted_frame(frame: Frame, distortions: Sequence[Distortion | None]) -> Frame:
+    """``frame`` as cameras with these lenses (one per camera, None: none) would have recorded
+    it: each distorted camera's image through :func:`distorted_image`, the calibration the same
+    with ``distortions``. Undistorting it gives ``frame`` back up to interpolation (a distorted
+    twin, for synthetic data and tests)."""
+    calibration = frame.calibration
+    if len(distortions) != calibration.num_cameras:
+        raise ValueError(f"{len(distortions)} distortions for {calibration.num_cameras} cameras")
+    intrinsics = calibration.camera_intrinsics[:, :3, :3]
+    images = [rgb if lens is None else distorted_image(rgb, intrinsics[index], lens)
+              for index, (rgb, lens) in enumerate(zip(frame.images, distortions))]
+    lenses = tuple(distortions) if any(lens is not None for lens in distortions) else ()
+    return dataclasses.replace(frame, images=images,
+                               calibration=dataclasses.replace(calibration, distortions=lenses).validate())

@@ -10,7 +10,9 @@ asynchronous host-to-device copy on the caller's stream:
   ``row_band``, e.g. 367-899 of 900 for nuScenes at scale 0.48 and a 256-row crop: 59 % of the
   bytes), camera by camera, so the DMA of one camera overlaps the host copy of the next. Rows
   outside the band are never written on the device and never read (:func:`normalize_images`
-  reads exactly the rows of :func:`normalize_tables`, from which the band is computed);
+  reads exactly the rows of :func:`normalize_tables`, from which the band is computed). With
+  distorted cameras the pipeline sets :attr:`FrameUploader.row_band` to the raw rows their
+  undistortion reads (:attr:`~bevfusion_ros.camera.undistort.RemapTables.source_rows`);
 - points: the first N rows of a [max_points, C] buffer, copied in slices.
 
 The host copies run on a small thread pool (NumPy releases the GIL while copying): one thread
@@ -60,7 +62,7 @@ class FrameUploader:
 
     def __init__(self, image: ImageConfig, num_cameras: int, max_points: int, num_features: int):
         import cupy
-        self.row_band = source_row_band(image)
+        self.row_band = source_row_band(image)     # the rows staged; a caller may change it
         image_shape = (num_cameras, image.input_height, image.input_width, 3)
         self._host_images = pinned_empty(image_shape, np.uint8)
         self._device_images = cupy.empty(image_shape, dtype=cupy.uint8)
