@@ -74,7 +74,8 @@ __device__ __forceinline__ void undistorted_pixel(const unsigned char* image, fl
         const float top = __fmaf_rn(ax, __fsub_rn(p01, p00), p00);
         const float bottom = __fmaf_rn(ax, __fsub_rn(p11, p10), p10);
         const float level = __fmaf_rn(ay, __fsub_rn(bottom, top), top);
-        rgb[c] = min(max(__float2int_rn(level), 0), 255);       // rint: half to even, as np.rint
+        const int rounded = __float2int_rn(level);              // rint: half to even, as np.rint
+        rgb[c] = rounded < 0 ? 0 : (rounded > 255 ? 255 : rounded);
     }
 }
 
