@@ -263,6 +263,12 @@ class BEVFusionPipeline:
         """:func:`weights_note` of the model folder."""
         return weights_note(self.model_info)
 
+    @property
+    def remap_tables(self) -> RemapTables | None:
+        """The undistortion tables of the current calibration where the pipeline computes (None
+        while no camera is distorted; :mod:`bevfusion_ros.camera.undistort`)."""
+        return self._remap
+
     def set_score_threshold(self, score_threshold: float) -> None:
         """Keep boxes scoring at least ``score_threshold`` from the next frame on (a run-time
         setting: the networks do not depend on it)."""
