@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.io.calibration import Calibration, CalibrationError, quaternion_to_rotation
@@ -203,3 +204,25 @@ def test_calibration_carries_one_distortion_per_camera():
         Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [None] * 5)
     with pytest.raises(CalibrationError, match="distortions must be one Distortion or None per camera"):
         Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [(-0.3, 0.1, 0, 0)] * 6)
+
+
+def test_calibration_yaml_with_distortions(tmp_path):
+    from bevfusion_ros.config import ConfigError
+    from bevfusion_ros.io.calibration import calibration_from_yaml
+    from bevfusion_ros.model.presets import TINY
+    intrinsics, camera2lidar = synthetic_rig(np.random.default_rng(8))
+    lens = {"model": "equidistant", "coefficients": [0.05, -0.02, 0.01, -0.002]}
+    document = {"camera_intrinsics": intrinsics.tolist(), "camera2lidar": camera2lidar.tolist(),
+                "distortions": [None, lens, None, None, None, None]}
+    path = tmp_path / "calibration.yaml"
+    path.write_text(yaml.safe_dump(document))
+    loaded = calibration_from_yaml(path, TINY.pipeline)
+    assert loaded.distortions == (None, Distortion("equidistant", (0.05, -0.02, 0.01, -0.002)), None, None, None, None)
+    np.testing.assert_array_equal(loaded.camera_intrinsics[:, :3, :3], intrinsics)
+    del document["distortions"]
+    path.write_text(yaml.safe_dump(document))
+    assert calibration_from_yaml(path, TINY.pipeline).distortions == ()
+    document["distortions"] = [{"model": "fov", "coefficients": [0.9]}] + [None] * 5
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"calibration file .*unsupported distortion model 'fov'"):
+        calibration_from_yaml(path, TINY.pipeline)

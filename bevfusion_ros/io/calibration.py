@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ConfigError, ImageConfig, PipelineConfig
-from bevfusion_ros.io.distortion import Distortion
+from bevfusion_ros.io.distortion import Distortion, DistortionError, distortion_from
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.streaming.transforms import matrix_from_quaternion, transform_from_translation_quaternion
 
@@ -226,15 +226,23 @@ class Calibration:
         return float((np.abs(self.lidar2image - projection) / np.maximum(1.0, np.abs(projection))).max())
 
 
+def _distortions_from_yaml(values: dict) -> list[Distortion | None]:
+    """The optional ``distortions`` of a calibration YAML: per camera null or
+    ``{model: plumb_bob, coefficients: [...]}`` (:func:`~bevfusion_ros.io.distortion.distortion_from`)."""
+    return [None if entry is None else distortion_from(entry["model"], entry["coefficients"])
+            for entry in values.get("distortions") or []]
+
+
 def calibration_from_yaml(path: Path, config: PipelineConfig) -> Calibration:
     """A calibration YAML: ``camera_names`` (optional, default the config's),
-    ``camera_intrinsics`` [N][3][3] and ``camera2lidar`` [N][4][4]."""
+    ``camera_intrinsics`` [N][3][3], ``camera2lidar`` [N][4][4] and, optionally, ``distortions``
+    (per camera null or ``{model, coefficients}``, as a CameraInfo's ``distortion_model`` and ``d``)."""
     import yaml
     try:
         values = yaml.safe_load(path.read_text())
         names = values.get("camera_names", list(config.camera_names))
         return Calibration.from_camera2lidar(np.array(values["camera_intrinsics"], dtype=np.float64),
                                              np.array(values["camera2lidar"], dtype=np.float64),
-                                             config.image, names)
-    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
+                                             config.image, names, _distortions_from_yaml(values))
+    except (OSError, KeyError, TypeError, AttributeError, DistortionError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error

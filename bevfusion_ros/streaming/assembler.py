@@ -22,6 +22,7 @@ documented there and in ``docs/node.md``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class FrameAssembler:
         if settings.calibration_source == "file" and file_calibration is None:
             raise CalibrationError("node.calibration_source is 'file' but no calibration was given")
         self.config, self.settings = config, settings
+        if file_calibration is not None and not settings.undistort:    # images taken as undistorted
+            file_calibration = dataclasses.replace(file_calibration, distortions=())
         sync = settings.sync
         self.sync = LidarTriggeredSync(config.camera_names, sync.slop_s, sync.missing_camera, sync.wait_timeout_s,
                                        sync.max_image_age_s, backwards_tolerance_s=sync.backwards_tolerance_s,

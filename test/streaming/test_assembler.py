@@ -208,3 +208,13 @@ def test_without_undistort_distortions_are_ignored(example):
     assert not assembler.refuse_distortion(NAMES[1], example.calibration.camera_intrinsics[1, :3, :3], "unsupported")
     assembled = assemble_one(assembler, example)
     assert assembled.missing == {} and assembled.frame.calibration.distortions == ()
+
+
+def test_file_calibration_distortions_unless_undistort_is_off(example):
+    lenses = (LENS, None, None, None, FISHEYE, None)
+    calibration = dataclasses.replace(example.calibration.for_image(TINY.pipeline.image), distortions=lenses)
+    file_settings = settings(calibration_source="file", calibration_file="calibration.yaml")
+    on = FrameAssembler(TINY.pipeline, file_settings, calibration)
+    assert assemble_one(on, example).frame.calibration.distortions == lenses
+    off = FrameAssembler(TINY.pipeline, dataclasses.replace(file_settings, undistort=False), calibration)
+    assert assemble_one(off, example).frame.calibration.distortions == ()
