@@ -7,8 +7,8 @@ What it computes, for a camera with a :class:`~bevfusion_ros.io.distortion.Disto
    K and projections stay valid), the position (x, y) in the *distorted* (raw) image that it
    comes from: ``cv2.initUndistortRectifyMap(K, D, None, K, (W, H), CV_32FC1)``, or
    ``cv2.fisheye.initUndistortRectifyMap`` for ``equidistant`` (:func:`undistortion_map`).
-   Non-finite entries, and entries beyond the one-pixel border where no tap is inside, are
-   replaced by (-2, -2) or clamped to ``W + 1``/``H + 1``: positions that give 0 either way.
+   Non-finite entries become (-2, -2) and positions are clamped to [-2, W + 1] x [-2, H + 1]:
+   beyond the one-pixel border no tap is inside the image, so either way they sample 0.
 2. The **undistorted pixel** U(u, v) samples the raw image bilinearly at (x, y)
    (:func:`sample_bilinear`): ``x0 = floor(x)``, ``ax = x - x0`` (float32; likewise y), the four
    neighbours (taps outside the image count as 0, as ``cv2.remap``'s ``BORDER_CONSTANT`` with 0),
