@@ -113,8 +113,9 @@ class FrameAssembler:
         self.transforms = TransformBuffer()
         self.sweeps = SweepAccumulator(settings.num_sweeps)
         self._history: collections.deque[Sweep] = collections.deque(maxlen=settings.num_sweeps)
-        self._intrinsics: dict[str, np.ndarray] = {}
-        self._distortions: dict[str, Distortion | None] = {}
+        # camera -> (K, lens distortion): one entry, replaced at once (a frame never pairs a K
+        # with another CameraInfo's distortion)
+        self._lenses: dict[str, tuple[np.ndarray, Distortion | None]] = {}
         self._refused_distortions: dict[str, str] = {}     # camera -> why its images cannot be undistorted
         self._camera_frames: dict[str, str] = {}
         self._rejected_intrinsics: dict[str, str] = {}     # camera -> why its last K was refused
@@ -141,8 +142,8 @@ class FrameAssembler:
         """The 3x3 K of ``camera`` and its lens ``distortion`` (from its CameraInfo; None: not
         distorted). With ``node.undistort`` false the distortion is ignored: the images are taken
         as undistorted ones whose camera matrix is K."""
-        self._intrinsics[camera] = np.asarray(intrinsics, dtype=np.float64)
-        self._distortions[camera] = distortion if self.settings.undistort else None
+        self._lenses[camera] = (np.asarray(intrinsics, dtype=np.float64),
+                                distortion if self.settings.undistort else None)
         self._rejected_intrinsics.pop(camera, None)
         self._refused_distortions.pop(camera, None)
 
@@ -152,10 +153,12 @@ class FrameAssembler:
         camera is missing, with the reason, until a usable CameraInfo comes (a wrong image is
         worse than a missing camera): returns True. Without, the distortion does not matter and
         K is used (False)."""
-        self.set_intrinsics(camera, intrinsics)
         if not self.settings.undistort:
+            self.set_intrinsics(camera, intrinsics)
             return False
-        self._refused_distortions[camera] = reason
+        self._refused_distortions[camera] = reason        # first: no frame takes the camera in between
+        self._lenses[camera] = (np.asarray(intrinsics, dtype=np.float64), None)
+        self._rejected_intrinsics.pop(camera, None)
         return True
 
     def reject_intrinsics(self, camera: str, reason: str) -> None:
@@ -293,8 +296,8 @@ class FrameAssembler:
             return self._calibration, None
         warnings.extend(self._rejected_intrinsics.values())
         names = self.config.camera_names
-        intrinsics, extrinsics = zip(*(self._camera_calibration(camera, lidar_frame, missing) for camera in names))
-        distortions = [self._distortions.get(camera) for camera in names]
+        intrinsics, extrinsics, distortions = zip(*(self._camera_calibration(camera, lidar_frame, missing)
+                                                    for camera in names))
         try:
             self._calibration = Calibration.from_camera2lidar(np.stack(intrinsics), np.stack(extrinsics),
                                                               self.config.image, names, distortions)
@@ -307,9 +310,11 @@ class FrameAssembler:
         return self._calibration, None
 
     def _camera_calibration(self, camera: str, lidar_frame: str, missing: dict[str, str]
-                            ) -> tuple[np.ndarray, np.ndarray]:
-        """(K, camera2lidar) of ``camera``; placeholders, and ``missing`` says why, when unknown."""
-        K, camera2lidar, reason = self._intrinsics.get(camera), None, ""
+                            ) -> tuple[np.ndarray, np.ndarray, Distortion | None]:
+        """(K, camera2lidar, lens distortion) of ``camera``; placeholders, and ``missing`` says why,
+        when unknown; a camera whose distortion was refused is missing too."""
+        K, distortion = self._lenses.get(camera, (None, None))
+        camera2lidar, reason = None, ""
         frame_id = self._camera_frames.get(camera)
         if frame_id:
             try:
@@ -320,8 +325,10 @@ class FrameAssembler:
             reason = "camera frame unknown (no image yet)"
         if K is None:
             reason = "no CameraInfo yet"
-        if camera in self._refused_distortions:
-            missing.setdefault(camera, f"lens distortion cannot be undone: {self._refused_distortions[camera]}")
+        refused = self._refused_distortions.get(camera)
+        if refused is not None:
+            missing.setdefault(camera, f"lens distortion cannot be undone: {refused}")
         if K is None or camera2lidar is None:
             missing.setdefault(camera, f"not calibrated: {reason}")
-        return (K if K is not None else PLACEHOLDER_K), (camera2lidar if camera2lidar is not None else np.eye(4))
+        return ((K if K is not None else PLACEHOLDER_K), (camera2lidar if camera2lidar is not None else np.eye(4)),
+                distortion)
