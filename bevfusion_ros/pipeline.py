@@ -9,7 +9,9 @@ Stages, in the spec's order (each timed, milliseconds in ``detections.stage_ms``
 ``normalize`` -> ``depth`` -> ``camera_backbone`` -> ``bevpool`` -> ``vtransform``;
 ``voxelize`` -> ``lidar_backbone``; ``fuser`` -> ``head`` -> ``decode``. The camera geometry
 depends only on the calibration: :meth:`update` computes it once, and :meth:`forward`
-recomputes it only when the frame brings a different calibration. On the GPU the camera and
+recomputes it only when the frame brings a different calibration. Cameras whose calibration
+carries a lens distortion are undistorted inside ``normalize``, from remap tables that
+:meth:`update` builds with the geometry (:mod:`bevfusion_ros.camera.undistort`). On the GPU the camera and
 lidar branches run on two streams and overlap until the fuser joins them; the camera branch is
 queued from its own thread, because the lidar branch's host thread waits for a few sizes read
 back from the GPU (voxel and site counts).
@@ -39,6 +41,7 @@ from bevfusion_ros.camera.bevpool import bev_pool
 from bevfusion_ros.camera.depth import depth_map
 from bevfusion_ros.camera.geometry import CameraGeometry, compute_geometry
 from bevfusion_ros.camera.normalize import check_images, normalize_images
+from bevfusion_ros.camera.undistort import RemapTables, remap_tables
 from bevfusion_ros.config import PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
 from bevfusion_ros.engines import Engine, load_dense_engines
@@ -49,7 +52,7 @@ from bevfusion_ros.io.frame import Frame, black_image
 from bevfusion_ros.lidar.scn import SparseEncoderRunner
 from bevfusion_ros.lidar.voxelize import voxelize
 from bevfusion_ros.runtime.array_module import is_cupy, to_numpy
-from bevfusion_ros.runtime.upload import FrameUploader
+from bevfusion_ros.runtime.upload import FrameUploader, source_row_band
 
 LOG = logging.getLogger("bevfusion_ros.pipeline")
 MODEL_FILES = ("camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
@@ -169,6 +172,8 @@ class BEVFusionPipeline:
         self.calibration: Calibration | None = None
         self.geometry: CameraGeometry | None = None
         self._projection: tuple = ()               # lidar2image, img_aug_matrix (float32, on device)
+        self._remap_host: RemapTables | None = None  # undistortion of the distorted cameras (NumPy)
+        self._remap: RemapTables | None = None       # the same where the pipeline computes
         self._zero_bev: Any = None                 # camera BEV of a lidar-only frame
 
     @classmethod
@@ -257,6 +262,12 @@ class BEVFusionPipeline:
         """:func:`weights_note` of the model folder."""
         return weights_note(self.model_info)
 
+    @property
+    def remap_tables(self) -> RemapTables | None:
+        """The undistortion tables of the current calibration where the pipeline computes (None
+        while no camera is distorted; :mod:`bevfusion_ros.camera.undistort`)."""
+        return self._remap
+
     def set_score_threshold(self, score_threshold: float) -> None:
         """Keep boxes scoring at least ``score_threshold`` from the next frame on (a run-time
         setting: the networks do not depend on it)."""
@@ -265,7 +276,8 @@ class BEVFusionPipeline:
         self.config = dataclasses.replace(self.config, head=head)
 
     def update(self, calibration: Calibration) -> None:
-        """Recompute the camera geometry for ``calibration`` (validated first)."""
+        """Recompute the camera geometry for ``calibration`` (validated first), and the remap
+        tables of its distorted cameras (kept when their K and distortion did not change)."""
         calibration.validate()
         if calibration.num_cameras != self.config.num_cameras:
             raise InputError(f"calibration has {calibration.num_cameras} cameras, the model "
@@ -275,9 +287,21 @@ class BEVFusionPipeline:
             self.geometry = geometry if self.device == "cpu" else geometry.to_device()
             self._projection = (self._to_device(calibration.lidar2image.astype(np.float32)),
                                 self._to_device(calibration.img_aug_matrix.astype(np.float32)))
+            self._update_remap(calibration)
         if self.device == "cuda":                    # both branch streams read these
             self._streams[0].synchronize()
         self.calibration = calibration
+
+    def _update_remap(self, calibration: Calibration) -> None:
+        """The undistortion tables of ``calibration`` (:mod:`bevfusion_ros.camera.undistort`),
+        built and uploaded only when a camera's K or distortion changed; the GPU uploader then
+        stages the raw rows they read."""
+        remap = remap_tables(calibration, self.config.image, self._remap_host)
+        if remap is not self._remap_host:
+            self._remap = remap if remap is None or self.device == "cpu" else remap.to_device()
+            self._remap_host = remap
+        if self._uploader is not None:
+            self._uploader.row_band = source_row_band(self.config.image) if remap is None else remap.source_rows
 
     def _ensure_geometry(self, calibration: Calibration, timer: StageTimer) -> None:
         """Recompute the geometry (timed as stage ``camera_geometry``) if the calibration changed."""
@@ -414,7 +438,7 @@ class BEVFusionPipeline:
             with timer.stage("upload_images"):
                 uploaded = self._upload_images(raw_images)
             with timer.stage("normalize"):
-                images = normalize_images(uploaded, image, self.config.num_cameras)
+                images = normalize_images(uploaded, image, self.config.num_cameras, remap=self._remap)
             points, points_uploaded = points_ready.result()
             _wait_event(camera_stream, points_uploaded)
             with timer.stage("depth"):
@@ -494,7 +518,7 @@ def _wait_event(stream, event) -> None:
 
 
 def _same_calibration(a: Calibration | None, b: Calibration) -> bool:
-    if a is None or a.camera_names != b.camera_names:
+    if a is None or a.camera_names != b.camera_names or a.distortions != b.distortions:
         return False
     return all(np.array_equal(getattr(a, name), getattr(b, name)) for name in
                ("camera2lidar", "camera_intrinsics", "lidar2image", "img_aug_matrix"))

@@ -1,13 +1,15 @@
-"""Calibration construction and validation against independent float64 formulas."""
+"""Calibration construction and validation against independent float64 formulas; lens distortions."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import yaml
 
 from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.io.calibration import Calibration, CalibrationError, pose_matrix
+from bevfusion_ros.io.distortion import Distortion, DistortionError, distortion_from
 from bevfusion_ros.io.tensor import read_tensor, write_tensor
 
 NAMES = ("FRONT", "FRONT_RIGHT", "FRONT_LEFT", "BACK", "BACK_LEFT", "BACK_RIGHT")
@@ -152,3 +154,75 @@ def test_camera_count_mismatch(example_data_dir, tmp_path):
     (tmp_path / "img_aug_matrix.tensor").unlink()
     with pytest.raises(CalibrationError, match="missing calibration file img_aug_matrix.tensor"):
         Calibration.from_example_data(tmp_path)
+
+
+# ---------------------------------------------------------------- lens distortion
+
+@pytest.mark.parametrize("model, coefficients", [
+    ("plumb_bob", (-0.3, 0.1, 0.001, -0.002, 0.01)), ("plumb_bob", (-0.3, 0.1, 0.001, -0.002)),
+    ("rational_polynomial", (0.2, -0.05, 0.001, 0.001, 0.01, 0.5, -0.02, 0.03)),
+    ("equidistant", (0.05, -0.02, 0.01, -0.002)),
+])
+def test_supported_distortions_keep_their_coefficients(model, coefficients):
+    distortion = distortion_from(model, list(coefficients))
+    assert distortion == Distortion(model, coefficients)
+    assert distortion.is_fisheye == (model == "equidistant")
+
+
+@pytest.mark.parametrize("model, coefficients", [("plumb_bob", [0.0] * 5), ("rational_polynomial", [0.0] * 8),
+                                                 ("", []), ("kannala_brandt", [0.0] * 4), ("unknown", [])])
+def test_zero_or_no_coefficients_are_no_distortion_whatever_the_model(model, coefficients):
+    assert distortion_from(model, coefficients) is None
+
+
+@pytest.mark.parametrize("model, coefficients, message", [
+    ("kannala_brandt", [0.1, 0, 0, 0], r"unsupported distortion model 'kannala_brandt' \(supported: plumb_bob, "
+                                       r"rational_polynomial, equidistant\)"),
+    ("plumb_bob", [0.1, 0, 0], "'plumb_bob' takes 4 or 5 coefficients, got 3"),
+    ("rational_polynomial", [0.1] * 5, "'rational_polynomial' takes 8 coefficients, got 5"),
+    ("equidistant", [0.1] * 5, "'equidistant' takes 4 coefficients, got 5"),
+    ("plumb_bob", [0.1, float("nan"), 0, 0, 0], "must be finite"),
+])
+def test_bad_distortions_are_refused_with_the_reason(model, coefficients, message):
+    with pytest.raises(DistortionError, match=message):
+        distortion_from(model, coefficients)
+
+
+def test_calibration_carries_one_distortion_per_camera():
+    intrinsics, camera2lidar = synthetic_rig(np.random.default_rng(7))
+    image = ImageConfig()
+    lens = Distortion("plumb_bob", (-0.3, 0.1, 0.0, 0.0, 0.0))
+    plain = Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [None] * 6)
+    assert plain.distortions == () and not plain.distorted and plain.distortion(3) is None
+    calibration = Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [None, lens] + [None] * 4)
+    assert calibration.distorted and calibration.distortion(1) == lens and calibration.distortion(0) is None
+    assert calibration.for_image(ImageConfig(resize_scale=0.16, output_width=256, output_height=128)).distortions \
+        == calibration.distortions
+    with pytest.raises(CalibrationError, match="distortions must be one Distortion or None per camera"):
+        Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [lens, None])
+    with pytest.raises(CalibrationError, match="distortions must be one Distortion or None per camera"):
+        Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [None] * 5)
+    with pytest.raises(CalibrationError, match="distortions must be one Distortion or None per camera"):
+        Calibration.from_camera2lidar(intrinsics, camera2lidar, image, NAMES, [(-0.3, 0.1, 0, 0)] * 6)
+
+
+def test_calibration_yaml_with_distortions(tmp_path):
+    from bevfusion_ros.config import ConfigError
+    from bevfusion_ros.io.calibration import calibration_from_yaml
+    from bevfusion_ros.model.presets import TINY
+    intrinsics, camera2lidar = synthetic_rig(np.random.default_rng(8))
+    lens = {"model": "equidistant", "coefficients": [0.05, -0.02, 0.01, -0.002]}
+    document = {"camera_intrinsics": intrinsics.tolist(), "camera2lidar": camera2lidar.tolist(),
+                "distortions": [None, lens, None, None, None, None]}
+    path = tmp_path / "calibration.yaml"
+    path.write_text(yaml.safe_dump(document))
+    loaded = calibration_from_yaml(path, TINY.pipeline)
+    assert loaded.distortions == (None, Distortion("equidistant", (0.05, -0.02, 0.01, -0.002)), None, None, None, None)
+    np.testing.assert_array_equal(loaded.camera_intrinsics[:, :3, :3], intrinsics)
+    del document["distortions"]
+    path.write_text(yaml.safe_dump(document))
+    assert calibration_from_yaml(path, TINY.pipeline).distortions == ()
+    document["distortions"] = [{"model": "fov", "coefficients": [0.9]}] + [None] * 5
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"calibration file .*unsupported distortion model 'fov'"):
+        calibration_from_yaml(path, TINY.pipeline)

@@ -17,6 +17,9 @@ Everything that depends only on the :class:`ImageConfig` (tap indices, weights, 
 normalisation table) is computed once by :func:`normalize_tables`; a frame then costs four
 row/column gathers, a few integer operations and a table look-up.
 
+Raw images of distorted cameras are undistorted on the way (``remap=``): the undistorted pixels
+the taps read are sampled from the raw image first (:mod:`bevfusion_ros.camera.undistort`).
+
 Known difference to CUDA-BEVFusion: its kernel uses ``step = 1.0f / 0.48f`` (float32
 division, 2.0833335) where the reference and this module use ``float32(1 / 0.48)``
 (2.0833333); a handful of source positions move by one fixed-point weight step.
@@ -157,24 +160,45 @@ def resize_crop(rgb: np.ndarray, tables: NormalizeTables) -> np.ndarray:
     return grey.reshape(len(tables.rows.low), -1, 3)
 
 
+def check_remap(remap: Any, count: int, image: ImageConfig) -> None:
+    """Raise ``ValueError`` unless ``remap`` (a :class:`~bevfusion_ros.camera.undistort.RemapTables`
+    or None) has one entry per image and tables of the input size."""
+    if remap is None:
+        return
+    if len(remap.map_index) != count:
+        raise ValueError(f"the remap tables are for {len(remap.map_index)} cameras, got {count} images")
+    if tuple(remap.maps.shape[1:]) != (image.input_height, image.input_width, 2):
+        raise ValueError(f"the remap tables are [M, H, W, 2] = {list(remap.maps.shape)}, the input "
+                         f"size is {image.input_width}x{image.input_height} (W x H)")
+
+
 def normalize_images(images: Sequence[np.ndarray], image: ImageConfig,
-                     num_cameras: int | None = None, out: Any = None) -> np.ndarray:
+                     num_cameras: int | None = None, out: Any = None, remap: Any = None) -> np.ndarray:
     """uint8 RGB images ``[H, W, 3]`` (one per camera) -> float16 ``[N, 3, oh, ow]`` planar RGB.
 
     ``num_cameras``, when given, is the required number of images. Raises ``ValueError``
     naming the camera for a wrong count, size, dtype or channel count. CuPy images (a
     ``[N, H, W, 3]`` array or a list) run on the GPU and give a CuPy result, written into
-    ``out`` when given (a CuPy float16 ``[N, 3, oh, ow]``; CuPy only).
+    ``out`` when given (a CuPy float16 ``[N, 3, oh, ow]``; CuPy only). ``remap``: the
+    :class:`~bevfusion_ros.camera.undistort.RemapTables` of distorted cameras (CuPy tables for
+    CuPy images), whose raw images are undistorted on the way (:mod:`~bevfusion_ros.camera.undistort`).
     """
     if is_cupy(images) or any(is_cupy(rgb) for rgb in images):
         from bevfusion_ros.camera.normalize_cuda import normalize_images_cuda
-        return normalize_images_cuda(images, image, num_cameras, out)
+        return normalize_images_cuda(images, image, num_cameras, out, remap)
     if out is not None:
         raise ValueError("out= is supported for CuPy images only")
     check_images(images, image, num_cameras)
+    check_remap(remap, len(images), image)
+    if remap is not None and is_cupy(remap.maps):
+        raise ValueError("CuPy (device) remap tables need CuPy images; pass NumPy tables")
     tables = normalize_tables(image)
     output = np.empty((len(images), 3, image.output_height, image.output_width), dtype=np.float16)
     for index, rgb in enumerate(images):
+        source = None if remap is None else remap.camera_map(index)
+        if source is not None:
+            from bevfusion_ros.camera.undistort import undistorted_taps
+            rgb = undistorted_taps(rgb, source, image)
         grey = resize_crop(rgb, tables)
         for channel in range(3):
             np.take(tables.levels[channel], grey[..., channel], out=output[index, channel])

@@ -6,7 +6,10 @@ All matrices are float64 ``[N, 4, 4]`` arrays, one per camera in ``camera_names`
 * ``lidar2camera``      its inverse;
 * ``camera_intrinsics`` K in the upper-left 3x3, identity elsewhere;
 * ``lidar2image``       ``camera_intrinsics @ lidar2camera`` (row 2 gives camera-frame depth);
-* ``img_aug_matrix``    original image pixels (u, v, d) -> network-input pixels (spec 1.3).
+* ``img_aug_matrix``    original image pixels (u, v, d) -> network-input pixels (spec 1.3);
+* ``distortions``       per camera, its lens :class:`~bevfusion_ros.io.distortion.Distortion` or None
+  (empty: no camera is distorted). K is the matrix of the *undistorted* image: the pipeline
+  undistorts with new camera matrix K (:mod:`bevfusion_ros.camera.undistort`).
 
 :meth:`Calibration.validate` checks every invariant and names the offending camera.
 """
@@ -19,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ConfigError, ImageConfig, PipelineConfig
+from bevfusion_ros.io.distortion import Distortion, DistortionError, distortion_from
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.streaming.transforms import transform_from_translation_quaternion
 
@@ -64,15 +68,27 @@ class Calibration:
     camera_intrinsics: np.ndarray
     lidar2image: np.ndarray
     img_aug_matrix: np.ndarray
+    distortions: tuple[Distortion | None, ...] = ()
 
     @property
     def num_cameras(self) -> int:
         return len(self.camera_names)
 
+    def distortion(self, index: int) -> Distortion | None:
+        """The lens distortion of camera ``index`` (None: not distorted)."""
+        return self.distortions[index] if self.distortions else None
+
+    @property
+    def distorted(self) -> bool:
+        """Whether any camera has a lens distortion to undo."""
+        return any(distortion is not None for distortion in self.distortions)
+
     @classmethod
     def from_camera2lidar(cls, camera_intrinsics: np.ndarray, camera2lidar: np.ndarray,
-                          image: ImageConfig, camera_names: Sequence[str]) -> "Calibration":
-        """Derive every matrix from K ``[N, 3, 3]`` and camera->lidar ``[N, 4, 4]`` (one TF lookup).
+                          image: ImageConfig, camera_names: Sequence[str],
+                          distortions: Sequence[Distortion | None] = ()) -> "Calibration":
+        """Derive every matrix from K ``[N, 3, 3]`` and camera->lidar ``[N, 4, 4]`` (one TF lookup);
+        ``distortions``: one per camera (None: not distorted), or none at all.
 
         This is the consistent way to build a calibration: lidar2camera is the exact inverse
         and lidar2image the exact product, so the two cannot disagree.
@@ -81,6 +97,9 @@ class Calibration:
         intrinsics = intrinsics_4x4(camera_intrinsics)
         lidar2camera = np.linalg.inv(camera2lidar)
         count = camera2lidar.shape[0]
+        distortions = tuple(distortions)
+        if len(distortions) == count and all(distortion is None for distortion in distortions):
+            distortions = ()
         calibration = cls(
             camera_names=tuple(camera_names),
             camera2lidar=camera2lidar,
@@ -88,6 +107,7 @@ class Calibration:
             camera_intrinsics=intrinsics,
             lidar2image=intrinsics @ lidar2camera,
             img_aug_matrix=np.tile(img_aug_matrix_from_config(image), (count, 1, 1)),
+            distortions=distortions,
         )
         return calibration.validate()
 
@@ -96,7 +116,7 @@ class Calibration:
         camera2lidar with ``image``'s ``img_aug_matrix`` (what a model that resizes differently,
         e.g. the tiny preset, must be given)."""
         return Calibration.from_camera2lidar(self.camera_intrinsics[:, :3, :3], self.camera2lidar, image,
-                                             self.camera_names)
+                                             self.camera_names, self.distortions)
 
     @classmethod
     def from_nuscenes(cls, camera_intrinsics: np.ndarray,
@@ -149,6 +169,10 @@ class Calibration:
             if matrix.shape != (count, 4, 4):
                 raise CalibrationError(f"{name} has shape {list(matrix.shape)}, expected "
                                        f"[{count}, 4, 4] for cameras {list(self.camera_names)}")
+        if len(self.distortions) not in (0, count) or not all(
+                distortion is None or isinstance(distortion, Distortion) for distortion in self.distortions):
+            raise CalibrationError(f"distortions must be one Distortion or None per camera "
+                                   f"({list(self.camera_names)}) or empty, got {list(self.distortions)}")
         for index in range(count):
             self._validate_camera(index)
         return self
@@ -195,15 +219,23 @@ class Calibration:
         return float((np.abs(self.lidar2image - projection) / np.maximum(1.0, np.abs(projection))).max())
 
 
+def _distortions_from_yaml(values: dict) -> list[Distortion | None]:
+    """The optional ``distortions`` of a calibration YAML: per camera null or
+    ``{model: plumb_bob, coefficients: [...]}`` (:func:`~bevfusion_ros.io.distortion.distortion_from`)."""
+    return [None if entry is None else distortion_from(entry["model"], entry["coefficients"])
+            for entry in values.get("distortions") or []]
+
+
 def calibration_from_yaml(path: Path, config: PipelineConfig) -> Calibration:
     """A calibration YAML: ``camera_names`` (optional, default the config's),
-    ``camera_intrinsics`` [N][3][3] and ``camera2lidar`` [N][4][4]."""
+    ``camera_intrinsics`` [N][3][3], ``camera2lidar`` [N][4][4] and, optionally, ``distortions``
+    (per camera null or ``{model, coefficients}``, as a CameraInfo's ``distortion_model`` and ``d``)."""
     import yaml
     try:
         values = yaml.safe_load(path.read_text())
         names = values.get("camera_names", list(config.camera_names))
         return Calibration.from_camera2lidar(np.array(values["camera_intrinsics"], dtype=np.float64),
                                              np.array(values["camera2lidar"], dtype=np.float64),
-                                             config.image, names)
-    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as error:
+                                             config.image, names, _distortions_from_yaml(values))
+    except (OSError, KeyError, TypeError, AttributeError, DistortionError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read calibration file {path}: {error!r}") from error

@@ -2,8 +2,9 @@
 
 Pure functions: no node, no ``rclpy.init`` needed; only this ROS layer imports message packages.
 Images are ``[H, W, 3]`` uint8 RGB arrays, calibrations 3x3 ``K`` and 4x4 homogeneous matrices,
-stamps integer nanoseconds. Boxes are published in the lidar frame with REP-103 conventions, each
-box's velocity in ``bevfusion_ros_msgs/FrameInfo.velocities``; detections and markers are
+stamps integer nanoseconds; a CameraInfo's lens distortion reads as a
+:class:`~bevfusion_ros.io.distortion.Distortion` (:func:`camera_info_distortion`). Boxes are
+published in the lidar frame with REP-103 conventions, each box's velocity in ``bevfusion_ros_msgs/FrameInfo.velocities``; detections and markers are
 written straight to CDR bytes. The conventions, and why CDR bytes and ``array.array('B')``:
 docs/messages.md.
 """
@@ -31,14 +32,15 @@ except ImportError:  # image_to_rgb / rgb_to_image then fall back to numpy
 from bevfusion_ros.camera.jpeg import ImageError, decode_rgb, uint8_buffer
 from bevfusion_ros.detections import SCORE, VX, VY, Detections, H, L, W, X, Y, Z, cuda_yaw
 from bevfusion_ros.head.decode import BOX_COLUMNS
+from bevfusion_ros.io.distortion import Distortion, distortion_from
 from bevfusion_ros.ros.cdr import CdrWriter, cdr_string, header_bytes
 from bevfusion_ros.streaming.transforms import quaternion_from_matrix, transform_from_translation_quaternion
 
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
-    "VELOCITY_ARROW_MIN_SPEED", "box_poses", "camera_info_intrinsics", "class_color", "compressed_to_rgb",
-    "detections_to_markers", "detections_to_msg", "image_to_rgb", "serialize_detections", "serialize_markers",
-    "intrinsics_to_camera_info",
+    "VELOCITY_ARROW_MIN_SPEED", "box_poses", "camera_info_distortion", "camera_info_intrinsics", "class_color",
+    "compressed_to_rgb", "detections_to_markers", "detections_to_msg", "image_to_rgb", "serialize_detections",
+    "serialize_markers", "intrinsics_to_camera_info",
     "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
     "velocities", "yaw_to_quaternion", "quaternion_yaw",
 ]
@@ -167,14 +169,24 @@ def camera_info_intrinsics(msg: CameraInfo) -> np.ndarray:
     return _check_intrinsics(msg.k, f"CameraInfo of frame {msg.header.frame_id!r}")
 
 
-def intrinsics_to_camera_info(k: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
-    """A CameraInfo of an undistorted pinhole camera: plumb_bob with zero distortion, ``K``,
-    ``R`` = identity, ``P`` = ``[K | 0]``."""
+def camera_info_distortion(msg: CameraInfo) -> Distortion | None:
+    """The lens distortion of ``msg`` (``distortion_model``, ``d``); None when ``d`` is empty or
+    all zero. Raises :class:`~bevfusion_ros.io.distortion.DistortionError` (a ValueError) for an
+    unsupported model or coefficients that do not fit it."""
+    return distortion_from(msg.distortion_model, msg.d)
+
+
+def intrinsics_to_camera_info(k: np.ndarray, width: int, height: int, header: Header,
+                              distortion: Distortion | None = None) -> CameraInfo:
+    """A CameraInfo of a pinhole camera: ``K``, ``R`` = identity, ``P`` = ``[K | 0]`` and
+    ``distortion`` (None: plumb_bob with zero coefficients, an undistorted camera)."""
     k = _check_intrinsics(k, "intrinsics")
     projection = np.zeros((3, 4))
     projection[:, :3] = k
+    model, coefficients = ("plumb_bob", [0.0] * 5) if distortion is None else \
+        (distortion.model, list(distortion.coefficients))
     return CameraInfo(header=header, height=int(height), width=int(width),
-                      distortion_model="plumb_bob", d=[0.0] * 5, k=k.ravel().tolist(),
+                      distortion_model=model, d=coefficients, k=k.ravel().tolist(),
                       r=np.eye(3).ravel().tolist(), p=projection.ravel().tolist())
 
 

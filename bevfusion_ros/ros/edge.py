@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bevfusion_ros.camera.jpeg import ImageError
+from bevfusion_ros.io.distortion import DistortionError
 from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.cloud_input import cloud_points
 from bevfusion_ros.streaming.assembler import EncodedImage, FrameAssembler, Sweep
@@ -34,14 +35,23 @@ def sweep_input(msg: Any, settings: NodeConfig, received_s: float, context: Any 
 
 
 def set_camera_info(assembler: FrameAssembler, camera: str, msg: Any) -> str | None:
-    """The K of a ``CameraInfo`` into ``assembler``; a refused one keeps the last valid K, and
-    why it was refused is returned (None when accepted)."""
+    """The K and lens distortion of a ``CameraInfo`` into ``assembler``; returns why it was
+    refused (None when accepted). A refused K keeps the last valid one; a distortion that cannot
+    be undone (unsupported model, malformed coefficients) leaves the camera out while
+    ``node.undistort`` is on (:meth:`FrameAssembler.refuse_distortion`)."""
     try:
-        assembler.set_intrinsics(camera, convert.camera_info_intrinsics(msg))
+        intrinsics = convert.camera_info_intrinsics(msg)
     except ValueError as error:
         message = f"CameraInfo of {camera}: {error} (keeping the last valid one)"
         assembler.reject_intrinsics(camera, message)
         return message
+    try:
+        distortion = convert.camera_info_distortion(msg)
+    except DistortionError as error:
+        left_out = assembler.refuse_distortion(camera, intrinsics, str(error))
+        return (f"CameraInfo of {camera}: {error}: the camera is left out until its CameraInfo has a "
+                f"supported distortion (or node.undistort is false)") if left_out else None
+    assembler.set_intrinsics(camera, intrinsics, distortion)
     return None
 
 

@@ -1,5 +1,6 @@
 """A :class:`~bevfusion_ros.io.frame.Frame` as the ROS messages a vehicle (or a bag) would carry:
-6 ``Image`` + 6 ``CameraInfo``, one ``PointCloud2`` and the ``/tf_static`` extrinsics.
+6 ``Image`` + 6 ``CameraInfo`` (K and the calibration's lens distortion), one ``PointCloud2`` and
+the ``/tf_static`` extrinsics.
 
 Frame ids: the cloud is in ``lidar_frame``; camera ``i`` is in ``camera_frame_prefix + name``
 (optical frame: z forward, x right, y down, as the calibration's camera2lidar assumes). The
@@ -57,7 +58,8 @@ def frame_messages(frame: Frame, stamp_ns: int, lidar_frame: str = LIDAR_FRAME,
         rgb = frame.images[index]
         images.append(convert.rgb_to_image(rgb, camera_header))
         infos.append(convert.intrinsics_to_camera_info(calibration.camera_intrinsics[index, :3, :3],
-                                                       rgb.shape[1], rgb.shape[0], camera_header))
+                                                       rgb.shape[1], rgb.shape[0], camera_header,
+                                                       calibration.distortion(index)))
         transforms.append(TransformStamped(
             header=header(stamp_ns, lidar_frame), child_frame_id=camera_frame_prefix + name,
             transform=convert.matrix_to_transform(calibration.camera2lidar[index])))

@@ -2,7 +2,8 @@
 
 :class:`FrameUploader` owns, allocated once, page-locked host buffers and device buffers for the
 largest frame the configuration allows. Per frame it copies on the host only what the GPU will
-read (the band of image rows that normalization reads, the points' first N rows) and queues an
+read (the band of image rows that normalization reads, with lens undistortion the raw rows its
+remap reads, the points' first N rows) and queues an
 asynchronous host-to-device copy on the caller's stream. Why, and how: docs/pipeline.md, "Frame
 upload".
 
@@ -45,7 +46,7 @@ class FrameUploader:
 
     def __init__(self, image: ImageConfig, num_cameras: int, max_points: int, num_features: int):
         import cupy
-        self.row_band = source_row_band(image)
+        self.row_band = source_row_band(image)     # the rows staged; a caller may change it
         image_shape = (num_cameras, image.input_height, image.input_width, 3)
         self._host_images = pinned_empty(image_shape, np.uint8)
         self._device_images = cupy.empty(image_shape, dtype=cupy.uint8)

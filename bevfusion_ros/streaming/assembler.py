@@ -5,14 +5,16 @@ The node, the bag reader (:mod:`bevfusion_ros.ros.bag_frames`) and the batch mod
 
 * inputs, from any thread, never blocking: :meth:`~FrameAssembler.add_image` (an RGB array, an
   :class:`EncodedImage` such as a JPEG, or the :class:`ImageError` of an unreadable one),
-  :meth:`~FrameAssembler.set_intrinsics` / :meth:`~FrameAssembler.reject_intrinsics` (CameraInfo
-  K), :meth:`~FrameAssembler.add_transform` (TF), :meth:`~FrameAssembler.add_cloud` (points as
+  :meth:`~FrameAssembler.set_intrinsics` / :meth:`~FrameAssembler.reject_intrinsics` /
+  :meth:`~FrameAssembler.refuse_distortion` (CameraInfo K and lens distortion),
+  :meth:`~FrameAssembler.add_transform` (TF), :meth:`~FrameAssembler.add_cloud` (points as
   decoded arrays) and :meth:`~FrameAssembler.poll` on a timer. Each returns an :class:`Ingest`:
   the sweeps now synchronised (``frames``), and what was dropped or reset, for the caller to report;
 * :meth:`~FrameAssembler.assemble` (the worker) turns one synchronised sweep into an
   :class:`AssembledFrame`: past sweeps motion-compensated with TF odometry
   (:class:`~bevfusion_ros.streaming.sweeps.SweepAccumulator`), images decoded and checked, the
-  calibration from CameraInfo K + TF (or the calibration file), and why cameras are missing.
+  calibration from CameraInfo K and distortion + TF (or the calibration file), and why cameras are
+  missing.
 
 Synchronisation is :class:`~bevfusion_ros.streaming.sync.LidarTriggeredSync`; the policies are
 documented there and in ``docs/node.md``.
@@ -20,6 +22,7 @@ documented there and in ``docs/node.md``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import numpy as np
 from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError
 from bevfusion_ros.config import PipelineConfig
 from bevfusion_ros.io.calibration import Calibration, CalibrationError
+from bevfusion_ros.io.distortion import Distortion
 from bevfusion_ros.io.frame import Frame, black_image
 from bevfusion_ros.streaming.node_config import NodeConfig
 from bevfusion_ros.streaming.sweeps import SweepAccumulator
@@ -99,6 +103,8 @@ class FrameAssembler:
         if settings.calibration_source == "file" and file_calibration is None:
             raise CalibrationError("node.calibration_source is 'file' but no calibration was given")
         self.config, self.settings = config, settings
+        if file_calibration is not None and not settings.undistort:    # images taken as undistorted
+            file_calibration = dataclasses.replace(file_calibration, distortions=())
         sync = settings.sync
         self.sync = LidarTriggeredSync(config.camera_names, sync.slop_s, sync.missing_camera, sync.wait_timeout_s,
                                        sync.max_image_age_s, backwards_tolerance_s=sync.backwards_tolerance_s,
@@ -107,7 +113,10 @@ class FrameAssembler:
         self.transforms = TransformBuffer()
         self.sweeps = SweepAccumulator(settings.num_sweeps)
         self._history: collections.deque[Sweep] = collections.deque(maxlen=settings.num_sweeps)
-        self._intrinsics: dict[str, np.ndarray] = {}
+        # camera -> (K, lens distortion): one entry, replaced at once (a frame never pairs a K
+        # with another CameraInfo's distortion)
+        self._lenses: dict[str, tuple[np.ndarray, Distortion | None]] = {}
+        self._refused_distortions: dict[str, str] = {}     # camera -> why its images cannot be undistorted
         self._camera_frames: dict[str, str] = {}
         self._rejected_intrinsics: dict[str, str] = {}     # camera -> why its last K was refused
         self._calibration = file_calibration
@@ -129,10 +138,28 @@ class FrameAssembler:
             ingest.image_refused = self.sync.future_images != refused
         return ingest
 
-    def set_intrinsics(self, camera: str, intrinsics: np.ndarray) -> None:
-        """The 3x3 K of ``camera`` (from its CameraInfo)."""
-        self._intrinsics[camera] = np.asarray(intrinsics, dtype=np.float64)
+    def set_intrinsics(self, camera: str, intrinsics: np.ndarray, distortion: Distortion | None = None) -> None:
+        """The 3x3 K of ``camera`` and its lens ``distortion`` (from its CameraInfo; None: not
+        distorted). With ``node.undistort`` false the distortion is ignored: the images are taken
+        as undistorted ones whose camera matrix is K."""
+        self._lenses[camera] = (np.asarray(intrinsics, dtype=np.float64),
+                                distortion if self.settings.undistort else None)
         self._rejected_intrinsics.pop(camera, None)
+        self._refused_distortions.pop(camera, None)
+
+    def refuse_distortion(self, camera: str, intrinsics: np.ndarray, reason: str) -> bool:
+        """A CameraInfo of ``camera`` (K ``intrinsics``) whose distortion cannot be undone
+        (``reason``: an unsupported model, malformed coefficients). With ``node.undistort`` the
+        camera is missing, with the reason, until a usable CameraInfo comes (a wrong image is
+        worse than a missing camera): returns True. Without, the distortion does not matter and
+        K is used (False)."""
+        if not self.settings.undistort:
+            self.set_intrinsics(camera, intrinsics)
+            return False
+        self._refused_distortions[camera] = reason        # first: no frame takes the camera in between
+        self._lenses[camera] = (np.asarray(intrinsics, dtype=np.float64), None)
+        self._rejected_intrinsics.pop(camera, None)
+        return True
 
     def reject_intrinsics(self, camera: str, reason: str) -> None:
         """A CameraInfo of ``camera`` could not be used: the last valid K stays, and ``reason``
@@ -268,11 +295,12 @@ class FrameAssembler:
             assert self._calibration is not None
             return self._calibration, None
         warnings.extend(self._rejected_intrinsics.values())
-        intrinsics, extrinsics = zip(*(self._camera_calibration(camera, lidar_frame, missing)
-                                       for camera in self.config.camera_names))
+        names = self.config.camera_names
+        intrinsics, extrinsics, distortions = zip(*(self._camera_calibration(camera, lidar_frame, missing)
+                                                    for camera in names))
         try:
             self._calibration = Calibration.from_camera2lidar(np.stack(intrinsics), np.stack(extrinsics),
-                                                              self.config.image, self.config.camera_names)
+                                                              self.config.image, names, distortions)
         except CalibrationError as error:
             if self._calibration is None:
                 raise
@@ -282,9 +310,11 @@ class FrameAssembler:
         return self._calibration, None
 
     def _camera_calibration(self, camera: str, lidar_frame: str, missing: dict[str, str]
-                            ) -> tuple[np.ndarray, np.ndarray]:
-        """(K, camera2lidar) of ``camera``; placeholders, and ``missing`` says why, when unknown."""
-        K, camera2lidar, reason = self._intrinsics.get(camera), None, ""
+                            ) -> tuple[np.ndarray, np.ndarray, Distortion | None]:
+        """(K, camera2lidar, lens distortion) of ``camera``; placeholders, and ``missing`` says why,
+        when unknown; a camera whose distortion was refused is missing too."""
+        K, distortion = self._lenses.get(camera, (None, None))
+        camera2lidar, reason = None, ""
         frame_id = self._camera_frames.get(camera)
         if frame_id:
             try:
@@ -295,6 +325,10 @@ class FrameAssembler:
             reason = "camera frame unknown (no image yet)"
         if K is None:
             reason = "no CameraInfo yet"
+        refused = self._refused_distortions.get(camera)
+        if refused is not None:
+            missing.setdefault(camera, f"lens distortion cannot be undone: {refused}")
         if K is None or camera2lidar is None:
             missing.setdefault(camera, f"not calibrated: {reason}")
-        return (K if K is not None else PLACEHOLDER_K), (camera2lidar if camera2lidar is not None else np.eye(4))
+        return ((K if K is not None else PLACEHOLDER_K), (camera2lidar if camera2lidar is not None else np.eye(4)),
+                distortion)

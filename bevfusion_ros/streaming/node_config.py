@@ -77,6 +77,7 @@ class NodeConfig:
     tf_timeout_s: float = 0.1           # longest wait for the odometry at a sweep's stamp (from arrival)
     calibration_source: str = "tf"      # tf: CameraInfo + TF; file: calibration_file
     calibration_file: str = ""          # CUDA-BEVFusion example-data folder or calibration YAML
+    undistort: bool = True              # undo the lens distortion a CameraInfo states (false: images are undistorted)
     queue_size: int = 1                 # frames waiting for the worker; the oldest is dropped
     publish_markers: bool = True
     publish_autoware_objects: bool = False   # also ~/objects: autoware_perception_msgs/DetectedObjects

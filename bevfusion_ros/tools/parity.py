@@ -36,7 +36,7 @@ def stage_chain(pipeline: BEVFusionPipeline, images: Any, points: Any, xp: Any) 
     lidar2image, img_aug = (xp.asarray(matrix.astype(np.float32)) for matrix in
                             (calibration.lidar2image, calibration.img_aug_matrix))
     engines = pipeline.engines
-    out = {"normalize": normalize_images(images, config.image, config.num_cameras)}
+    out = {"normalize": normalize_images(images, config.image, config.num_cameras, remap=pipeline.remap_tables)}
     out["depth"] = depth_map(points, lidar2image, img_aug, config.image.output_height,
                              config.image.output_width)
     features = engines["camera.backbone.onnx"].run({"img": out["normalize"][None], "depth": out["depth"][None]})

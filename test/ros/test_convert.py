@@ -24,6 +24,7 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import Marker, MarkerArray
 
 from bevfusion_ros.detections import Detections
+from bevfusion_ros.io.distortion import Distortion, DistortionError
 from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.convert import CalibrationMessageError, ImageError
 
@@ -301,6 +302,34 @@ def test_camera_info_validation(k: list[float], match: str) -> None:
     assert issubclass(CalibrationMessageError, ValueError)
     with pytest.raises(CalibrationMessageError):
         convert.intrinsics_to_camera_info(np.array(k).reshape(3, 3), 10, 10, header())
+
+
+@pytest.mark.parametrize("distortion", [
+    Distortion("plumb_bob", (-0.3, 0.1, 0.001, -0.002, 0.01)),
+    Distortion("rational_polynomial", (0.2, -0.05, 0.001, 0.001, 0.01, 0.5, -0.02, 0.03)),
+    Distortion("equidistant", (0.05, -0.02, 0.01, -0.002)),
+], ids=lambda distortion: distortion.model)
+def test_camera_info_distortion_round_trip(distortion: Distortion) -> None:
+    info = convert.intrinsics_to_camera_info(K_NUSCENES, 1600, 900, header("CAM_FRONT"), distortion)
+    assert info.distortion_model == distortion.model and list(info.d) == list(distortion.coefficients)
+    received = deserialize_message(serialize_message(info), CameraInfo)
+    assert convert.camera_info_distortion(received) == distortion
+    np.testing.assert_array_equal(convert.camera_info_intrinsics(received), K_NUSCENES)
+
+
+@pytest.mark.parametrize("model, d", [("plumb_bob", [0.0] * 5), ("", []), ("rational_polynomial", [0.0] * 8)])
+def test_camera_info_without_distortion(model: str, d: list[float]) -> None:
+    assert convert.camera_info_distortion(CameraInfo(distortion_model=model, d=d)) is None
+
+
+@pytest.mark.parametrize("model, d, match", [
+    ("fov", [0.9], r"unsupported distortion model 'fov'"),
+    ("plumb_bob", [0.1, 0.0], r"'plumb_bob' takes 4 or 5 coefficients, got 2"),
+    ("equidistant", [math.inf, 0.0, 0.0, 0.0], r"must be finite"),
+])
+def test_camera_info_distortion_refused(model: str, d: list[float], match: str) -> None:
+    with pytest.raises(DistortionError, match=match):
+        convert.camera_info_distortion(CameraInfo(distortion_model=model, d=d))
 
 
 def rodrigues(axis: np.ndarray, angle: float) -> np.ndarray:

@@ -1,6 +1,7 @@
 """FrameAssembler without ROS: fed the example frame as the node's test publishes it (K, camera
 TF, images, cloud), it gives that frame back; missing cameras, bad images, JPEG inputs, missing
-calibration, sweep motion compensation (against a float64 NumPy formula) and dropped sweeps."""
+calibration, lens distortions, sweep motion compensation (against a float64 NumPy formula) and
+dropped sweeps."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import pytest
 
 from bevfusion_ros.camera.jpeg import ImageError
 from bevfusion_ros.io.calibration import Calibration
+from bevfusion_ros.io.distortion import Distortion
 from bevfusion_ros.io.frame import Frame, load_example_data
 from bevfusion_ros.model.presets import TINY
 from bevfusion_ros.streaming.assembler import EncodedImage, FrameAssembler, Sweep
@@ -163,3 +165,56 @@ def test_dropped_sweeps_and_time_going_backwards_are_reported(example):
     assert duplicate.frames == [] and [drop.reason for drop in duplicate.drops] == ["duplicate_stamp"]
     back = assembler.add_cloud(Sweep(STAMP - 5 * 10**9, LIDAR, example.points, time.monotonic()))
     assert back.reset and "lidar" in back.reset
+
+
+LENS = Distortion("plumb_bob", (-0.25, 0.07, 0.0005, -0.0005, 0.0))
+FISHEYE = Distortion("equidistant", (0.05, -0.02, 0.01, -0.002))
+
+
+def test_camera_info_distortions_reach_the_frame_calibration(example):
+    assembler = FrameAssembler(TINY.pipeline, settings())
+    calibrate(assembler, example)
+    assembler.set_intrinsics(NAMES[1], example.calibration.camera_intrinsics[1, :3, :3], LENS)
+    assembler.set_intrinsics(NAMES[4], example.calibration.camera_intrinsics[4, :3, :3], FISHEYE)
+    calibration = assemble_one(assembler, example).frame.calibration
+    assert calibration.distortions == (None, LENS, None, None, FISHEYE, None)
+    for index in (1, 4):                              # the camera matrix of the undistorted image
+        np.testing.assert_array_equal(calibration.camera_intrinsics[index, :3, :3],
+                                      example.calibration.camera_intrinsics[index, :3, :3])
+    assembler.set_intrinsics(NAMES[1], example.calibration.camera_intrinsics[1, :3, :3])
+    assembler.set_intrinsics(NAMES[4], example.calibration.camera_intrinsics[4, :3, :3], None)
+    assert assemble_one(assembler, example, stamp_ns=STAMP + 10**8).frame.calibration.distortions == ()
+
+
+def test_a_distortion_that_cannot_be_undone_leaves_the_camera_out_until_a_usable_one(example):
+    assembler = FrameAssembler(TINY.pipeline, settings())
+    calibrate(assembler, example)
+    K = example.calibration.camera_intrinsics[2, :3, :3]
+    assert assembler.refuse_distortion(NAMES[2], K, "unsupported distortion model 'kannala_brandt'")
+    assembled = assemble_one(assembler, example)
+    assert assembled.missing == {NAMES[2]: "lens distortion cannot be undone: unsupported distortion model "
+                                           "'kannala_brandt'"}
+    assert NAMES[2] not in assembled.cameras_used and assembled.frame.calibration.distortions == ()
+    assembler.set_intrinsics(NAMES[2], K, LENS)
+    assembled = assemble_one(assembler, example, stamp_ns=STAMP + 10**8)
+    assert assembled.missing == {} and assembled.frame.calibration.distortion(2) == LENS
+
+
+def test_without_undistort_distortions_are_ignored(example):
+    assembler = FrameAssembler(TINY.pipeline, settings(undistort=False))
+    calibrate(assembler, example)
+    K = example.calibration.camera_intrinsics[0, :3, :3]
+    assembler.set_intrinsics(NAMES[0], K, LENS)
+    assert not assembler.refuse_distortion(NAMES[1], example.calibration.camera_intrinsics[1, :3, :3], "unsupported")
+    assembled = assemble_one(assembler, example)
+    assert assembled.missing == {} and assembled.frame.calibration.distortions == ()
+
+
+def test_file_calibration_distortions_unless_undistort_is_off(example):
+    lenses = (LENS, None, None, None, FISHEYE, None)
+    calibration = dataclasses.replace(example.calibration.for_image(TINY.pipeline.image), distortions=lenses)
+    file_settings = settings(calibration_source="file", calibration_file="calibration.yaml")
+    on = FrameAssembler(TINY.pipeline, file_settings, calibration)
+    assert assemble_one(on, example).frame.calibration.distortions == lenses
+    off = FrameAssembler(TINY.pipeline, dataclasses.replace(file_settings, undistort=False), calibration)
+    assert assemble_one(off, example).frame.calibration.distortions == ()
