@@ -1,5 +1,6 @@
 """A :class:`~bevfusion_ros.io.frame.Frame` as the ROS messages a vehicle (or a bag) would carry:
-6 ``Image`` + 6 ``CameraInfo``, one ``PointCloud2`` and the ``/tf_static`` extrinsics.
+an ``Image`` + ``CameraInfo`` per camera of its calibration (any rig), one ``PointCloud2`` and
+the ``/tf_static`` extrinsics.
 
 Frame ids: the cloud is in ``lidar_frame``; camera ``i`` is in ``camera_frame_prefix + name``
 (optical frame: z forward, x right, y down, as the calibration's camera2lidar assumes). The
