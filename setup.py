@@ -17,6 +17,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.xml")),
+        (f"share/{PACKAGE}/config/rigs", glob("config/rigs/*.yaml")),
     ],
     package_data={PACKAGE: ["py.typed", "model/data/*.tsv"]},
     # Runtime of the ROS-free core and the CPU pipeline. ROS 2 itself (rclpy, messages) comes

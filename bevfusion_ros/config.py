@@ -64,6 +64,26 @@ class ImageConfig:
         width, height = self.resized_size
         return (width - self.output_width) // 2, height - self.output_height
 
+    def for_input_size(self, width: int, height: int) -> "ImageConfig":
+        """The same network input for cameras of ``width`` x ``height``: ``resize_scale`` chosen
+        so that the resized width stays this config's (every camera is seen across its whole
+        width, as on the rig this config was made for); self when the size is this config's.
+
+        E.g. 1600x900 at 0.48 (768x432) -> 1280x720 at 0.6 (768x432). Raises
+        :class:`ConfigError` when the resized height falls short of the network input.
+        """
+        if (width, height) == (self.input_width, self.input_height):
+            return self
+        _require(width > 0 and height > 0, "image.input_width/height",
+                 f"must be positive, got {width}x{height}")
+        resized_width = self.resized_size[0]
+        scale = resized_width / width
+        while int(width * scale) < resized_width:          # int() truncates, as resized_size does
+            scale = math.nextafter(scale, math.inf)
+        image = dataclasses.replace(self, input_width=width, input_height=height, resize_scale=scale)
+        image.validate()
+        return image
+
     def validate(self) -> None:
         for name in ("input_width", "input_height", "output_width", "output_height"):
             _require(getattr(self, name) > 0, f"image.{name}", "must be positive")

@@ -1,7 +1,7 @@
 """``BEVFusionPipeline``: the CUDA-BEVFusion engine chain, ROS-free.
 
     pipeline = BEVFusionPipeline.from_model_dir("model/resnet50", backend="cpu")
-    detections = pipeline.forward(frame)        # Frame: 6 RGB images, points [N, 5], calibration
+    detections = pipeline.forward(frame)        # Frame: an RGB image per camera, points [N, 5], calibration
 
 Stages, in the spec's order (each timed, milliseconds in ``detections.stage_ms``):
 [``camera_geometry``, only when the calibration changed] ``upload_points``, ``upload_images``

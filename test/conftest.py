@@ -65,3 +65,25 @@ def loop_decode():
         return np.array(sorted(expected, key=lambda row: -row[10]))
 
     return decode
+
+
+@pytest.fixture(scope="session")
+def assert_matches_reference():
+    """``assert_matches_reference(boxes, expected)``: the pipeline's boxes ``[M, 11]`` are the
+    reference's (as many, each paired with the box of its label nearest to it) within 1e-3 in
+    metres, radians (yaw modulo 2 pi), m/s and score."""
+    def check(boxes: np.ndarray, expected: np.ndarray) -> None:
+        assert len(boxes) == len(expected) > 0
+        order = []
+        for box in expected:
+            same_label = np.flatnonzero(boxes[:, 9] == box[9])
+            order.append(same_label[np.argmin(np.linalg.norm(boxes[same_label, :3] - box[:3], axis=1))])
+        assert len(set(order)) == len(order)
+        got = boxes[order]
+        assert np.abs(got[:, :6] - expected[:, :6]).max() < 1e-3                  # metres
+        yaw_error = np.angle(np.exp(1j * (got[:, 6] - expected[:, 6])))
+        assert np.abs(yaw_error).max() < 1e-3                                      # radians
+        assert np.abs(got[:, 7:9] - expected[:, 7:9]).max() < 1e-3                 # m/s
+        assert np.abs(got[:, 10] - expected[:, 10]).max() < 1e-3                   # score
+
+    return check

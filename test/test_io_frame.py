@@ -5,7 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from bevfusion_ros.io.frame import Frame, FrameError, load_example_data, read_rgb_image
+from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
+from bevfusion_ros.io.frame import Frame, FrameError, example_camera_names, load_example_data, read_rgb_image
+from bevfusion_ros.io.tensor import read_tensor, write_tensor
 
 
 def test_example_data_frame(example_data_dir):
@@ -53,5 +55,28 @@ def test_missing_files(example_data_dir, tmp_path):
     for path in example_data_dir.iterdir():
         if path.name != "3-BACK.jpg":
             (tmp_path / path.name).symlink_to(path)
-    with pytest.raises(FrameError, match="missing camera image 3-BACK.jpg"):
-        load_example_data(tmp_path)
+    with pytest.raises(FrameError, match=r"missing camera image 3-NAME.jpg .*'2-FRONT_LEFT.jpg', '4-BACK_LEFT.jpg'"):
+        load_example_data(tmp_path)                           # the folder's own cameras
+    with pytest.raises(FrameError, match="missing camera image 3-BACK.jpg of the 6 cameras"):
+        load_example_data(tmp_path, NUSCENES_CAMERA_NAMES)    # cameras given
+
+
+def test_camera_names_come_from_the_image_files(example_data_dir, tmp_path):
+    """A folder of other cameras loads with its own names (in index order), or names them when
+    the caller expects others."""
+    names = ("rear", "front")
+    for index, name in enumerate(names):
+        (tmp_path / f"{index}-{name}.jpg").symlink_to(example_data_dir / f"{index}-{NUSCENES_CAMERA_NAMES[index]}.jpg")
+    assert example_camera_names(tmp_path) == names
+    for path in example_data_dir.glob("*.tensor"):
+        array = read_tensor(path)
+        write_tensor(tmp_path / path.name, array[:, :2] if array.ndim == 4 else array)   # cameras 0, 1
+    (tmp_path / "token.txt").write_text("two\n")
+    frame = load_example_data(tmp_path)
+    assert frame.calibration.camera_names == names and len(frame.images) == 2
+    reference = load_example_data(example_data_dir)
+    np.testing.assert_array_equal(frame.images[1], reference.images[1])
+    np.testing.assert_array_equal(frame.calibration.camera2lidar, reference.calibration.camera2lidar[:2])
+    with pytest.raises(FrameError, match=r"missing camera image 0-FRONT.jpg of the 6 cameras .*"
+                                         r"\['0-rear.jpg', '1-front.jpg'\]"):
+        load_example_data(tmp_path, NUSCENES_CAMERA_NAMES)

@@ -171,9 +171,23 @@ def check_interface(engine: Engine, expected_inputs: Mapping[str, Shape],
         raise EngineInterfaceError(problems)
 
 
+def check_camera_count(engine: Engine, config: PipelineConfig) -> None:
+    """Raise :class:`EngineInterfaceError` naming both counts (and the configured cameras) unless
+    ``camera.backbone``'s camera batch (dimension 1 of its input ``img``) is ``config``'s."""
+    img = engine.inputs.get("img")
+    if img is None or len(img.shape) != 5 or img.shape[1] == config.num_cameras:
+        return                                   # check_interface reports other shapes
+    raise EngineInterfaceError([
+        f"{engine.name} was exported for {img.shape[1]} cameras (input 'img' {format_shape(img.shape)}), "
+        f"the configuration has {config.num_cameras}: {list(config.camera_names)}; use a model "
+        f"exported for this rig (bevfusion-export --rig RIG.yaml or --cameras NAME,...)"])
+
+
 def check_dense_engines(engines: Mapping[str, Engine], config: PipelineConfig) -> None:
     """Raise :class:`EngineInterfaceError` unless the four dense engines fit ``config`` and the
-    fuser's output ``middle`` has exactly the shape of the head's input."""
+    fuser's output ``middle`` has exactly the shape of the head's input. A camera count other
+    than ``camera.backbone``'s is reported first, on its own (:func:`check_camera_count`)."""
+    check_camera_count(engines[CAMERA_BACKBONE], config)
     for name, (inputs, outputs) in expected_interfaces(config).items():
         check_interface(engines[name], inputs, outputs)
     middle_out, middle_in = engines[FUSER].outputs["middle"].shape, engines[HEAD].inputs["middle"].shape

@@ -1,7 +1,8 @@
-"""One synchronized sensor frame: 6 RGB images, a lidar sweep and the calibration."""
+"""One synchronized sensor frame: an RGB image per camera, a lidar sweep and the calibration."""
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -9,7 +10,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ImageConfig
+from bevfusion_ros.config import ImageConfig
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.tensor import read_tensor
 
@@ -65,9 +66,38 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_example_data(directory: str | Path,
-                      camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> Frame:
-    """Load a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``).
+EXAMPLE_IMAGE = re.compile(r"^(\d+)-(.+)\.jpg$")
+
+
+def example_camera_names(directory: str | Path) -> tuple[str, ...]:
+    """The cameras of an example-data folder: ``NAME`` of its ``{i}-{NAME}.jpg`` files in the
+    order of ``i`` (0, 1, ... without gaps), e.g. the six nuScenes names of NVIDIA's folder."""
+    found: dict[int, list[str]] = {}
+    for path in Path(directory).iterdir():
+        match = EXAMPLE_IMAGE.match(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(match.group(2))
+    files = _image_files(directory)
+    if not found:
+        raise FrameError(f"{directory}: no camera images 0-NAME.jpg, 1-NAME.jpg, ... (found {files})")
+    gaps = [index for index in range(max(found)) if index not in found]
+    if gaps:
+        raise FrameError(f"{directory}: missing camera image {gaps[0]}-NAME.jpg (images are numbered "
+                         f"0, 1, ... without gaps); the folder has {files}")
+    repeated = [f"{index}-{name}.jpg" for index, names in sorted(found.items()) if len(names) > 1
+                for name in names]
+    if repeated:
+        raise FrameError(f"{directory}: one image per camera index, found {repeated}")
+    return tuple(found[index][0] for index in range(len(found)))
+
+
+def _image_files(directory: str | Path) -> list[str]:
+    return sorted(path.name for path in Path(directory).glob("*.jpg"))
+
+
+def load_example_data(directory: str | Path, camera_names: Sequence[str] | None = None) -> Frame:
+    """Load a CUDA-BEVFusion example-data folder (``0-FRONT.jpg`` ... ``points.tensor``) of the
+    cameras ``camera_names`` (default the folder's own, :func:`example_camera_names`).
 
     Images come back RGB in camera order, points as float32 ``[N, 5]`` (exact widening of
     the file's fp16 values), calibration validated. The stamp is unknown (0) in this format.
@@ -75,11 +105,13 @@ def load_example_data(directory: str | Path,
     directory = Path(directory)
     if not directory.is_dir():
         raise FrameError(f"example-data folder {directory} does not exist")
+    camera_names = example_camera_names(directory) if camera_names is None else tuple(camera_names)
     images = []
     for index, name in enumerate(camera_names):
         path = directory / f"{index}-{name}.jpg"
         if not path.is_file():
-            raise FrameError(f"{directory}: missing camera image {path.name}")
+            raise FrameError(f"{directory}: missing camera image {path.name} of the {len(camera_names)} "
+                             f"cameras {list(camera_names)}; the folder has {_image_files(directory)}")
         images.append(read_rgb_image(path))
     points_path = directory / "points.tensor"
     if not points_path.is_file():

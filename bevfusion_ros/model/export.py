@@ -1,13 +1,16 @@
 """``bevfusion-export``: write a model folder in exactly the CUDA-BEVFusion layout.
 
     bevfusion-export --preset {nuscenes-r50,tiny} --precision {fp16,int8} --out DIR
-                     [--checkpoint PTH] [--seed N]
+                     [--checkpoint PTH] [--seed N] [--rig RIG.yaml] [--cameras NAME,NAME,...]
 
 writes ``camera.backbone.onnx``, ``camera.vtransform.onnx``, ``fuser.onnx``,
 ``head.bbox.onnx``, ``lidar.backbone.xyz.onnx``, ``bevfusion.yaml`` (the geometry the model
 was built for, as a ROS 2 parameter file the pipeline and node read) and ``export.yaml``
 (provenance: preset, precision, seed or checkpoint, whether the weights are trained, file
-hashes). ``fp16`` writes float32 graphs without Q/DQ (TensorRT builds them in fp16, as
+hashes, cameras). The preset's ``camera_names`` fix the camera batch of
+``camera.backbone.onnx`` (``img [1, N, 3, H, W]``): fit a preset to a rig first
+(:meth:`~bevfusion_ros.model.presets.ModelPreset.for_rig`). ``fp16`` writes float32 graphs
+without Q/DQ (TensorRT builds them in fp16, as
 NVIDIA's ``resnet50`` set); ``int8`` adds Q/DQ to ``camera.backbone.onnx`` and ``fuser.onnx``
 like NVIDIA's ``resnet50int8`` set (spec 2.7: vtransform and head stay float, the SECONDFPN
 1x1 deblock is not quantized). The SCN file always carries fp16 weights and int8 dynamic
@@ -148,6 +151,8 @@ def _write_export_info(out_dir: Path, preset: ModelPreset, precision: str, check
         "trained": checkpoint is not None,
         **({"trained_on": trained_on} if checkpoint is not None and trained_on else {}),
         "seed": seed,
+        "cameras": list(preset.pipeline.camera_names),
+        "image_size": [preset.pipeline.image.input_width, preset.pipeline.image.input_height],
         "files": {name: {"bytes": size,
                          "sha256": hashlib.sha256((out_dir / name).read_bytes()).hexdigest()}
                   for name, size in files.items()},

@@ -8,8 +8,12 @@ Importing this module does not need torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from bevfusion_ros.config import CameraGeometryConfig, HeadConfig, ImageConfig, PipelineConfig, VoxelizationConfig
+
+if TYPE_CHECKING:
+    from bevfusion_ros.io.rig import Rig
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,17 @@ class ModelPreset:
     def camera_downsample(self) -> int:
         """Stride of camera.vtransform: camera BEV -> fused BEV (2 for both presets)."""
         return self.camera_bev_size[0] // self.bev_size[0]
+
+    def for_rig(self, rig: "Rig") -> "ModelPreset":
+        """This model for ``rig``'s cameras: its ``camera_names`` (the camera batch of
+        ``camera.backbone``) and image size (:meth:`ImageConfig.for_input_size`: same network
+        input, resize chosen for the size). The networks' weights do not depend on either, so
+        a checkpoint of one rig loads into the model of another. Self when nothing changes."""
+        pipeline = self.pipeline
+        image = pipeline.image.for_input_size(*rig.image_size)
+        if rig.camera_names == pipeline.camera_names and image == pipeline.image:
+            return self
+        return replace(self, pipeline=replace(pipeline, camera_names=rig.camera_names, image=image).validate())
 
 
 NUSCENES_R50 = ModelPreset(name="nuscenes-r50", pipeline=PipelineConfig())

@@ -4,8 +4,9 @@ Pure functions: no node, no ``rclpy.init`` needed; only this ROS layer imports m
 Images are ``[H, W, 3]`` uint8 RGB arrays, calibrations 3x3 ``K`` and 4x4 homogeneous matrices,
 stamps integer nanoseconds; a CameraInfo's lens distortion reads as a
 :class:`~bevfusion_ros.io.distortion.Distortion` (:func:`camera_info_distortion`). Boxes are
-published in the lidar frame with REP-103 conventions, each box's velocity in ``bevfusion_ros_msgs/FrameInfo.velocities``; detections and markers are
-written straight to CDR bytes. The conventions, and why CDR bytes and ``array.array('B')``:
+published in the lidar frame with REP-103 conventions, each box's velocity in
+``bevfusion_ros_msgs/FrameInfo.velocities``; detections and markers are written straight to CDR
+bytes. The conventions, and why CDR bytes and ``array.array('B')``:
 docs/messages.md.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """A :class:`~bevfusion_ros.io.frame.Frame` as the ROS messages a vehicle (or a bag) would carry:
-6 ``Image`` + 6 ``CameraInfo`` (K and the calibration's lens distortion), one ``PointCloud2`` and
+an ``Image`` + ``CameraInfo`` (K and the calibration's lens distortion) per camera of its calibration
+(any rig), one ``PointCloud2`` and
 the ``/tf_static`` extrinsics.
 
 Frame ids: the cloud is in ``lidar_frame``; camera ``i`` is in ``camera_frame_prefix + name``

@@ -46,11 +46,12 @@ def parameter_type(annotation: str) -> int:
 def yaml_comments(text: str) -> dict[str, str]:
     """Dotted key -> its comment in a parameter YAML: the comment on the key's line and the
     comment-only lines indented deeper right after it, else the comment lines just above it
-    (``/**`` and ``ros__parameters`` are left out of the names)."""
+    (``/**`` and ``ros__parameters`` are left out of the names). Deeper lines after a key
+    without a comment of its own (a section such as ``ros__parameters:``) are above the next key."""
     comments: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
     above: list[str] = []
-    last: tuple[int, str] | None = None
+    last: tuple[int, str] | None = None          # the key whose line comment goes on
     for line in text.splitlines():
         stripped, indent = line.strip(), len(line) - len(line.lstrip())
         if stripped.startswith("#"):
@@ -69,7 +70,7 @@ def yaml_comments(text: str) -> dict[str, str]:
         name = ".".join(key for _, key in stack if key not in ("/**", "ros__parameters"))
         inline = match.group(2).split("#", 1)[1].strip() if "#" in match.group(2) else ""
         comments[name] = inline or " ".join(above)
-        above, last = [], (indent, name)
+        above, last = [], (indent, name) if inline else None
     return comments
 
 

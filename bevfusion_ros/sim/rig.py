@@ -1,6 +1,7 @@
-"""A synthetic nuScenes-like sensor rig: one roof lidar and six pinhole cameras.
+"""The synthetic sensor rigs: one roof lidar and pinhole cameras (:class:`~bevfusion_ros.io.rig.Rig`).
 
-The numbers are made up for the simulator (they are *not* taken from the nuScenes files):
+:data:`SYNTHETIC_RIG` is the default, nuScenes-like one. Its numbers are made up for the
+simulator (they are *not* taken from the nuScenes files):
 
 * lidar frame: x forward, y left, z up, origin at the lidar, mounted :data:`LIDAR_HEIGHT`
   (1.84 m) above the ground, so the ground plane is ``z = -1.84``;
@@ -11,13 +12,22 @@ The numbers are made up for the simulator (they are *not* taken from the nuScene
 
 The horizontal field of view is 2 atan(800 / 1260) = 64.8 deg, so neighbouring cameras 55 deg
 apart overlap; between BACK_LEFT/BACK_RIGHT (+-110) and BACK (180) a 5 deg wedge is unseen.
+
+Any other rig renders too: a rig YAML (``config/rigs/*.yaml``, :func:`bevfusion_ros.io.rig.load_rig`)
+with the same lidar; :func:`select_rig` is what the tools' ``--rig FILE`` / ``--cameras A,B``
+options select.
 """
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, ImageConfig
 from bevfusion_ros.io.calibration import Calibration
+from bevfusion_ros.io.rig import Rig, RigCamera, load_rig, mounting_transform, parse_camera_names
 
 LIDAR_HEIGHT = 1.84            # m, lidar origin above the ground
 GROUND_Z = -LIDAR_HEIGHT       # ground plane in the lidar frame
@@ -38,43 +48,61 @@ CAMERA_OFFSETS: dict[str, tuple[float, float]] = {
 }
 
 
-def camera_intrinsics() -> np.ndarray:
-    """K ``[3, 3]`` shared by the six synthetic cameras."""
-    return np.array([[FOCAL_LENGTH, 0.0, PRINCIPAL_POINT[0]],
-                     [0.0, FOCAL_LENGTH, PRINCIPAL_POINT[1]],
-                     [0.0, 0.0, 1.0]])
+def _synthetic_camera(name: str) -> RigCamera:
+    transform = mounting_transform((*CAMERA_OFFSETS[name], CAMERA_HEIGHT - LIDAR_HEIGHT),
+                                   CAMERA_HEADINGS_DEG[name])
+    return RigCamera(name, IMAGE_WIDTH, IMAGE_HEIGHT, FOCAL_LENGTH, FOCAL_LENGTH, *PRINCIPAL_POINT,
+                     tuple(tuple(row) for row in transform.tolist()))
 
 
-def optical_to_lidar_rotation(heading: float) -> np.ndarray:
-    """Rotation ``[3, 3]`` of a level optical frame looking along REP-103 ``heading`` (rad).
-
-    Columns are the optical axes in the lidar frame: x right, y down, z forward.
-    """
-    cos, sin = np.cos(heading), np.sin(heading)
-    return np.array([[sin, 0.0, cos],
-                     [-cos, 0.0, sin],
-                     [0.0, -1.0, 0.0]])
+#: The six nuScenes-named cameras in CUDA-BEVFusion order (module docstring).
+SYNTHETIC_RIG = Rig("synthetic-nuscenes", tuple(_synthetic_camera(name) for name in NUSCENES_CAMERA_NAMES))
 
 
-def synthetic_rig(camera_names: tuple[str, ...] = NUSCENES_CAMERA_NAMES
+def synthetic_rig(camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(K [N, 3, 3], camera2lidar [N, 4, 4])`` float64 for ``camera_names`` (default: the six
-    nuScenes names in CUDA-BEVFusion order)."""
-    intrinsics = np.tile(camera_intrinsics(), (len(camera_names), 1, 1))
-    camera2lidar = np.tile(np.eye(4), (len(camera_names), 1, 1))
-    for index, name in enumerate(camera_names):
-        if name not in CAMERA_HEADINGS_DEG:
-            raise ValueError(f"unknown synthetic camera {name!r}; known: {list(CAMERA_HEADINGS_DEG)}")
-        camera2lidar[index, :3, :3] = optical_to_lidar_rotation(np.radians(CAMERA_HEADINGS_DEG[name]))
-        camera2lidar[index, :3, 3] = (*CAMERA_OFFSETS[name], CAMERA_HEIGHT - LIDAR_HEIGHT)
-    return intrinsics, camera2lidar
+    """``(K [N, 3, 3], camera2lidar [N, 4, 4])`` float64 of :data:`SYNTHETIC_RIG`'s cameras
+    ``camera_names`` (default: all six, in CUDA-BEVFusion order)."""
+    rig = SYNTHETIC_RIG.select(camera_names)
+    return rig.intrinsics(), rig.camera2lidar()
+
+
+def default_image_config(rig: Rig) -> ImageConfig:
+    """The default :class:`ImageConfig` (704x256 network input) for the rig's image size."""
+    return ImageConfig().for_input_size(*rig.image_size)
 
 
 def synthetic_calibration(image: ImageConfig | None = None,
-                          camera_names: tuple[str, ...] = NUSCENES_CAMERA_NAMES) -> Calibration:
-    """The rig as a validated :class:`Calibration` (default :class:`ImageConfig`: 1600x900 input)."""
-    intrinsics, camera2lidar = synthetic_rig(camera_names)
-    return Calibration.from_camera2lidar(intrinsics, camera2lidar, image or ImageConfig(), camera_names)
+                          camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> Calibration:
+    """:data:`SYNTHETIC_RIG`'s cameras ``camera_names`` as a validated :class:`Calibration`
+    (default :class:`ImageConfig`: 1600x900 input)."""
+    return rig_calibration(SYNTHETIC_RIG.select(camera_names), image)
+
+
+def rig_calibration(rig: Rig, image: ImageConfig | None = None) -> Calibration:
+    """``rig``'s calibration with ``image``'s ``img_aug_matrix`` (default: :func:`default_image_config`)."""
+    return rig.calibration(image or default_image_config(rig))
+
+
+#: Help of the tools' ``--rig`` and ``--cameras`` options (what :func:`select_rig` takes).
+RIG_OPTION_HELP = "rig YAML of the cameras (config/rigs/*.yaml; default the synthetic nuScenes rig)"
+CAMERAS_OPTION_HELP = "cameras of the rig, NAME,NAME,... in this order (default all)"
+
+
+def add_rig_options(parser: argparse.ArgumentParser) -> None:
+    """``--rig FILE`` and ``--cameras NAME,NAME,...`` (:func:`select_rig` of their values)."""
+    parser.add_argument("--rig", type=Path, metavar="RIG.yaml", help=RIG_OPTION_HELP)
+    parser.add_argument("--cameras", metavar="NAME,NAME,...", help=CAMERAS_OPTION_HELP)
+
+
+def select_rig(rig_file: str | Path | Rig | None = None, cameras: str | Sequence[str] | None = None) -> Rig:
+    """The rig of the tools' ``--rig FILE`` (a path or a loaded :class:`Rig`; default
+    :data:`SYNTHETIC_RIG`) and ``--cameras NAME,NAME,...`` (a subset of its cameras, in that
+    order; default all)."""
+    rig = rig_file if isinstance(rig_file, Rig) else load_rig(rig_file) if rig_file else SYNTHETIC_RIG
+    if cameras:
+        rig = rig.select(parse_camera_names(cameras) if isinstance(cameras, str) else tuple(cameras))
+    return rig
 
 
 def lidar2ego() -> np.ndarray:

@@ -1,5 +1,6 @@
 """Deterministic synthetic driving scenes: boxes on a ground plane, a ray-cast lidar sweep and
-six rendered camera images, in the lidar frame of :mod:`bevfusion_ros.sim.rig`.
+the rendered images of a camera rig (default: the six cameras of :data:`~bevfusion_ros.sim.rig.SYNTHETIC_RIG`;
+any :class:`~bevfusion_ros.io.rig.Rig`), in the lidar frame of :mod:`bevfusion_ros.sim.rig`.
 
 * :func:`generate_scene` ``(seed, num_objects=None)`` samples objects of the ten nuScenes
   classes and builds everything from them; the same seed gives identical arrays.
@@ -21,13 +22,14 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from bevfusion_ros.config import NUSCENES_CAMERA_NAMES, NUSCENES_CLASS_NAMES, ImageConfig
+from bevfusion_ros.config import NUSCENES_CLASS_NAMES, ImageConfig
 from bevfusion_ros.detections import VX, VY, YAW, H, L, W, X, Y, Z, cuda_yaw, rep103_heading
 from bevfusion_ros.head.decode import BOX_COLUMNS
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.io.frame import Frame
+from bevfusion_ros.io.rig import Rig
 from bevfusion_ros.io.tensor import write_tensor
-from bevfusion_ros.sim.rig import GROUND_Z, IMAGE_HEIGHT, IMAGE_WIDTH, lidar2ego, synthetic_calibration
+from bevfusion_ros.sim.rig import GROUND_Z, IMAGE_HEIGHT, IMAGE_WIDTH, SYNTHETIC_RIG, lidar2ego, rig_calibration
 
 # ----------------------------------------------------------------------------- constants
 MAX_RANGE = 70.0                 # m, lidar
@@ -96,11 +98,12 @@ FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1]
 class Scene:
     """One synthetic frame.
 
-    images:        six ``[900, 1600, 3]`` uint8 RGB images in calibration order;
+    images:        one ``[H, W, 3]`` uint8 RGB image per camera of the rig, calibration order
+                   (the default rig: six ``[900, 1600, 3]``);
     points:        float32 ``[N, 5]`` x, y, z, intensity (0-255, integer valued), time lag (s;
                    0 in the current sweep, k * SWEEP_PERIOD_S in past sweep k);
     point_objects: int32 ``[N]`` index of the box each point hit, -1 for the ground;
-    calibration:   the synthetic rig (:func:`bevfusion_ros.sim.rig.synthetic_calibration`);
+    calibration:   the rig's (:func:`bevfusion_ros.sim.rig.rig_calibration`);
     gt_boxes:      float32 ``[M, 9]`` x, y, z (centre), w, l, h, yaw, vx, vy (CUDA layout);
     gt_labels:     int64 ``[M]`` indices into ``class_names``.
     """
@@ -531,10 +534,12 @@ def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
                 class_names: Sequence[str] = NUSCENES_CLASS_NAMES,
                 azimuth_steps: int = DEFAULT_AZIMUTH_STEPS,
                 image: ImageConfig | None = None, sweeps: int = 1,
-                ego_velocity: Sequence[float] = (0.0, 0.0)) -> Scene:
-    """Lidar sweep(s) and camera images of the given boxes (CUDA layout ``[M, 9]``, stored as
-    float32) on the ground; ``seed`` drives the ground texture and the intensity noise;
-    ``sweeps`` and ``ego_velocity``: past sweeps with ego motion (:func:`simulate_lidar`)."""
+                ego_velocity: Sequence[float] = (0.0, 0.0), rig: Rig = SYNTHETIC_RIG) -> Scene:
+    """Lidar sweep(s) and the images of ``rig``'s cameras of the given boxes (CUDA layout
+    ``[M, 9]``, stored as float32) on the ground; ``seed`` drives the ground texture and the
+    intensity noise; ``sweeps`` and ``ego_velocity``: past sweeps with ego motion
+    (:func:`simulate_lidar`); ``image``: the calibration's ``img_aug_matrix`` (default
+    :func:`~bevfusion_ros.sim.rig.default_image_config` of the rig)."""
     boxes = np.asarray(boxes, dtype=np.float32)
     boxes = boxes.reshape(0, 9) if boxes.size == 0 else boxes
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -542,10 +547,11 @@ def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
     _validate_objects(boxes, labels, class_names)
     _, texture_seed, lidar_seed = np.random.SeedSequence(seed).spawn(3)
     texture = GroundTexture(np.random.default_rng(texture_seed))
-    calibration = synthetic_calibration(image, NUSCENES_CAMERA_NAMES)
+    calibration = rig_calibration(rig, image)
     points, point_objects = simulate_lidar(boxes, labels, texture, np.random.default_rng(lidar_seed),
                                            class_names, azimuth_steps, sweeps, ego_velocity)
-    images = [render_camera(boxes, labels, calibration, camera, texture, class_names)
+    width, height = rig.image_size
+    images = [render_camera(boxes, labels, calibration, camera, texture, class_names, width, height)
               for camera in range(calibration.num_cameras)]
     return Scene(seed=seed, images=images, points=points, point_objects=point_objects,
                  calibration=calibration, gt_boxes=boxes, gt_labels=labels, class_names=class_names)
@@ -554,13 +560,14 @@ def build_scene(boxes: np.ndarray, labels: np.ndarray, seed: int = 0,
 def generate_scene(seed: int, num_objects: int | None = None,
                    class_names: Sequence[str] = NUSCENES_CLASS_NAMES,
                    azimuth_steps: int = DEFAULT_AZIMUTH_STEPS, sweeps: int = 1,
-                   ego_velocity: Sequence[float] = (0.0, 0.0)) -> Scene:
+                   ego_velocity: Sequence[float] = (0.0, 0.0), rig: Rig = SYNTHETIC_RIG) -> Scene:
     """A random scene, identical for identical arguments: ``num_objects`` (default 20-40 drawn
     from the seed) objects of ``class_names`` (labels index this order; default the nuScenes
-    order of ``config/cuda-bevfusion-resnet50.yaml``), the lidar sweep(s) and the six camera images. One sweep
+    order of ``config/cuda-bevfusion-resnet50.yaml``), the lidar sweep(s) and the images of
+    ``rig``'s cameras (default the six of :data:`~bevfusion_ros.sim.rig.SYNTHETIC_RIG`). One sweep
     by default (what the shipped model was trained on); ``sweeps`` > 1 adds past sweeps taken
     while the ego moved at ``ego_velocity`` (:func:`simulate_lidar`); the first sweep, the
-    objects and the images do not depend on them."""
+    objects and the images do not depend on them, the objects and the lidar not on the rig."""
     object_seed = np.random.SeedSequence(seed).spawn(3)[0]
     rng = np.random.default_rng(object_seed)
     if num_objects is None:
@@ -569,17 +576,17 @@ def generate_scene(seed: int, num_objects: int | None = None,
         raise ValueError(f"num_objects must be >= 0, got {num_objects}")
     boxes, labels = sample_objects(rng, num_objects, class_names)
     return build_scene(boxes, labels, seed, class_names, azimuth_steps, sweeps=sweeps,
-                       ego_velocity=ego_velocity)
+                       ego_velocity=ego_velocity, rig=rig)
 
 
 # ----------------------------------------------------------------------------- example folder
 def write_example_folder(scene: Scene, directory: str | Path, jpeg_quality: int = 95) -> Path:
     """Write ``scene`` as a CUDA-BEVFusion example-data folder and return its path.
 
-    Files: ``{i}-{NAME}.jpg`` (JPEG, ``jpeg_quality``), ``points.tensor`` (float16 [N, 5], as in
-    the real example data), the calibration matrices ``camera2lidar``, ``lidar2camera``,
-    ``camera_intrinsics``, ``lidar2image``, ``img_aug_matrix``, ``camera2ego`` (float32
-    [1, 6, 4, 4]), ``lidar2ego`` and ``lidar_aug_matrix`` (identity) float32 [1, 4, 4],
+    Files: ``{i}-{NAME}.jpg`` per camera (JPEG, ``jpeg_quality``), ``points.tensor`` (float16
+    [N, 5], as in the real example data), the calibration matrices ``camera2lidar``,
+    ``lidar2camera``, ``camera_intrinsics``, ``lidar2image``, ``img_aug_matrix``, ``camera2ego``
+    (float32 [1, N, 4, 4]), ``lidar2ego`` and ``lidar_aug_matrix`` (identity) float32 [1, 4, 4],
     ``gt_bboxes_3d.tensor`` float32 [M, 9] (z = box centre), ``gt_labels_3d.tensor`` int64 [M]
     and ``token.txt``.
     """

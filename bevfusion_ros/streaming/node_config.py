@@ -5,6 +5,7 @@ node builds a :class:`NodeConfig` from its parameters, tests build one directly.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,10 +29,17 @@ from bevfusion_ros.streaming.sync import MISSING_CAMERA_POLICIES
 #: Pipeline settings a parameter file may change on a model folder that has a ``bevfusion.yaml``
 #: (deployment choices, not the geometry the networks were exported with).
 TUNABLE_PIPELINE_KEYS: frozenset[str] = frozenset({"head.score_threshold"})
+#: The rig's settings a parameter file may also change (:func:`configs_from_parameters`): the
+#: camera names (any, as many as the model's camera batch) and their one image size (the
+#: resize then keeps the network input, :meth:`ImageConfig.for_input_size`, unless
+#: ``image.resize_scale`` is changed too).
+RIG_PIPELINE_KEYS: frozenset[str] = frozenset({"camera_names", "image.input_width", "image.input_height",
+                                               "image.resize_scale"})
 
 
 def camera_topic(name: str) -> str:
-    """The nuScenes-style image topic of a configured camera: FRONT -> /CAM_FRONT/image_raw."""
+    """The nuScenes-style image topic of a configured camera: FRONT -> /CAM_FRONT/image_raw
+    (``node.camera_topics`` when the parameters give none)."""
     return f"/CAM_{name}/image_raw"
 
 
@@ -67,7 +75,7 @@ class NodeConfig:
     backend: str = "auto"               # auto | tensorrt | gpu | cpu
     precision: str = "fp16"             # gpu backend: fp16 | fp32
     lidar_topic: str = "/LIDAR_TOP"
-    camera_topics: tuple[str, ...] = NUSCENES_CAMERA_TOPICS       # one per camera_names entry
+    camera_topics: tuple[str, ...] = NUSCENES_CAMERA_TOPICS   # one per camera (parameters: camera_topic(name) each)
     camera_info_topics: tuple[str, ...] = ("",)  # empty: <image topic's namespace>/camera_info
     compressed_images: bool = False     # subscribe sensor_msgs/CompressedImage (<topic>/compressed)
     input_qos: str = "sensor_data"      # sensor_data (best effort) | reliable
@@ -123,9 +131,11 @@ def configs_from_parameters(values: Mapping[str, Any], model_config: PipelineCon
 
     ``model_config`` (read from ``model_config_path``, the model folder's ``bevfusion.yaml``) is
     the pipeline's geometry: the parameters may repeat its values, and may change only
-    :data:`TUNABLE_PIPELINE_KEYS`; any other difference is a :class:`ConfigError` naming each
-    key. Without a model config the parameters must give the pipeline sections (NVIDIA's model
-    folders have no ``bevfusion.yaml``). The ``node`` section gives the node settings.
+    :data:`TUNABLE_PIPELINE_KEYS` and the rig's :data:`RIG_PIPELINE_KEYS` (a camera count other
+    than the model's is a :class:`ConfigError` naming both); any other difference is a
+    :class:`ConfigError` naming each key. Without a model config the parameters must give the
+    pipeline sections (NVIDIA's model folders have no ``bevfusion.yaml``). The ``node`` section
+    gives the node settings; without ``camera_topics`` there is one per camera, :func:`camera_topic`.
     """
     parameters = dict(_ros_parameters(values))
     node_values = parameters.pop("node", {}) or {}
@@ -138,6 +148,8 @@ def configs_from_parameters(values: Mapping[str, Any], model_config: PipelineCon
         raise ConfigError(f"no pipeline settings: {model_config_path} is missing and the parameters "
                           "have no pipeline sections (pass the model's geometry as a second "
                           "--params-file, e.g. config/cuda-bevfusion-resnet50.yaml for NVIDIA's model/resnet50)")
+    if "camera_topics" not in node_values:
+        node_values = {**node_values, "camera_topics": [camera_topic(name) for name in pipeline.camera_names]}
     node = _section_from_mapping(NodeConfig, node_values, "node.")
     return pipeline, node.validate(pipeline)
 
@@ -154,19 +166,45 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _model_config_with(model_config: PipelineConfig, parameters: Mapping[str, Any], source: str) -> PipelineConfig:
-    """``model_config`` with the parameters' tunable values; a conflict is a ConfigError."""
+    """``model_config`` with the parameters' tunable and rig values; a conflict is a ConfigError."""
     model_flat = _flatten(config_to_dict(model_config))
     given = _flatten(parameters)
+    changeable = TUNABLE_PIPELINE_KEYS | RIG_PIPELINE_KEYS
     conflicts = [f"{key}={value!r} (the model says {model_flat[key]!r})" for key, value in given.items()
-                 if key in model_flat and value != model_flat[key] and key not in TUNABLE_PIPELINE_KEYS]
+                 if key in model_flat and value != model_flat[key] and key not in changeable]
     if conflicts:
         raise ConfigError(
             f"the parameters set {', '.join(conflicts)}: {source} wins, because it is the geometry "
             f"the model's networks were exported with; remove these keys from the parameter file "
             f"(it should hold the node.* settings; of the pipeline only "
-            f"{', '.join(sorted(TUNABLE_PIPELINE_KEYS))} may differ)")
+            f"{', '.join(sorted(changeable))} may differ)")
+    _check_camera_count(model_config, given.get("camera_names", model_config.camera_names), source)
     merged = config_from_dict(nest_dotted({**model_flat, **given}))
-    return merged
+    scale_changed = given.get("image.resize_scale", model_config.image.resize_scale) != model_config.image.resize_scale
+    return _with_input_size(merged, model_config, scale_changed)
+
+
+def _check_camera_count(model_config: PipelineConfig, camera_names: Any, source: str) -> None:
+    """A ConfigError naming both unless ``camera_names`` are as many as the model's cameras (a
+    value that is no list is left to the type check of :func:`config_from_dict`)."""
+    if isinstance(camera_names, (list, tuple)) and len(camera_names) != model_config.num_cameras:
+        raise ConfigError(
+            f"config 'camera_names': the parameters name {len(camera_names)} cameras {list(camera_names)}, "
+            f"the model of {source} was exported for {model_config.num_cameras} cameras "
+            f"{list(model_config.camera_names)} (camera.backbone takes exactly that many images); "
+            f"keep {model_config.num_cameras} camera names or export a model for this rig "
+            f"(bevfusion-export or bevfusion-train with --rig RIG.yaml or --cameras NAME,...)")
+
+
+def _with_input_size(config: PipelineConfig, model_config: PipelineConfig, scale_changed: bool) -> PipelineConfig:
+    """``config`` whose image size the parameters changed gets the resize that keeps the model's
+    network input (:meth:`ImageConfig.for_input_size`), unless they changed ``resize_scale`` too."""
+    image = config.image
+    if scale_changed or (image.input_width, image.input_height) == (model_config.image.input_width,
+                                                                  model_config.image.input_height):
+        return config
+    fitted = model_config.image.for_input_size(image.input_width, image.input_height)
+    return dataclasses.replace(config, image=fitted).validate()
 
 
 def command_line_parameters(argv: Sequence[str], node_name: str = "bevfusion") -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """``bevfusion-eval``: nuScenes-style detection metrics of a model on held-out scenes.
 
-    bevfusion-eval --model DIR --seeds A:B [--objects N] [--backend cpu|gpu|tensorrt|auto]
+    bevfusion-eval --model DIR --seeds A:B [--objects N] [--rig RIG.yaml] [--cameras NAME,...]
+                   [--backend cpu|gpu|tensorrt|auto]
                    [--precision fp16|fp32] [--config YAML] [--class-range M|nuscenes]
                    [--keep-empty-gt] [--progress-every N] [--workers N] [--json OUT]
     bevfusion-eval --model DIR --data DIR ...
     bevfusion-eval --model DIR --seeds A:B --through-node [--node-out DIR] ...
 
+``--seeds`` scenes are rendered for the cameras of ``--rig`` / ``--cameras`` (default the
+synthetic nuScenes rig: a model exported for another rig needs its rig here).
 The pipeline (with ``--through-node``: ``bevfusion_node``, fed a bag of the scenes) runs every
 frame with ``head.score_threshold`` 0, then :func:`bevfusion_ros.analysis.evaluation.evaluate`
 computes the metrics. The scenes, ground-truth filtering, ``--through-node`` and the JSON
@@ -26,15 +29,17 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from bevfusion_ros.analysis.evaluation import NUSCENES_CLASS_RANGE, count_points_in_boxes, evaluate
-from bevfusion_ros.config import PipelineConfig, load_config
+from bevfusion_ros.config import ConfigError, PipelineConfig, load_config
 from bevfusion_ros.engines.select import BACKENDS
 from bevfusion_ros.io import FrameError, load_example_data
 from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.io.tensor import read_tensor
 from bevfusion_ros.pipeline import BEVFusionPipeline
+from bevfusion_ros.sim.rig import add_rig_options, select_rig
 from bevfusion_ros.tools.cli import run_reporting_errors
 
 if TYPE_CHECKING:
+    from bevfusion_ros.io.rig import Rig
     from bevfusion_ros.sim.scene import Scene
 
 GT_FILES = ("gt_bboxes_3d.tensor", "gt_labels_3d.tensor")
@@ -88,18 +93,20 @@ def scene_ground_truth(scene: Scene, keep_empty: bool = False
     return scene.gt_boxes, scene.gt_labels, None if keep_empty else counts
 
 
-def _synthetic_frame(task: tuple[int, int | None, bool]) -> EvalFrame:
+def _synthetic_frame(task: tuple[int, int | None, bool, Rig | None]) -> EvalFrame:
+    from bevfusion_ros.sim.rig import select_rig
     from bevfusion_ros.sim.scene import generate_scene
-    seed, num_objects, keep_empty = task
-    scene = generate_scene(seed, num_objects)
+    seed, num_objects, keep_empty, rig = task
+    scene = generate_scene(seed, num_objects, rig=select_rig(rig))
     return EvalFrame(f"seed {seed}", scene.to_frame(), *scene_ground_truth(scene, keep_empty))
 
 
 def synthetic_frames(seeds: range, num_objects: int | None, keep_empty: bool,
-                     workers: int = 0) -> Iterator[EvalFrame]:
-    """The scenes of ``seeds`` in seed order; ``workers`` > 0 generates them in that many
-    processes (a few scenes ahead of the pipeline)."""
-    tasks = [(seed, num_objects, keep_empty) for seed in seeds]
+                     workers: int = 0, rig: Rig | None = None) -> Iterator[EvalFrame]:
+    """The scenes of ``seeds`` in seed order, of ``rig``'s cameras (default the synthetic
+    nuScenes rig); ``workers`` > 0 generates them in that many processes (a few scenes ahead
+    of the pipeline)."""
+    tasks = [(seed, num_objects, keep_empty, rig) for seed in seeds]
     if workers <= 0:
         yield from map(_synthetic_frame, tasks)
         return
@@ -176,7 +183,7 @@ def run_pipeline(args: argparse.Namespace) -> Evaluated:
         frames = folder_frames(folders, config.camera_names, args.keep_empty_gt)
     else:
         total = len(args.seeds)
-        frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers)
+        frames = synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers, args.scene_rig)
     print(f"loaded model {args.model} ({pipeline.backend}, {args.precision}) in "
           f"{time.perf_counter() - start:.1f} s; evaluating {total} frames", flush=True)
     out = Evaluated(backend=pipeline.backend, weights_note=pipeline.weights_note,
@@ -202,7 +209,7 @@ def run_through_node(args: argparse.Namespace) -> Evaluated:
     out = Evaluated(weights_note=weights_note(info), trained=info.get("trained"))
 
     def frames() -> Iterator[Frame]:
-        for item in synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers):
+        for item in synthetic_frames(args.seeds, args.objects, args.keep_empty_gt, args.workers, args.scene_rig):
             out.ground_truth.append((item.gt_boxes, item.gt_labels, item.num_points))
             out.names.append(item.name)
             yield item.frame
@@ -236,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
                     "trained": evaluated.trained, "weights": evaluated.weights_note,
                     "through_node": args.through_node,
                     "source": {"data": str(args.data)} if args.data is not None
-                    else {"seeds": [args.seeds.start, args.seeds.stop], "objects": args.objects},
+                    else {"seeds": [args.seeds.start, args.seeds.stop], "objects": args.objects,
+                          "rig": args.scene_rig.tag(), "cameras": list(args.scene_rig.camera_names)},
                     "frames": evaluated.names, "seconds": time.perf_counter() - start,
                     "metrics": result.to_dict()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an example-data folder, or a folder of them, with gt_*.tensor")
     parser.add_argument("--objects", type=int, default=None,
                         help="objects per synthetic scene (default: 20-40, drawn from the seed)")
+    add_rig_options(parser)
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
     parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
                         help="GPU precision (the CPU backend always computes float32)")
@@ -281,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--progress-every must be positive")
     if args.through_node and args.data is not None:
         parser.error("--through-node evaluates generated scenes (--seeds), not --data")
+    if args.data is not None and (args.rig or args.cameras):
+        parser.error("--rig and --cameras choose the cameras of generated scenes (--seeds), not of --data")
+    try:
+        args.scene_rig = select_rig(args.rig, args.cameras)
+    except ConfigError as error:
+        parser.error(str(error))
     return run_reporting_errors(run, args)
 
 

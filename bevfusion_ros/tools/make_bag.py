@@ -3,7 +3,8 @@ rosbag2-compatible MCAP bag of nuScenes data, or of generated scenes, with the t
 the bevfusion node subscribes to (``config/nuscenes.yaml``).
 
 SOURCE is a CUDA-BEVFusion example-data folder or a nuScenes data root (read with
-nuscenes-devkit); ``--seeds A:B`` writes the generated scenes of those seeds. What each source
+nuscenes-devkit); ``--seeds A:B`` writes the generated scenes of those seeds, for the synthetic rig or
+``--rig FILE`` / ``--cameras NAME,NAME,...`` (topics ``/CAM_<name>/image_raw`` per camera). What each source
 becomes (frames, stamps, clouds, TF) and the topics: docs/tools.md, "bevfusion-make-bag".
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from bevfusion_ros.config import NUSCENES_CAMERA_NAMES
 from bevfusion_ros.io import CalibrationError, FrameError, TensorFileError, load_example_data
 from bevfusion_ros.io.calibration import pose_matrix
 from bevfusion_ros.io.frame import Frame, read_rgb_image
+from bevfusion_ros.io.rig import parse_camera_names
+from bevfusion_ros.sim.rig import CAMERAS_OPTION_HELP, RIG_OPTION_HELP
 from bevfusion_ros.streaming.node_config import NodeConfig, camera_info_topic, camera_topic
 
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
@@ -110,9 +113,9 @@ def _write_frame(bag: Any, frame: Frame, stamp_ns: int, jpegs: Sequence[bytes] |
 
 def write_example_bag(source: str | Path, out: str | Path, *, compressed: bool = False,
                       stamp_ns: int = EXAMPLE_STAMP_NS,
-                      camera_names: Sequence[str] = NUSCENES_CAMERA_NAMES) -> BagStats:
+                      camera_names: Sequence[str] | None = None) -> BagStats:
     """One example-data frame as a bag (see docs/tools.md); returns what was written.
-    ``compressed``: the folder's JPEG files as they are."""
+    ``compressed``: the folder's JPEG files as they are; ``camera_names``: default the folder's."""
     from bevfusion_ros.ros.bag import BagWriter
 
     source = Path(source)
@@ -387,6 +390,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="v1.0-mini", help="nuScenes version folder")
     parser.add_argument("--max-frames", type=int, metavar="N",
                         help="at most N lidar sweeps per nuScenes scene")
+    parser.add_argument("--rig", type=Path, metavar="RIG.yaml",
+                        help=f"--seeds: {RIG_OPTION_HELP}")
+    parser.add_argument("--cameras", metavar="NAME,NAME,...",
+                        help=f"--seeds or a nuScenes root: {CAMERAS_OPTION_HELP}")
     parser.add_argument("--stamp-ns", type=int, default=EXAMPLE_STAMP_NS,
                         help="example data: stamp of every message (--seeds: of the first "
                              "scene), ns since the epoch "
@@ -396,9 +403,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write_seeds_bag(args: argparse.Namespace, out: Path) -> BagStats:
     """``--seeds``: the generated scenes as a bag."""
+    from bevfusion_ros.sim.rig import select_rig
     from bevfusion_ros.sim.scene import generate_scene
     from bevfusion_ros.train.data import parse_scene_range
-    frames = (generate_scene(seed).to_frame() for seed in parse_scene_range(args.seeds))
+    rig = select_rig(args.rig, args.cameras)
+    frames = (generate_scene(seed, rig=rig).to_frame() for seed in parse_scene_range(args.seeds))
     return write_frames_bag(frames, out, compressed=args.compressed, start_ns=args.stamp_ns,
                             progress=lambda line: print(line, flush=True))
 
@@ -408,14 +417,20 @@ def _write_source_bag(args: argparse.Namespace, out: Path) -> BagStats:
     source = Path(args.source)
     if not source.is_dir():
         raise SourceError(f"{source} is not a directory")
+    if args.rig is not None:
+        raise SourceError("--rig applies to --seeds (generated scenes); a SOURCE brings its own cameras")
     if is_example_data(source):
+        if args.cameras is not None:
+            raise SourceError(f"--cameras applies to --seeds and nuScenes data roots; {source} is an "
+                              "example-data folder (its cameras are its {i}-{NAME}.jpg files)")
         if args.scene or args.max_frames is not None:
             raise SourceError("--scene and --max-frames apply to nuScenes data roots; "
                               f"{source} is an example-data folder (one frame)")
         return write_example_bag(source, out, compressed=args.compressed, stamp_ns=args.stamp_ns)
     if is_nuscenes_root(source, args.version):
+        cameras = parse_camera_names(args.cameras) if args.cameras else NUSCENES_CAMERA_NAMES
         return write_nuscenes_bag(source, out, version=args.version, scenes=args.scene,
-                                  compressed=args.compressed, max_frames=args.max_frames,
+                                  camera_names=cameras, compressed=args.compressed, max_frames=args.max_frames,
                                   progress=lambda line: print(line, flush=True))
     raise SourceError(f"{source} is neither a CUDA-BEVFusion example-data folder "
                       f"(points.tensor) nor a nuScenes data root "

@@ -2,10 +2,12 @@
 
     python -m bevfusion_ros.tools.make_scene --seed S --out DIR [--objects N] [--azimuth-steps A]
                                              [--sweeps K --ego-velocity VX VY]
+                                             [--rig RIG.yaml] [--cameras NAME,NAME,...]
 
-The folder (six ``{i}-{NAME}.jpg``, ``points.tensor``, calibration ``*.tensor``,
-``gt_bboxes_3d.tensor``, ``gt_labels_3d.tensor``, ``token.txt``) loads with
-``bevfusion_ros.io.load_example_data``; the same seed always gives the same scene.
+The folder (one ``{i}-{NAME}.jpg`` per camera of the rig: default the six of the synthetic
+nuScenes rig; ``points.tensor``, calibration ``*.tensor``, ``gt_bboxes_3d.tensor``,
+``gt_labels_3d.tensor``, ``token.txt``) loads with ``bevfusion_ros.io.load_example_data``; the
+same seed always gives the same objects and lidar, on any rig.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import sys
 import time
 
+from bevfusion_ros.config import ConfigError
+from bevfusion_ros.sim.rig import add_rig_options, select_rig
 from bevfusion_ros.sim.scene import DEFAULT_AZIMUTH_STEPS, generate_scene, write_example_folder
 
 
@@ -26,7 +30,8 @@ def summary(scene, directory, seconds: float) -> str:
         f"objects: {len(scene.gt_boxes)} ({objects})",
         f"points: {len(scene.points)} ({on_objects} on objects, "
         f"{len(scene.points) - on_objects} on the ground)",
-        f"images: {len(scene.images)} x {scene.images[0].shape[1]}x{scene.images[0].shape[0]} RGB",
+        f"images: {len(scene.images)} x {scene.images[0].shape[1]}x{scene.images[0].shape[0]} RGB "
+        f"({', '.join(scene.calibration.camera_names)})",
     ])
 
 
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                              "motion-compensated; time lag in the fifth column)")
     parser.add_argument("--ego-velocity", type=float, nargs=2, default=(0.0, 0.0), metavar=("VX", "VY"),
                         help="ego velocity in m/s (lidar frame) while the past sweeps were taken")
+    add_rig_options(parser)
     args = parser.parse_args(argv)
     if args.objects is not None and args.objects < 0:
         parser.error("--objects must be >= 0")
@@ -50,9 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--azimuth-steps must be positive")
     if args.sweeps < 1:
         parser.error("--sweeps must be >= 1")
+    try:
+        rig = select_rig(args.rig, args.cameras)
+    except ConfigError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     scene = generate_scene(args.seed, args.objects, azimuth_steps=args.azimuth_steps,
-                           sweeps=args.sweeps, ego_velocity=tuple(args.ego_velocity))
+                           sweeps=args.sweeps, ego_velocity=tuple(args.ego_velocity), rig=rig)
     seconds = time.perf_counter() - start
     directory = write_example_folder(scene, args.out)
     print(summary(scene, directory, seconds))

@@ -2,10 +2,13 @@
 
     bevfusion-train --preset tiny|nuscenes-r50 --scenes 0:N --epochs E --batch-size 1 --lr 1e-3
                     --device cpu|cuda [--amp] --out DIR [--resume DIR] [--export]
+                    [--rig RIG.yaml] [--cameras NAME,NAME,...]
                     [--time-limit SECONDS | --stop-after STEPS]
 
-(or ``python -m bevfusion_ros.tools.train ...``). Scenes are ``generate_scene(seed)`` for the
-seeds of ``--scenes`` (``A:B``, ``:B`` or ``1,5,9``). Writes ``DIR/model.pt`` (state dict for
+(or ``python -m bevfusion_ros.tools.train ...``). Scenes are ``generate_scene(seed, rig=rig)`` for
+the seeds of ``--scenes`` (``A:B``, ``:B`` or ``1,5,9``) and the cameras of ``--rig`` (default
+the synthetic nuScenes rig) / ``--cameras`` (some of them); the model is trained and exported
+for that rig's camera count, names and image size. Writes ``DIR/model.pt`` (state dict for
 ``bevfusion-export --checkpoint``), ``DIR/train_state.pt`` and ``DIR/train_log.jsonl`` after
 every epoch; ``--export`` writes the ONNX model folder ``DIR/model``. See
 :mod:`bevfusion_ros.train.loop` for the forward, schedule and determinism.
@@ -52,7 +55,7 @@ def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, hint:
     if "choices" in meta:
         kwargs["choices"] = meta["choices"]
     else:
-        kwargs["metavar"] = flag[2:].replace("-", "_").upper()
+        kwargs["metavar"] = meta.get("metavar", flag[2:].replace("-", "_").upper())
     if "cli_default" in meta:
         kwargs["default"] = meta["cli_default"]
     elif field.default is not dataclasses.MISSING:
@@ -78,7 +81,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     for field, _ in _option_fields():
         parse = field.metadata.get("parse")
         value = getattr(args, field.name)
-        values[field.name] = parse(value) if parse is not None else value
+        values[field.name] = parse(value) if parse is not None and value is not None else value
     return TrainConfig(**values)
 
 
@@ -86,14 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from bevfusion_ros.train.loop import train
+    from bevfusion_ros.config import ConfigError
+    from bevfusion_ros.train.loop import fitted_to_rig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    config = _config(args)
+    try:
+        config = fitted_to_rig(_config(args))            # a bad rig or camera list: one line
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     result = train(config)
     if result.history:
         first, last = result.history[0]["loss"], result.history[-1]["loss"]

@@ -1,4 +1,6 @@
-"""Training samples from synthetic scenes (:func:`bevfusion_ros.sim.scene.generate_scene`).
+"""Training samples from synthetic scenes (:func:`bevfusion_ros.sim.scene.generate_scene`) of a
+camera rig (default :data:`~bevfusion_ros.sim.rig.SYNTHETIC_RIG`; the preset must be fitted to
+it, :meth:`~bevfusion_ros.model.presets.ModelPreset.for_rig`).
 
 A sample holds what the model forward and the losses need, computed with the reference's own
 functions (:mod:`bevfusion_ros.model.reference`) so training sees exactly the deployed
@@ -18,9 +20,10 @@ resizes by 0.16 to 256x128; depth images and BEVPool geometry use the preset's m
 pixels of ``normalize_images`` do. Evaluations must feed the same (``calibration_for_preset``).
 
 A scene takes ~1 s to generate and preprocess on the CPU (``tiny``; more under load); with
-``cache_dir`` each preprocessed sample is saved once (``<cache>/<preset>/scene-<seed>.pt``,
-~1.7 MB for tiny) and read back afterwards; ``memory_cache`` also keeps them in RAM (small
-datasets, overfitting; per process, so only with ``workers=0``). No data augmentation.
+``cache_dir`` each preprocessed sample is saved once (``<cache>/<preset>/<rig tag>/scene-<seed>.pt``,
+:meth:`~bevfusion_ros.io.rig.Rig.tag`; ~1.7 MB for tiny on the default rig) and read back
+afterwards; ``memory_cache`` also keeps them in RAM (small datasets, overfitting; per process,
+so only with ``workers=0``). No data augmentation.
 """
 from __future__ import annotations
 
@@ -34,8 +37,10 @@ import torch
 from torch.utils.data import Dataset
 
 from bevfusion_ros.io.calibration import Calibration
+from bevfusion_ros.io.rig import Rig, RigError
 from bevfusion_ros.model.presets import ModelPreset
 from bevfusion_ros.model.reference import depth_images, frustum_bev_cells, normalize_images, voxelize
+from bevfusion_ros.sim.rig import SYNTHETIC_RIG
 from bevfusion_ros.sim.scene import Scene, generate_scene
 from bevfusion_ros.train.targets import TargetConfig, boxes_in_grid, heatmap_targets
 
@@ -115,15 +120,22 @@ class SceneDataset(Dataset):
     """``dataset[i]`` = the training sample of scene seed ``seeds[i]`` (see the module doc).
 
     ``cache_dir``: save/load preprocessed samples there; ``memory_cache``: keep them in RAM;
-    ``num_objects``: passed to ``generate_scene`` (None: 20-40 drawn from the seed).
+    ``num_objects``: passed to ``generate_scene`` (None: 20-40 drawn from the seed); ``rig``:
+    the cameras of the scenes, those of ``preset`` (:meth:`ModelPreset.for_rig`).
     """
 
     def __init__(self, preset: ModelPreset, seeds: Sequence[int], cache_dir: str | Path | None = None,
                  memory_cache: bool = False, target_config: TargetConfig = TargetConfig(),
-                 num_objects: int | None = None) -> None:
+                 num_objects: int | None = None, rig: Rig = SYNTHETIC_RIG) -> None:
+        if preset.for_rig(rig) is not preset:
+            raise RigError(f"preset {preset.name} has cameras {list(preset.pipeline.camera_names)} "
+                           f"({preset.pipeline.image.input_width}x{preset.pipeline.image.input_height}), "
+                           f"the scenes' {rig.describe()}: fit it with preset.for_rig(rig)")
         self.preset = preset
+        self.rig = rig
         self.seeds = [int(seed) for seed in seeds]
-        self.cache_dir = Path(cache_dir) / preset.name if cache_dir is not None else None
+        self.cache_dir = (Path(cache_dir) / preset.name / rig.tag()
+                          if cache_dir is not None else None)
         self.memory_cache = memory_cache
         self.target_config = target_config
         self.num_objects = num_objects
@@ -144,7 +156,7 @@ class SceneDataset(Dataset):
             sample = torch.load(path, map_location="cpu", weights_only=True)
             if sample.get("version") == CACHE_VERSION:
                 return sample
-        sample = preprocess_scene(generate_scene(seed, self.num_objects), self.preset)
+        sample = preprocess_scene(generate_scene(seed, self.num_objects, rig=self.rig), self.preset)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(f".tmp{os.getpid()}")

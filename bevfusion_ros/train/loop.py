@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bevfusion_ros.io.rig import Rig, load_rig, parse_camera_names
 from bevfusion_ros.model.bevfusion import BEVFusionModel, build_model, calibrate_batchnorm
 from bevfusion_ros.model.checkpoint import load_checkpoint
 from bevfusion_ros.model.export import PRECISIONS
@@ -31,6 +32,7 @@ from bevfusion_ros.model.head import HeadOutput
 from bevfusion_ros.model.presets import PRESETS, ModelPreset, get_preset
 from bevfusion_ros.model.reference import bev_pool
 from bevfusion_ros.model.sparse_encoder import flatten_z_into_channels, scatter_dense, sparse_input
+from bevfusion_ros.sim.rig import CAMERAS_OPTION_HELP, RIG_OPTION_HELP, select_rig
 from bevfusion_ros.train.data import Sample, SceneDataset, collate_samples, parse_scene_range
 from bevfusion_ros.train.losses import LossConfig, LossTerms, transfusion_loss
 from bevfusion_ros.train.targets import TargetConfig
@@ -54,15 +56,19 @@ class TrainConfig:
 
     ``bevfusion-train`` (:mod:`bevfusion_ros.tools.train`) has one option per field, built from
     the field's name (``--batch-size``), type and default and its metadata: ``help``, and where
-    the field alone does not say it, ``option`` (another name), ``choices``, ``parse`` (the
-    value of the option's text) and ``cli_default`` (the text when the option is not given);
-    fields whose metadata has ``cli: False`` are not options.
+    the field alone does not say it, ``option`` (another name), ``choices``, ``metavar``,
+    ``parse`` (the value of the option's text, not called for an absent option without
+    ``cli_default``) and ``cli_default`` (the text when the option is not given); fields whose
+    metadata has ``cli: False`` are not options.
     """
 
     preset: ModelPreset = _option("model preset", choices=sorted(PRESETS), parse=get_preset)
     seeds: list[int] = _option("scene seeds: A:B, :B or a,b,c (default 0:8)", option="--scenes",
                                parse=parse_scene_range, cli_default="0:8")
     out_dir: Path = _option("output folder", option="--out")
+    rig: Rig | None = _option(RIG_OPTION_HELP, None, parse=load_rig, metavar="RIG.yaml")
+    cameras: tuple[str, ...] | None = _option(CAMERAS_OPTION_HELP, None, parse=parse_camera_names,
+                                              metavar="NAME,NAME,...")
     epochs: int = _option("passes over the scenes", 1)
     batch_size: int = _option("scenes per optimiser step", 1)
     lr: float = _option("peak learning rate (AdamW)", 1e-3)
@@ -249,7 +255,8 @@ def save_checkpoint(model: BEVFusionModel, optimizer: torch.optim.Optimizer,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "preset": config.preset.name, "seed": config.seed, "seeds": list(config.seeds),
+        "preset": config.preset.name, "rig": config.rig.tag() if config.rig else None,
+        "cameras": list(config.preset.pipeline.camera_names), "seed": config.seed, "seeds": list(config.seeds),
         "lr": config.lr, "schedule": config.schedule, "epochs": config.epochs,
         "batch_size": config.batch_size,
     }
@@ -364,15 +371,23 @@ def new_trainer(config: TrainConfig) -> tuple[Trainer, int]:
     return Trainer(model, optimizer, scaler, config, RulebookCache(config.rulebook_cache)), done
 
 
+def fitted_to_rig(config: TrainConfig) -> TrainConfig:
+    """``config`` with its rig resolved (``rig`` and ``cameras``, :func:`select_rig`) and its
+    preset fitted to that rig (:meth:`ModelPreset.for_rig`): the cameras the model is exported for."""
+    rig = select_rig(config.rig, config.cameras)
+    return dataclasses.replace(config, rig=rig, cameras=None, preset=config.preset.for_rig(rig))
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.preset`` on the scenes ``config.seeds``; see docs/training.md."""
+    """Train ``config.preset`` on the scenes ``config.seeds`` of ``config.rig``; see docs/training.md."""
+    config = fitted_to_rig(config)
     log = config.log or (lambda _message: None)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer, step = new_trainer(config)
     device = torch.device(config.device)
     dataset = SceneDataset(config.preset, config.seeds, config.cache_dir, config.memory_cache,
-                           config.target_config, config.num_objects)
+                           config.target_config, config.num_objects, config.rig)
     per_epoch = math.ceil(len(dataset) / config.batch_size)
     total = per_epoch * config.epochs
     if config.max_steps is not None:
@@ -382,7 +397,7 @@ def train(config: TrainConfig) -> TrainResult:
     history: list[dict[str, Any]] = []
     log(f"training {config.preset.name} on {len(dataset)} scenes, {config.epochs} epochs x "
         f"{per_epoch} steps (batch {config.batch_size}), device {device}, amp {config.amp}, "
-        f"{sum(p.numel() for p in trainer.parameters):,} parameters -> {out_dir}"
+        f"{sum(p.numel() for p in trainer.parameters):,} parameters, {config.rig.describe()} -> {out_dir}"
         + (f"; resuming at step {step}" if step else ""))
     with open(out_dir / LOG_FILE, "a" if config.resume is not None else "w") as log_file:
         while step < stop and time.monotonic() < deadline:
@@ -436,8 +451,8 @@ def _finish(trainer: Trainer, dataset: SceneDataset, config: TrainConfig, out_di
     if config.export and finished:
         from bevfusion_ros.model.export import export_model_set
         export_dir = out_dir / EXPORT_DIR
-        result = export_model_set(config.preset, config.export_precision, export_dir,
-                                  checkpoint=model_path)
+        result = export_model_set(config.preset, config.export_precision, export_dir, checkpoint=model_path,
+                                  trained_on=f"{len(config.seeds)} synthetic scenes of the {config.rig.describe()}")
         log(f"exported {config.preset.name} ({config.export_precision}) to {export_dir} "
             f"in {result.seconds:.1f} s")
     # The first steps also build rulebooks and caches: report the median.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -16,6 +17,9 @@ from bevfusion_ros.model.presets import NUSCENES_R50, TINY
 # downscale by 2 (last tap beyond the right/bottom edge) and upscale by 2 (first tap at -1).
 DOWNSCALE = ImageConfig(input_width=40, input_height=30, output_width=20, output_height=15, resize_scale=0.5)
 UPSCALE = ImageConfig(input_width=10, input_height=8, output_width=20, output_height=16, resize_scale=2.0)
+# The tiny network input from a rig's 1280x720 cameras (ImageConfig.for_input_size: resize 0.2).
+TINY_720P = replace(TINY, name="tiny-1280x720",
+                    pipeline=replace(TINY.pipeline, image=TINY.pipeline.image.for_input_size(1280, 720)))
 
 
 def random_images(image: ImageConfig, count: int, seed: int) -> list[np.ndarray]:
@@ -70,7 +74,7 @@ def grey_levels(normalized: np.ndarray, image: ImageConfig) -> np.ndarray:
     return np.rint(pixels)
 
 
-@pytest.mark.parametrize("preset", [NUSCENES_R50, TINY], ids=lambda preset: preset.name)
+@pytest.mark.parametrize("preset", [NUSCENES_R50, TINY, TINY_720P], ids=lambda preset: preset.name)
 def test_matches_opencv_resize_then_crop(preset):
     image = preset.pipeline.image
     images = random_images(image, 2, seed=2)
@@ -83,7 +87,7 @@ def test_matches_opencv_resize_then_crop(preset):
         assert difference.max() <= 1 and (difference > 0).mean() < 0.03
 
 
-@pytest.mark.parametrize("preset", [NUSCENES_R50, TINY], ids=lambda preset: preset.name)
+@pytest.mark.parametrize("preset", [NUSCENES_R50, TINY, TINY_720P], ids=lambda preset: preset.name)
 def test_equals_the_reference_bit_for_bit(preset):
     pytest.importorskip("torch")
     from bevfusion_ros.model.reference import normalize_images as reference_normalize

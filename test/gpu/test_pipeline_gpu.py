@@ -82,28 +82,37 @@ def run_both(model_dir: Path, frame, precision: str):
     return cpu.boxes, first.boxes
 
 
-@pytest.mark.parametrize("preset", ["tiny", "r50"])
-def test_fp32_gpu_boxes_equal_cpu_boxes(preset, tiny_dir, frame, request):
-    model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
+def check_fp32_boxes(model_dir: Path, frame, label: str) -> None:
+    """fp32 GPU boxes = CPU boxes (module docstring: FP32_PAIRED within 1 mm, FP32_ATOL)."""
     cpu, gpu = run_both(model_dir, frame, "fp32")
     assert len(cpu) >= 40 and abs(len(gpu) - len(cpu)) <= (1 - FP32_PAIRED) * len(cpu)
     match = match_boxes(gpu, cpu)
     paired, error = match.fraction_within(1e-3), match.max_difference(gpu, cpu, within=1e-3)
-    print(f"fp32 GPU vs CPU boxes ({preset}): {len(gpu)} / {len(cpu)}, paired within 1 mm {paired:.1%}, "
+    print(f"fp32 GPU vs CPU boxes ({label}): {len(gpu)} / {len(cpu)}, paired within 1 mm {paired:.1%}, "
           f"largest attribute difference of those {error:.2e}")
     assert paired >= FP32_PAIRED and error <= FP32_ATOL
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50"])
+def test_fp32_gpu_boxes_equal_cpu_boxes(preset, tiny_dir, frame, request):
+    check_fp32_boxes(tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir"), frame, preset)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("preset", ["tiny", "r50"])
 def test_gpu_stages_match_cpu_stages(preset, precision, tiny_dir, frame, request):
-    model_dir = tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir")
+    check_stages(tiny_dir if preset == "tiny" else request.getfixturevalue("r50_dir"), frame, precision, preset)
+
+
+def check_stages(model_dir: Path, frame, precision: str, label: str) -> None:
+    """Every stage up to the fuser within FP32/FP16_STAGE_RTOL of the CPU's; finite boxes,
+    the same on a second run and with one stream as with the branch streams."""
     config = all_proposals(model_dir)
     cpu = BEVFusionPipeline.from_model_dir(model_dir, config, backend="cpu")
     gpu = BEVFusionPipeline.from_model_dir(model_dir, config, backend="gpu", precision=precision)
     expected, got = both_chains(cpu, gpu, frame)
     errors = {name: relative_l2(got[name], expected[name]) for name in STAGES_TO_MIDDLE}
-    print(f"{precision} GPU vs CPU stages ({preset}), relative L2: "
+    print(f"{precision} GPU vs CPU stages ({label}), relative L2: "
           + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))
     assert max(errors.values()) <= (FP32_STAGE_RTOL if precision == "fp32" else FP16_STAGE_RTOL)
     assert np.isfinite(got["boxes"]).all()

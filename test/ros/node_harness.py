@@ -1,6 +1,6 @@
 """A ``bevfusion_node`` child process and this (test) process as its sensor stack: the publishers
-of 6 Images + CameraInfo, /tf_static, /tf and a PointCloud2, and subscribers to what the node
-publishes. Shared by the node tests and the fault matrix.
+of an Image + CameraInfo per camera of the model, /tf_static, /tf and a PointCloud2, and
+subscribers to what the node publishes. Shared by the node tests and the fault matrix.
 
 Ordering without sleeps: :meth:`NodeUnderTest.publish` waits until the node's DDS readers have
 acknowledged the calibration and the images before it publishes the cloud (the node's executor
@@ -11,10 +11,11 @@ published and with nothing in progress, so it can never be a stale one.
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from bevfusion_ros.io.frame import Frame
 from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.environment import safe_ros_environment
 from bevfusion_ros.ros.frame_messages import FrameMessages, frame_messages
+from bevfusion_ros.streaming.node_config import camera_topic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0
@@ -59,18 +61,27 @@ def diagnostic_values(status: DiagnosticStatus) -> dict[str, str]:
 
 
 class NodeUnderTest:
-    """A bevfusion_node process plus this process's publishers and subscribers on its domain."""
+    """A bevfusion_node process plus this process's publishers and subscribers on its domain.
 
-    def __init__(self, model_dir: Path, folder: Path, missing_camera: str, managed: bool = False, **node_overrides):
+    ``camera_names``: the node's ``camera_names`` parameter (default the model's);
+    ``default_topics``: no ``node.camera_topics`` parameter (the node's default, one
+    ``/CAM_<name>/image_raw`` per camera), else ``/test/<name>/image``.
+    """
+
+    def __init__(self, model_dir: Path, folder: Path, missing_camera: str, managed: bool = False,
+                 camera_names: Sequence[str] | None = None, default_topics: bool = False, **node_overrides):
         self.domain_id = next_domain_id()
         self.env = safe_ros_environment(self.domain_id, str(folder / "ros_home"))
         (folder / "ros_home").mkdir(parents=True, exist_ok=True)
         self.env["PYTHONPATH"] = str(REPO_ROOT)
         self.config = load_config(model_dir / "bevfusion.yaml")
+        if camera_names is not None:
+            self.config = dataclasses.replace(self.config, camera_names=tuple(camera_names))
         self.cameras = self.config.camera_names
-        self.camera_topics = [f"/test/{name}/image" for name in self.cameras]
+        self.camera_topics = [camera_topic(name) if default_topics else f"/test/{name}/image" for name in self.cameras]
         node = {"model_dir": str(model_dir), "backend": "cpu", "lidar_topic": "/test/points",
-                "camera_topics": self.camera_topics, "input_qos": "reliable", "time_lag_field": "time_lag",
+                **({} if default_topics else {"camera_topics": self.camera_topics}),
+                "input_qos": "reliable", "time_lag_field": "time_lag",
                 "num_sweeps": 1, "diagnostics_period_s": 0.5,
                 "sync": {"slop_s": 0.05, "missing_camera": missing_camera, "wait_timeout_s": 0.2},
                 **node_overrides}
