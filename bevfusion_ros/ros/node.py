@@ -37,10 +37,9 @@ from visualization_msgs.msg import MarkerArray
 
 from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import PipelineConfig, load_config
-from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.ros import cdr, convert, edge, parameters
-from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest
+from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest, output_warnings, settings_calibration
 from bevfusion_ros.streaming.node_config import (
     NodeConfig,
     command_line_parameters,
@@ -135,7 +134,8 @@ class BEVFusionBehaviour:
         if self.settings.compressed_images:
             decoder, why = ImageDecoder.for_pipeline(self.pipeline.device)
             self.get_logger().info(f"CompressedImage decoding: {why}")
-        self.assembler = FrameAssembler(self.config, self.settings, self._file_calibration(), decoder)
+        self.assembler = FrameAssembler(self.config, self.settings,
+                                         settings_calibration(self.settings, self.config), decoder)
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self.get_logger().info(
             f"model {model_dir} on backend {self.pipeline.backend} "
@@ -195,14 +195,6 @@ class BEVFusionBehaviour:
         elif name == "node.publish_markers":
             self.settings = dataclasses.replace(self.settings, publish_markers=bool(value))
         self.get_logger().info(f"parameter {name} set to {value!r} (from the next frame on)")
-
-    def _file_calibration(self) -> Calibration | None:
-        if self.settings.calibration_source != "file":
-            return None
-        path = Path(self.settings.calibration_file)
-        if path.is_dir():
-            return Calibration.from_example_data(path, self.config.camera_names)
-        return calibration_from_yaml(path, self.config)
 
     def _open_io(self) -> None:
         """Subscriptions, publishers and timers (:meth:`_close_io` removes them)."""
@@ -346,12 +338,9 @@ class BEVFusionBehaviour:
             self._report(WARN, assembled.calibration_error, "calibration_errors")
         detections = self.pipeline.forward(assembled.frame, assembled.cameras_used)
         phases.lap("forward")
-        warnings = [*assembled.warnings, *detections.warnings]
-        missing = assembled.missing
-        if missing:
-            warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
         header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=assembled.sweep.frame_id)
-        self._publish(header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
+        self._publish(header, detections, assembled.missing, arrival.monotonic_s, phases,
+                      output_warnings(assembled, detections.warnings))
 
     # ---------------------------------------------------------------- outputs
     def _publish(self, header: Header, detections: Any, missing: dict[str, str], arrival_s: float,
@@ -366,11 +355,8 @@ class BEVFusionBehaviour:
         if self.settings.publish_markers:
             self.markers_pub.publish(convert.serialize_markers(detections, out_header))
         phases.lap("outputs")
-        timings = {**phases.ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
-        info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
-                         cameras_missing=list(missing), velocities=convert.velocities(detections),
-                         backend=self.pipeline.backend, latency_ms=float(latency_ms), warnings=list(warnings),
-                         timing_names=list(timings), timing_ms=[float(ms) for ms in timings.values()])
+        info = convert.frame_info(out_header, detections, missing, self.pipeline.backend, latency_ms, warnings,
+                                  phases.ms)
         self.frame_info_pub.publish(info)
         now_ns = self.get_clock().now().nanoseconds
         with self.status.lock:
