@@ -80,6 +80,8 @@ class BagWorker:
 
     def __init__(self, settings: BatchSettings) -> None:
         from bevfusion_ros.ros.bag_inference import BagInference
+        from bevfusion_ros.runtime.memory import keep_large_buffers
+        keep_large_buffers()                    # frames reuse heap blocks, as in the node's process
         self.inference = BagInference(settings)
 
     def describe(self) -> str:

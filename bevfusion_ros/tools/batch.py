@@ -121,14 +121,17 @@ def report_table(reports: list[BagReport]) -> str:
 
 
 def finish(args: argparse.Namespace, jobs: list[BagJob], reports: list[BagReport], settings: BatchSettings,
-           seconds: float) -> None:
-    """Print the bags' table and the pooled metrics; write ``batch.json`` (and ``metrics.json``)."""
+           seconds: float, progress: FleetProgress) -> None:
+    """Print the bags' table and the pooled metrics; write ``batch.json`` (and ``metrics.json``):
+    ``frames_per_s`` over the whole command, ``frames_per_s_running`` once the workers were ready."""
     from bevfusion_ros.batch import scoring
     print(report_table(reports))
     frames = sum(report.frames for report in reports if report.status == "done")
     summary: dict[str, Any] = {"model": str(settings.model_dir), "backend": settings.backend,
-                               "address": args.address or "embedded", "seconds": seconds, "frames_run": frames,
+                               "address": args.address or "embedded", "workers": args.workers,
+                               "seconds": seconds, "frames_run": frames,
                                "frames_per_s": frames / seconds if seconds > 0 else None,
+                               "frames_per_s_running": progress.rate() if frames else None,
                                "bags": [report.to_dict() for report in reports]}
     if settings.evaluation is not None:
         result, pairs = pooled_metrics(jobs, reports, settings)
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     reports = run_jobs(to_run, settings, options, progress, lambda line: print(line, flush=True))
     by_name = {report.name: report for report in [*reports, *skipped]}
     ordered = [by_name[job.name] for job in jobs]
-    finish(args, jobs, ordered, settings, time.perf_counter() - start)
+    finish(args, jobs, ordered, settings, time.perf_counter() - start, progress)
     return 1 if any(report.status == "failed" for report in ordered) else 0
 
 
