@@ -102,11 +102,12 @@ def _import_ray() -> Any:
 
 @contextlib.contextmanager
 def embedded_ray(num_cpus: int | None, temp_root: Path | None = None) -> Iterator[Any]:
-    """A local Ray instance for this process (``ray.init``): ``num_cpus`` (None: all), the
-    GPUs Ray detects, no dashboard, servers on 127.0.0.1 only with token authentication
-    (:data:`EMBEDDED_ENVIRONMENT`), its session folder in a fresh folder under ``temp_root``
-    (default the system's), removed with the instance. Workers import this process's
-    ``bevfusion_ros`` (its folder first on their PYTHONPATH)."""
+    """A new local Ray instance for this process (``ray.init(address="local")``, whatever
+    ``RAY_ADDRESS`` says): ``num_cpus`` (None: all), the GPUs Ray detects, no dashboard, servers
+    on 127.0.0.1 only with token authentication (:data:`EMBEDDED_ENVIRONMENT`), its session
+    folder in a fresh folder under ``temp_root`` (default the system's), removed with the
+    instance. Workers import this process's ``bevfusion_ros`` (its folder first on their
+    PYTHONPATH)."""
     saved = {name: os.environ.get(name) for name in (*EMBEDDED_ENVIRONMENT, "RAY_AUTH_TOKEN", "PYTHONPATH")}
     package_root = str(Path(bevfusion_ros.__file__).resolve().parents[1])
     os.environ.update(EMBEDDED_ENVIRONMENT, RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=os.pathsep.join(
@@ -114,8 +115,8 @@ def embedded_ray(num_cpus: int | None, temp_root: Path | None = None) -> Iterato
     folder = tempfile.mkdtemp(prefix="bevfusion-ray-", dir=temp_root)
     ray = _import_ray()
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=folder,
-                 configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                 _temp_dir=folder, configure_logging=False)
         try:
             _check_loopback(ray)
             yield ray
@@ -154,7 +155,10 @@ def ray_connection(options: RayOptions) -> Iterator[Any]:
         yield ray
     elif options.address:
         ray = _import_ray()
-        ray.init(address=options.address, configure_logging=False)
+        try:
+            ray.init(address=options.address, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise BatchError(f"cannot join the Ray cluster at {options.address}: {error}") from error
         try:
             yield ray
         finally:
@@ -223,7 +227,7 @@ class _Fleet:
             except self.ray.exceptions.RayActorError as error:
                 worker = self.worker_class.remote(self.settings)
                 results.append((job, f"worker died: {_error_text(error)}"))
-            except self.ray.exceptions.RayTaskError as error:
+            except self.ray.exceptions.RayError as error:          # the bag's error, or Ray's
                 results.append((job, _error_text(error)))
             self.idle.append(worker)
         return results

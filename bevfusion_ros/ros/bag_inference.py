@@ -26,6 +26,7 @@ from bevfusion_ros.batch import scoring
 from bevfusion_ros.batch.outputs import (
     DETECTIONS_BAG,
     DETECTIONS_JSON,
+    DONE_FILE,
     METRICS_JSON,
     BagJob,
     BagReport,
@@ -72,6 +73,7 @@ class BagInference:
         """Run ``job``'s bag, write its outputs and ``done.json``; returns its report. Errors
         (an unreadable bag, a failing backend) propagate and leave no output under a final name."""
         start = time.perf_counter()
+        job.path(DONE_FILE).unlink(missing_ok=True)        # being redone: complete only once done again
         run = _BagRun()
         reader = BagFrames(job.bag, self.settings.config, self.settings.node, self.calibration, self.decoder)
         with atomic_path(job.path(DETECTIONS_BAG)) as temporary, BagWriter(temporary) as writer:
