@@ -1,5 +1,6 @@
 """``bevfusion-batch`` on an embedded Ray instance with 2 workers (one instance for the module):
-4 bags of generated scenes (``bevfusion-make-bag --seeds``, 2 frames each).
+4 bags of generated scenes (``bevfusion-make-bag --seeds``, 2 frames each): detections, pooled
+metrics, a truncated bag, resuming, where Ray listens, and a driver joining it by ``--address``.
 
 References: the sequential pipeline (the same bags read by ``BagFrames`` and run in this process,
 frame by frame), ``bevfusion-eval`` on the same scenes, the bags' own files (truncated on
@@ -216,3 +217,22 @@ def test_a_resumed_run_skips_complete_bags(ray_instance, bags, first_run, tmp_pa
     assert [frame["boxes"] for frame in again] == [frame["boxes"] for frame in before]
     assert (json.loads((out / "metrics.json").read_text())["metrics"]["mean_ap"]
             == json.loads((first_run[0] / "metrics.json").read_text())["metrics"]["mean_ap"])
+
+
+def test_joins_a_running_cluster_at_its_address(ray_instance, bags, first_run, tmp_path):
+    """``--address``: a driver in another process joins the running instance (as it would join
+    a cluster's head) and its worker runs there."""
+    import subprocess
+    import sys
+    address = ray_instance.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bevfusion_ros.tools.batch", "--model", str(MODEL), *NODE_OPTIONS,
+               "--workers", "1", "--address", address, "--bags", str(bags / "drive3.mcap"), "--out", str(out),
+               "--eval"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = json.loads((out / "batch.json").read_text())
+    assert run["address"] == address and [bag["status"] for bag in run["bags"]] == ["done"]
+    got = json.loads((out / "bags" / "drive3" / "detections.json").read_text())["frames"]
+    first = json.loads((first_run[0] / "bags" / "drive3" / "detections.json").read_text())["frames"]
+    assert [frame["boxes"] for frame in got] == [frame["boxes"] for frame in first]
