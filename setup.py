@@ -44,6 +44,9 @@ setup(
         # --no-deps: requirements/nuscenes.txt says why.
         "nuscenes": ["matplotlib==3.11.2", "scikit-learn==1.9.1", "pyquaternion==0.9.9",
                      "tqdm==4.70.1", "Pillow==13.0.0", "cachetools==8.0.1"],
+        # bevfusion-batch: many bags at once on Ray (an embedded local instance, or a cluster).
+        # Every host of a cluster needs the same Ray version (and this package with its extras).
+        "batch": ["ray==2.60.0"],
     },
     entry_points={
         "console_scripts": [
@@ -54,6 +57,7 @@ setup(
             f"bevfusion-make-bag = {PACKAGE}.tools.make_bag:main",
             f"bevfusion-make-scene = {PACKAGE}.tools.make_scene:main",
             f"bevfusion-eval = {PACKAGE}.tools.eval:main",
+            f"bevfusion-batch = {PACKAGE}.tools.batch:main",
             f"bevfusion-train = {PACKAGE}.tools.train:main",
             f"bevfusion-play = {PACKAGE}.tools.play:main",
             f"bevfusion-record = {PACKAGE}.tools.record:main",

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -101,19 +101,17 @@ class Detections:
                  "yaw": float(heading), "velocity": box[[VX, VY]].tolist()}
                 for box, label, heading in zip(boxes, self.labels, self.headings())]
 
-    def to_json(self, path: str | Path) -> None:
-        """Write a JSON object: the header fields (stamp_ns, frame_id, class_names, cameras_used,
-        stage_ms, warnings) and ``boxes``, the :meth:`to_rep103` list (see :meth:`from_json`)."""
-        document = {"stamp_ns": self.stamp_ns, "frame_id": self.frame_id,
-                    "class_names": list(self.class_names), "cameras_used": list(self.cameras_used),
-                    "stage_ms": self.stage_ms, "warnings": list(self.warnings),
-                    "boxes": self.to_rep103()}
-        Path(path).write_text(json.dumps(document, indent=1))
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the header fields (stamp_ns, frame_id, class_names, cameras_used,
+        stage_ms, warnings) and ``boxes``, the :meth:`to_rep103` list (see :meth:`from_dict`)."""
+        return {"stamp_ns": self.stamp_ns, "frame_id": self.frame_id,
+                "class_names": list(self.class_names), "cameras_used": list(self.cameras_used),
+                "stage_ms": self.stage_ms, "warnings": list(self.warnings),
+                "boxes": self.to_rep103()}
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Detections":
-        """Read a file written by :meth:`to_json` back into the CUDA layout."""
-        document = json.loads(Path(path).read_text())
+    def from_dict(cls, document: Mapping[str, Any]) -> "Detections":
+        """Inverse of :meth:`to_dict`, back into the CUDA layout."""
         class_names = tuple(document["class_names"])
         rows = [[*box["center"], box["size"][1], box["size"][0], box["size"][2],
                  float(cuda_yaw(box["yaw"])), *box["velocity"], class_names.index(box["label"]),
@@ -147,6 +145,15 @@ class Detections:
         boxes[:, YAW] = cuda_yaw(np.arctan2(forward[:, 1], forward[:, 0]))
         boxes[:, [VX, VY]] = velocity[:, :2]
         return dataclasses.replace(self, boxes=boxes, frame_id=frame_id)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as a JSON object (see :meth:`from_json`)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Detections":
+        """Read a file written by :meth:`to_json` back into the CUDA layout."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def corners_lidar(self) -> np.ndarray:
         """Box corners float64 ``[M, 8, 3]`` in the lidar frame.

@@ -178,13 +178,16 @@ class BEVFusionPipeline:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None,
-                       backend: str = "cpu", precision: str = "fp16") -> "BEVFusionPipeline":
+                       backend: str = "cpu", precision: str = "fp16",
+                       threads: int | None = None) -> "BEVFusionPipeline":
         """Load a CUDA-BEVFusion folder; ``config`` defaults to its ``bevfusion.yaml``.
 
         ``backend``: ``cpu``, ``gpu``, ``tensorrt`` or ``auto`` (see
         :mod:`bevfusion_ros.engines.select`). ``precision`` (``gpu`` backend): ``fp16``, the fast
         path (dense networks and sparse encoder in float16 with float32 accumulation), or
-        ``fp32`` (everything float32, for parity with the CPU path).
+        ``fp32`` (everything float32, for parity with the CPU path). ``threads``: intra-op threads
+        of each ONNX Runtime session (None: ORT's default, one per physical core), e.g. one batch
+        worker's share of the CPUs.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -196,7 +199,7 @@ class BEVFusionPipeline:
             raise ModelDirError(f"model folder {model_dir} lacks: {', '.join(missing)}")
         config = config or load_config(model_dir / CONFIG_FILE)
         backend = resolve_backend(backend)
-        engines = load_dense_engines(model_dir, config, backend, precision=precision)
+        engines = load_dense_engines(model_dir, config, backend, threads=threads, precision=precision)
         sparse_dtype = np.float16 if backend in GPU_BACKENDS and precision == "fp16" else np.float32
         lidar_backbone = SparseEncoderRunner.from_onnx(model_dir / "lidar.backbone.xyz.onnx",
                                                        sparse_dtype, output_dtype=sparse_dtype)

@@ -63,8 +63,8 @@ fi
 CMAKE_WHEEL="cmake==3.31.10"
 NINJA_WHEEL="ninja==1.13.2"
 # The extras of setup.py that the project install brings (the "nuscenes" one: what nuscenes-devkit's
-# modules import).
-EXTRAS="dev,model,bag,nuscenes"
+# modules import; "batch": Ray for bevfusion-batch).
+EXTRAS="dev,model,bag,nuscenes,batch"
 # Interface packages, in build order (each may depend only on those before it and on the wheels).
 MSG_PACKAGES=(msg/vendor/vision_msgs msg/vendor/tf2_msgs msg/vendor/autoware_perception_msgs msg/bevfusion_ros_msgs)
 
@@ -226,7 +226,7 @@ build_msg_package() {
 install_project() {
   local key
   key="$(hash_files setup.py setup.cfg pyproject.toml requirements/nuscenes.txt)-$EXTRAS-$(cat "$STAMPS/ros-wheels")"
-  if stamp_matches "$STAMPS/project" "$key" && "$VPY" -c 'import bevfusion_ros, mcap_ros2, nuscenes' 2>/dev/null; then
+  if stamp_matches "$STAMPS/project" "$key" && "$VPY" -c 'import bevfusion_ros, mcap_ros2, nuscenes, ray' 2>/dev/null; then
     log "skip: bevfusion_ros already installed (editable, [$EXTRAS]) from this setup.py"
     return
   fi

@@ -38,3 +38,28 @@ def test_blocking_really_blocks():
     script = "import sys; sys.modules['rclpy'] = None; import bevfusion_ros.ros.environment; import rclpy"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "import of rclpy halted" in result.stderr
+
+
+def test_every_module_imports_without_ray():
+    """Ray (the 'batch' extra) is imported inside the batch functions only: with ray blocked every
+    module of the package, ROS layer included, still imports, and bevfusion-batch says what is missing."""
+    names = ["bevfusion_ros"] + [info.name for info in pkgutil.walk_packages(bevfusion_ros.__path__, "bevfusion_ros.")]
+    assert {"bevfusion_ros.tools.batch", "bevfusion_ros.batch.ray_runner",
+            "bevfusion_ros.ros.bag_inference"} <= set(names)
+    script = "\n".join([
+        "import sys",
+        "sys.modules['ray'] = None",
+        "import importlib",
+        f"for name in {names!r}: importlib.import_module(name)",
+        "from bevfusion_ros.batch.ray_runner import RayOptions, run_jobs",
+        "from bevfusion_ros.batch.outputs import BagJob, BatchError",
+        "from pathlib import Path",
+        "try:",
+        "    run_jobs([BagJob(Path('a.mcap'), 'a', Path('out'))], None, RayOptions(), None)",
+        "except BatchError as error:",
+        "    assert 'ray==2.60.0' in str(error), error",
+        "else:",
+        "    raise AssertionError('no error without ray')",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,8 +50,8 @@ else:
     _MCAP_MISSING = None
 
 __all__ = ["BagError", "BagMessage", "BagWriter", "DELIMITER", "SCHEMA_ENCODING",
-           "MESSAGE_ENCODING", "bag_summary", "message_class", "message_definition", "read_bag",
-           "type_name_of"]
+           "MESSAGE_ENCODING", "bag_custom_data", "bag_summary", "message_class", "message_definition",
+           "read_bag", "read_metadata", "type_name_of"]
 
 PROFILE = "ros2"
 SCHEMA_ENCODING = "ros2msg"
@@ -63,6 +63,8 @@ LATCHED_TOPICS = frozenset({"/tf_static"})
 #: rosbag2 metadata version of the ``serialized_metadata`` and QoS YAML written here (Jazzy+:
 #: QoS policies as strings).
 ROSBAG2_METADATA_VERSION = 9
+#: Name of the MCAP metadata record that holds rosbag2's ``metadata.yaml`` content.
+ROSBAG2_METADATA_RECORD = "rosbag2"
 
 # rosbag2_cpp LocalMessageDefinitionSource: field types of a .msg ("foo_msgs/Bar" in
 # "foo_msgs/Bar[] bar"), matched only at the start of the text or of a line.
@@ -251,8 +253,12 @@ class BagWriter:
 
     ``with BagWriter("out.mcap") as bag: bag.write("/topic", msg, log_time_ns)``. A topic's
     schema and channel are registered on its first message; a topic keeps its first type
-    (another type raises :class:`BagError`). ``close()`` (or leaving the ``with`` block)
-    finishes the file: until then it is not a valid MCAP file.
+    (another type raises :class:`BagError`). :meth:`write_serialized` writes CDR bytes already
+    made (e.g. :func:`bevfusion_ros.ros.convert.serialize_detections`). ``custom_data`` (str ->
+    str) goes into rosbag2's metadata (``custom_data`` of ``metadata.yaml``);
+    :meth:`add_metadata` adds an MCAP metadata record (read back with :func:`read_metadata`).
+    ``close()`` (or leaving the ``with`` block) finishes the file: until then it is not a valid
+    MCAP file.
     """
 
     def __init__(self, path: str | Path, *, compression: str = "zstd",
@@ -274,6 +280,7 @@ class BagWriter:
         self._topics: dict[str, _Topic] = {}
         self.start_time_ns: int | None = None
         self.end_time_ns: int | None = None
+        self.custom_data: dict[str, str] = {}
         self.closed = False
 
     def __enter__(self) -> "BagWriter":
@@ -310,6 +317,13 @@ class BagWriter:
     def write(self, topic: str, message: Any, log_time_ns: int,
               publish_time_ns: int | None = None) -> None:
         """Serialise ``message`` (CDR) onto ``topic`` at ``log_time_ns`` (ns since the epoch)."""
+        self.write_serialized(topic, type_name_of(message), serialize_message(message), log_time_ns,
+                              publish_time_ns)
+
+    def write_serialized(self, topic: str, type_name: str, data: bytes, log_time_ns: int,
+                         publish_time_ns: int | None = None) -> None:
+        """CDR bytes ``data`` of a ``type_name`` (``pkg/msg/Name``) message onto ``topic`` at
+        ``log_time_ns``, written as they are."""
         if self.closed:
             raise BagError(f"bag {self.path} is closed")
         if not topic.startswith("/"):
@@ -318,14 +332,23 @@ class BagWriter:
         publish_time_ns = log_time_ns if publish_time_ns is None else int(publish_time_ns)
         if log_time_ns < 0 or publish_time_ns < 0:
             raise BagError(f"negative time for {topic}: log {log_time_ns}, publish {publish_time_ns}")
-        info = self._topic(topic, type_name_of(message))
-        data = serialize_message(message)
-        self._writer.add_message(channel_id=info.channel_id, log_time=log_time_ns, data=data,
+        info = self._topic(topic, "/".join(_split_type_name(type_name)))
+        self._writer.add_message(channel_id=info.channel_id, log_time=log_time_ns, data=bytes(data),
                                  publish_time=publish_time_ns, sequence=info.sequence)
         info.sequence = (info.sequence + 1) & 0xFFFFFFFF
         info.count += 1
         self.start_time_ns = log_time_ns if self.start_time_ns is None else min(self.start_time_ns, log_time_ns)
         self.end_time_ns = log_time_ns if self.end_time_ns is None else max(self.end_time_ns, log_time_ns)
+
+    def add_metadata(self, name: str, values: Mapping[str, str]) -> None:
+        """An MCAP metadata record ``name`` holding ``values`` (str -> str)."""
+        if self.closed:
+            raise BagError(f"bag {self.path} is closed")
+        if name == ROSBAG2_METADATA_RECORD:
+            raise BagError(f"metadata record {name!r} is rosbag2's own (written at close)")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+            raise BagError(f"metadata record {name!r}: keys and values must be strings")
+        self._writer.add_metadata(name, dict(values))
 
     def _serialized_metadata(self) -> str:
         """rosbag2's ``metadata.yaml`` content (``rosbag2_bagfile_information``'s value)."""
@@ -352,7 +375,7 @@ class BagWriter:
                        "starting_time": {"nanoseconds_since_epoch": start},
                        "duration": {"nanoseconds": duration},
                        "message_count": total}],
-            "custom_data": {},
+            "custom_data": dict(self.custom_data),
             "ros_distro": os.environ.get("ROS_DISTRO", "kilted"),
         }
         return yaml.safe_dump(metadata, sort_keys=False)
@@ -363,7 +386,8 @@ class BagWriter:
             return
         self.closed = True
         try:
-            self._writer.add_metadata("rosbag2", {"serialized_metadata": self._serialized_metadata()})
+            self._writer.add_metadata(ROSBAG2_METADATA_RECORD,
+                                      {"serialized_metadata": self._serialized_metadata()})
             self._writer.finish()
         finally:
             self._stream.close()
@@ -472,3 +496,31 @@ def bag_summary(path: str | Path) -> dict[str, tuple[str, int]]:
             return out
         except _READ_ERRORS as error:
             raise _corrupt(path, error) from error
+
+
+def read_metadata(path: str | Path, name: str) -> dict[str, str] | None:
+    """The values of the MCAP metadata record ``name`` of the bag at ``path`` (the first such
+    record), None when it has none; :class:`BagError` when the file is unreadable."""
+    path = _check_file(path)
+    with _open(path) as stream:
+        try:
+            for record in make_reader(stream).iter_metadata():
+                if record.name == name:
+                    return dict(record.metadata)
+        except _READ_ERRORS as error:
+            raise _corrupt(path, error) from error
+    return None
+
+
+def bag_custom_data(path: str | Path) -> dict[str, str]:
+    """rosbag2's ``custom_data`` of the bag at ``path`` (from its ``rosbag2`` metadata record;
+    empty when it has none)."""
+    record = read_metadata(path, ROSBAG2_METADATA_RECORD)
+    if not record or "serialized_metadata" not in record:
+        return {}
+    try:
+        metadata = yaml.safe_load(record["serialized_metadata"]) or {}
+    except yaml.YAMLError as error:
+        raise BagError(f"bag {path}: unreadable rosbag2 metadata: {error}") from error
+    custom = metadata.get("custom_data") if isinstance(metadata, dict) else None
+    return {str(k): str(v) for k, v in custom.items()} if isinstance(custom, dict) else {}

@@ -15,6 +15,7 @@ import collections
 from pathlib import Path
 from typing import Any, Iterator
 
+from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import PipelineConfig
 from bevfusion_ros.io.calibration import Calibration
 from bevfusion_ros.pipeline import InputError
@@ -29,12 +30,14 @@ _END_NS = 2 ** 62
 
 
 class BagFrames:
-    """Iterate over the :class:`AssembledFrame`\\ s of the bag at ``path`` (module docstring)."""
+    """Iterate over the :class:`AssembledFrame`\\ s of the bag at ``path`` (module docstring).
+    ``file_calibration`` and ``decoder`` (of CompressedImage data) as the node gives them to its
+    :class:`FrameAssembler`."""
 
     def __init__(self, path: str | Path, config: PipelineConfig, settings: NodeConfig,
-                 file_calibration: Calibration | None = None) -> None:
+                 file_calibration: Calibration | None = None, decoder: ImageDecoder | None = None) -> None:
         self.path, self.config, self.settings = Path(path), config, settings
-        self.assembler = FrameAssembler(config, settings, file_calibration)
+        self.assembler = FrameAssembler(config, settings, file_calibration, decoder)
         self.problems: list[str] = []
         suffix = "/compressed" if settings.compressed_images else ""
         self._camera_of_topic = {f"{topic}{suffix}": name

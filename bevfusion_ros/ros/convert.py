@@ -14,9 +14,10 @@ from __future__ import annotations
 import array
 import math
 import struct
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from bevfusion_ros_msgs.msg import FrameInfo
 from builtin_interfaces.msg import Duration, Time
 from geometry_msgs.msg import Quaternion, Transform, Vector3
 from rclpy.serialization import deserialize_message
@@ -40,8 +41,8 @@ from bevfusion_ros.streaming.transforms import quaternion_from_matrix, transform
 __all__ = [
     "CLASS_COLORS", "CalibrationMessageError", "ImageError", "IMAGE_CHANNELS", "BOX_EDGES",
     "VELOCITY_ARROW_MIN_SPEED", "box_poses", "camera_info_distortion", "camera_info_intrinsics", "class_color",
-    "compressed_to_rgb", "detections_to_markers", "detections_to_msg", "image_to_rgb", "serialize_detections",
-    "serialize_markers", "intrinsics_to_camera_info",
+    "compressed_to_rgb", "detections_to_markers", "detections_to_msg", "frame_info", "image_to_rgb",
+    "serialize_detections", "serialize_markers", "intrinsics_to_camera_info",
     "matrix_to_transform", "ns_to_stamp", "rgb_to_image", "stamp_to_ns", "transform_to_matrix",
     "velocities", "yaw_to_quaternion", "quaternion_yaw",
 ]
@@ -332,6 +333,18 @@ def msg_to_detections(msg: Detection3DArray, class_names: tuple[str, ...],
     boxes = np.array(rows, dtype=np.float32).reshape(-1, len(BOX_COLUMNS))
     return Detections(boxes=boxes, class_names=class_names, stamp_ns=stamp_to_ns(msg.header.stamp),
                       frame_id=msg.header.frame_id)
+
+
+def frame_info(header: Header, detections: Detections, missing: Mapping[str, str], backend: str,
+               latency_ms: float, warnings: Sequence[str], phase_ms: Mapping[str, float]) -> FrameInfo:
+    """The ``bevfusion_ros_msgs/FrameInfo`` of one output frame (docs/messages.md): cameras used
+    and ``missing`` (names), velocities per box, ``backend``, ``latency_ms``, ``warnings``, and the
+    timings: ``phase_ms`` of the frame's path, then ``stage.<name>`` per pipeline stage."""
+    timings = {**phase_ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
+    return FrameInfo(header=header, cameras_used=list(detections.cameras_used), cameras_missing=list(missing),
+                     velocities=velocities(detections), backend=backend, latency_ms=float(latency_ms),
+                     warnings=list(warnings), timing_names=list(timings),
+                     timing_ms=[float(ms) for ms in timings.values()])
 
 
 def velocities(detections: Detections) -> list[Vector3]:

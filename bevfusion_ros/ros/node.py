@@ -39,10 +39,9 @@ from visualization_msgs.msg import MarkerArray
 from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import ConfigError, PipelineConfig, load_config
 from bevfusion_ros.detections import Detections
-from bevfusion_ros.io.calibration import Calibration, calibration_from_yaml
 from bevfusion_ros.pipeline import CONFIG_FILE, BEVFusionPipeline, InputError, ModelDirError
 from bevfusion_ros.ros import autoware, cdr, convert, edge, parameters
-from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest, Sweep
+from bevfusion_ros.streaming.assembler import FrameAssembler, Ingest, Sweep, output_warnings, settings_calibration
 from bevfusion_ros.streaming.node_config import (
     NodeConfig,
     command_line_parameters,
@@ -150,7 +149,8 @@ class BEVFusionBehaviour:
         if self.settings.compressed_images:
             decoder, why = ImageDecoder.for_pipeline(self.pipeline.device)
             self.get_logger().info(f"CompressedImage decoding: {why}")
-        self.assembler = FrameAssembler(self.config, self.settings, self._file_calibration(), decoder)
+        self.assembler = FrameAssembler(self.config, self.settings,
+                                         settings_calibration(self.settings, self.config), decoder)
         self.worker = FrameWorker(self._process, self._on_frame_error, self.settings.queue_size)
         self.get_logger().info(
             f"model {model_dir} on backend {self.pipeline.backend} "
@@ -224,14 +224,6 @@ class BEVFusionBehaviour:
         self.score_thresholds = thresholds
         if self.pipeline is not None:
             self.pipeline.set_score_threshold(thresholds.decode_threshold)
-
-    def _file_calibration(self) -> Calibration | None:
-        if self.settings.calibration_source != "file":
-            return None
-        path = Path(self.settings.calibration_file)
-        if path.is_dir():
-            return Calibration.from_example_data(path, self.config.camera_names)
-        return calibration_from_yaml(path, self.config)
 
     def _open_io(self) -> None:
         """Subscriptions, publishers and timers (:meth:`_close_io` removes them)."""
@@ -379,13 +371,9 @@ class BEVFusionBehaviour:
             self._report(WARN, assembled.calibration_error, "calibration_errors")
         detections = self.pipeline.forward(assembled.frame, assembled.cameras_used)
         phases.lap("forward")
-        detections = self._in_output_frame(self.score_thresholds.apply(detections), assembled.sweep)
-        warnings = [*assembled.warnings, *detections.warnings]
-        missing = assembled.missing
-        if missing:
-            warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in missing.items()))
-        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=detections.frame_id)
-        self._publish(header, detections, missing, arrival.monotonic_s, phases, tuple(warnings))
+        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=assembled.sweep.frame_id)
+        self._publish(header, detections, assembled.missing, arrival.monotonic_s, phases,
+                      output_warnings(assembled, detections.warnings))
 
     def _in_output_frame(self, detections: Detections, sweep: Sweep) -> Detections:
         """The boxes in ``node.output_frame`` (the sweep's frame when empty), moved by TF at the
@@ -417,11 +405,8 @@ class BEVFusionBehaviour:
         if self.objects_pub is not None:
             self.objects_pub.publish(autoware.serialize_detected_objects(detections, out_header))
         phases.lap("outputs")
-        timings = {**phases.ms, **{f"stage.{name}": ms for name, ms in detections.stage_ms.items()}}
-        info = FrameInfo(header=out_header, cameras_used=list(detections.cameras_used),
-                         cameras_missing=list(missing), velocities=convert.velocities(detections),
-                         backend=self.pipeline.backend, latency_ms=float(latency_ms), warnings=list(warnings),
-                         timing_names=list(timings), timing_ms=[float(ms) for ms in timings.values()])
+        info = convert.frame_info(out_header, detections, missing, self.pipeline.backend, latency_ms, warnings,
+                                  phases.ms)
         self.frame_info_pub.publish(info)
         now_ns = self.get_clock().now().nanoseconds
         with self.status.lock:

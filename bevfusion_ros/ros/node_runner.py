@@ -38,7 +38,8 @@ from bevfusion_ros.ros.environment import safe_ros_process
 
 DETECTIONS_TOPIC = "/bevfusion/detections"
 FRAME_INFO_TOPIC = "/bevfusion/frame_info"
-OUTPUT_TOPICS = (DETECTIONS_TOPIC, FRAME_INFO_TOPIC, "/bevfusion/markers", "/diagnostics")
+MARKERS_TOPIC = "/bevfusion/markers"
+OUTPUT_TOPICS = (DETECTIONS_TOPIC, FRAME_INFO_TOPIC, MARKERS_TOPIC, "/diagnostics")
 NODE_START_TIMEOUT_S = 120.0
 RECORDED_FILE = "detections.mcap"
 

@@ -26,13 +26,14 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from bevfusion_ros.camera.jpeg import ImageDecoder, ImageError
 from bevfusion_ros.config import PipelineConfig
-from bevfusion_ros.io.calibration import Calibration, CalibrationError
+from bevfusion_ros.io.calibration import Calibration, CalibrationError, calibration_from_yaml
 from bevfusion_ros.io.distortion import Distortion
 from bevfusion_ros.io.frame import Frame, black_image
 from bevfusion_ros.streaming.node_config import NodeConfig
@@ -89,6 +90,26 @@ class AssembledFrame:
     missing: dict[str, str]
     warnings: list[str]
     calibration_error: str | None = None     # the rig's calibration was invalid: the last valid one is used
+
+
+def output_warnings(assembled: AssembledFrame, pipeline_warnings: Sequence[str]) -> tuple[str, ...]:
+    """Why an output frame is degraded, as the node reports it (``FrameInfo.warnings``): the
+    assembly's warnings, the pipeline's, then one line naming each missing camera and why."""
+    warnings = [*assembled.warnings, *pipeline_warnings]
+    if assembled.missing:
+        warnings.append("cameras missing: " + "; ".join(f"{name} ({why})" for name, why in assembled.missing.items()))
+    return tuple(warnings)
+
+
+def settings_calibration(settings: NodeConfig, config: PipelineConfig) -> Calibration | None:
+    """The calibration file of ``node.calibration_source: file`` (an example-data folder or a
+    YAML), None with ``tf`` (CameraInfo + TF give it)."""
+    if settings.calibration_source != "file":
+        return None
+    path = Path(settings.calibration_file)
+    if path.is_dir():
+        return Calibration.from_example_data(path, config.camera_names)
+    return calibration_from_yaml(path, config)
 
 
 class FrameAssembler:

@@ -154,12 +154,12 @@ def configs_from_parameters(values: Mapping[str, Any], model_config: PipelineCon
     return pipeline, node.validate(pipeline)
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (the inverse of :func:`nest_dotted`)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_dotted(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -167,8 +167,8 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _model_config_with(model_config: PipelineConfig, parameters: Mapping[str, Any], source: str) -> PipelineConfig:
     """``model_config`` with the parameters' tunable and rig values; a conflict is a ConfigError."""
-    model_flat = _flatten(config_to_dict(model_config))
-    given = _flatten(parameters)
+    model_flat = flatten_dotted(config_to_dict(model_config))
+    given = flatten_dotted(parameters)
     changeable = TUNABLE_PIPELINE_KEYS | RIG_PIPELINE_KEYS
     conflicts = [f"{key}={value!r} (the model says {model_flat[key]!r})" for key, value in given.items()
                  if key in model_flat and value != model_flat[key] and key not in changeable]

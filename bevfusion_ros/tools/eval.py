@@ -88,9 +88,8 @@ def scene_ground_truth(scene: Scene, keep_empty: bool = False
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(boxes [M, 9], labels [M], lidar hits per box [M] or None with ``keep_empty``) of a
     generated scene, what :func:`bevfusion_ros.analysis.evaluation.evaluate` takes per frame."""
-    hits = scene.point_objects[scene.point_objects >= 0]
-    counts = np.bincount(hits, minlength=len(scene.gt_boxes))[:len(scene.gt_boxes)]
-    return scene.gt_boxes, scene.gt_labels, None if keep_empty else counts
+    from bevfusion_ros.analysis.ground_truth import FrameTruth
+    return FrameTruth.of_scene(scene).for_eval(keep_empty)
 
 
 def _synthetic_frame(task: tuple[int, int | None, bool, Rig | None]) -> EvalFrame:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -26,6 +26,9 @@ from bevfusion_ros.io.frame import Frame, read_rgb_image
 from bevfusion_ros.io.rig import parse_camera_names
 from bevfusion_ros.sim.rig import CAMERAS_OPTION_HELP, RIG_OPTION_HELP
 from bevfusion_ros.streaming.node_config import NodeConfig, camera_info_topic, camera_topic
+
+if TYPE_CHECKING:
+    from bevfusion_ros.sim.scene import Scene
 
 EXAMPLE_STAMP_NS = 1_533_151_603_547_590_000
 SCENE_PERIOD_NS = 100_000_000          # generated scenes: one frame every 0.1 s
@@ -139,12 +142,14 @@ def scene_stamp_ns(index: int, start_ns: int = EXAMPLE_STAMP_NS,
 
 def write_frames_bag(frames: Iterable[Frame], out: str | Path, *, compressed: bool = False,
                      start_ns: int = EXAMPLE_STAMP_NS, period_ns: int = SCENE_PERIOD_NS,
-                     progress: Callable[[str], None] | None = None) -> BagStats:
+                     progress: Callable[[str], None] | None = None,
+                     before_close: Callable[[Any], None] | None = None) -> BagStats:
     """Frames, e.g. generated scenes (``Scene.to_frame()``), one after the other every
     ``period_ns`` from ``start_ns`` (:func:`scene_stamp_ns`; 10 Hz by default, like a lidar):
     the images exactly (raw rgb8; ``compressed``: JPEG quality 95), the cloud (x, y, z,
     intensity, time_lag), the first frame's rig on ``/tf_static`` (once, first: one rig for all).
-    Ground truth is not in the bag: for generated scenes it is the scenes' (regenerate by seed)."""
+    ``before_close(bag)`` may add metadata to the :class:`~bevfusion_ros.ros.bag.BagWriter`
+    after the last frame. Ground truth: :func:`write_scenes_bag`."""
     from bevfusion_ros.ros.bag import BagWriter
 
     with BagWriter(out) as bag:
@@ -154,7 +159,39 @@ def write_frames_bag(frames: Iterable[Frame], out: str | Path, *, compressed: bo
                          tf_static=index == 0)
             if progress is not None and (index + 1) % 20 == 0:
                 progress(f"  {index + 1} frames written")
+        if before_close is not None:
+            before_close(bag)
     return _stats(bag)
+
+
+def write_scenes_bag(scenes: Iterable[Scene], out: str | Path, *, compressed: bool = False,
+                     start_ns: int = EXAMPLE_STAMP_NS, period_ns: int = SCENE_PERIOD_NS,
+                     progress: Callable[[str], None] | None = None) -> BagStats:
+    """Generated scenes as :func:`write_frames_bag` writes their frames, plus each scene's
+    ground truth by lidar stamp (the metadata record
+    :data:`~bevfusion_ros.analysis.ground_truth.GROUND_TRUTH_RECORD`) and the scenes' seeds
+    (rosbag2 ``custom_data`` :data:`~bevfusion_ros.analysis.ground_truth.SCENE_SEEDS_KEY`)."""
+    from bevfusion_ros.analysis.ground_truth import (
+        GROUND_TRUTH_RECORD,
+        SCENE_SEEDS_KEY,
+        FrameTruth,
+        truth_record,
+    )
+    truths: dict[int, FrameTruth] = {}
+    seeds: list[int] = []
+
+    def frames() -> Iterator[Frame]:
+        for index, scene in enumerate(scenes):
+            truths[scene_stamp_ns(index, start_ns, period_ns)] = FrameTruth.of_scene(scene)
+            seeds.append(scene.seed)
+            yield scene.to_frame()
+
+    def add_truth(bag: Any) -> None:
+        bag.add_metadata(GROUND_TRUTH_RECORD, truth_record(truths))
+        bag.custom_data[SCENE_SEEDS_KEY] = ",".join(str(seed) for seed in seeds)
+
+    return write_frames_bag(frames(), out, compressed=compressed, start_ns=start_ns,
+                            period_ns=period_ns, progress=progress, before_close=add_truth)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
@@ -403,12 +440,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write_seeds_bag(args: argparse.Namespace, out: Path) -> BagStats:
     """``--seeds``: the generated scenes as a bag."""
-    from bevfusion_ros.sim.rig import select_rig
     from bevfusion_ros.sim.scene import generate_scene
     from bevfusion_ros.train.data import parse_scene_range
-    rig = select_rig(args.rig, args.cameras)
-    frames = (generate_scene(seed, rig=rig).to_frame() for seed in parse_scene_range(args.seeds))
-    return write_frames_bag(frames, out, compressed=args.compressed, start_ns=args.stamp_ns,
+    scenes = (generate_scene(seed) for seed in parse_scene_range(args.seeds))
+    return write_scenes_bag(scenes, out, compressed=args.compressed, start_ns=args.stamp_ns,
                             progress=lambda line: print(line, flush=True))
 
 

@@ -324,6 +324,38 @@ def test_writer_errors(tmp_path: Path) -> None:
     assert bag_summary(path) == {"/b": ("tf2_msgs/msg/TFMessage", 1)}
 
 
+def test_serialized_messages_custom_data_and_metadata_records(tmp_path: Path) -> None:
+    """write_serialized stores the bytes as they are (read back by the independent mcap_ros2
+    decoder); custom_data lands in rosbag2's metadata.yaml; metadata records read back by name."""
+    from rclpy.serialization import serialize_message
+    path = tmp_path / "raw.mcap"
+    info = CameraInfo(width=640, height=480, distortion_model="plumb_bob")
+    data = serialize_message(info)
+    with BagWriter(path) as writer:
+        writer.write_serialized("/info", "sensor_msgs/CameraInfo", data, 7)
+        writer.custom_data["origin"] = "test"
+        writer.add_metadata("extra", {"a": "1", "b": "two"})
+        with pytest.raises(BagError, match="rosbag2"):
+            writer.add_metadata("rosbag2", {})
+        with pytest.raises(BagError, match="strings"):
+            writer.add_metadata("bad", {"a": 1})
+    with open(path, "rb") as stream:
+        ((schema, channel, message, decoded),) = _decoded_messages(stream)
+    assert (schema.name, channel.topic, message.log_time) == ("sensor_msgs/msg/CameraInfo", "/info", 7)
+    assert message.data == data
+    assert (decoded.width, decoded.height, decoded.distortion_model) == (640, 480, "plumb_bob")
+    assert bagmod.read_metadata(path, "extra") == {"a": "1", "b": "two"}
+    assert bagmod.read_metadata(path, "absent") is None
+    assert bagmod.bag_custom_data(path) == {"origin": "test"}
+    assert bag_summary(path) == {"/info": ("sensor_msgs/msg/CameraInfo", 1)}
+
+
+def _decoded_messages(stream):
+    from mcap_ros2.decoder import DecoderFactory
+    reader = mcap_reader.make_reader(stream, decoder_factories=[DecoderFactory()])
+    return list(reader.iter_decoded_messages())
+
+
 def test_corrupt_and_absent_files_raise_bag_error(round_trip_bag, tmp_path: Path) -> None:
     path, _ = round_trip_bag
     data = path.read_bytes()

@@ -8,19 +8,26 @@ import dataclasses
 import numpy as np
 import pytest
 
+from bevfusion_ros.analysis.ground_truth import GROUND_TRUTH_RECORD, SCENE_SEEDS_KEY, truths_from_record
 from bevfusion_ros.model.presets import TINY
+from bevfusion_ros.ros.bag import bag_custom_data, read_metadata
 from bevfusion_ros.ros.bag_frames import BagFrames
 from bevfusion_ros.sim.scene import generate_scene
 from bevfusion_ros.streaming.node_config import NodeConfig
-from bevfusion_ros.tools.make_bag import SCENE_PERIOD_NS, write_frames_bag
+from bevfusion_ros.tools.make_bag import SCENE_PERIOD_NS, write_frames_bag, write_scenes_bag
 
 SEEDS = (3, 4, 5)
 START_NS = 1_600_000_000_000_000_000
 
 
 @pytest.fixture(scope="module")
-def scene_frames():
-    return [generate_scene(seed).to_frame() for seed in SEEDS]
+def scenes():
+    return [generate_scene(seed) for seed in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def scene_frames(scenes):
+    return [scene.to_frame() for scene in scenes]
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -54,3 +61,21 @@ def test_a_broken_cloud_is_reported_and_skipped(scene_frames, tmp_path):
     assert [a.frame.lidar_stamp_ns for a in assembled] == [START_NS, START_NS + 2 * SCENE_PERIOD_NS]
     assert len(reader.problems) == 1
     assert "skipped" in reader.problems[0] and "time_lag" in reader.problems[0]
+
+
+def test_a_scenes_bag_carries_each_scenes_ground_truth_by_stamp(scenes, tmp_path):
+    bag = tmp_path / "truth.mcap"
+    write_scenes_bag(iter(scenes), bag, start_ns=START_NS)
+    truths = truths_from_record(read_metadata(bag, GROUND_TRUTH_RECORD))
+    assert sorted(truths) == [START_NS + k * SCENE_PERIOD_NS for k in range(len(SEEDS))]
+    assert bag_custom_data(bag) == {SCENE_SEEDS_KEY: ",".join(map(str, SEEDS))}
+    for stamp, scene in zip(sorted(truths), scenes):
+        truth = truths[stamp]
+        np.testing.assert_array_equal(truth.boxes, scene.gt_boxes)
+        np.testing.assert_array_equal(truth.labels, scene.gt_labels)
+        hits = [int(np.sum(scene.point_objects == box)) for box in range(len(scene.gt_boxes))]   # brute force
+        assert truth.num_points.tolist() == hits
+    # The frames are those of write_frames_bag: same stamps and points.
+    assembled = list(BagFrames(bag, TINY.pipeline, NodeConfig(time_lag_field="time_lag", num_sweeps=1)))
+    assert [a.frame.lidar_stamp_ns for a in assembled] == sorted(truths)
+    np.testing.assert_array_equal(assembled[2].frame.points, scenes[2].points)
