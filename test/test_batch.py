@@ -64,8 +64,8 @@ def test_eval_runs_at_score_threshold_zero_unless_given():
 
 
 def test_bad_settings_are_refused_naming_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="image.input_width"):                  # the model's geometry wins
-        load_settings(MODEL, [], {"image.input_width": 800})
+    with pytest.raises(ConfigError, match="voxelization.max_voxels"):            # the model's geometry wins
+        load_settings(MODEL, [], {"voxelization.max_voxels": 1000})
     with pytest.raises(ConfigError, match="node.num_sweeps"):
         load_settings(MODEL, [], {"node.num_sweeps": 0})
     with pytest.raises(ConfigError, match="cannot read parameter file"):
