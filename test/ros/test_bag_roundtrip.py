@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_node import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes, core, example, model_dir  # noqa: F401
+from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes
 
 from bevfusion_ros.ros.bag import bag_summary
 from bevfusion_ros.streaming.node_config import NUSCENES_CAMERA_TOPICS
@@ -21,7 +21,7 @@ EXPECTED_TYPES = {"/LIDAR_TOP": "sensor_msgs/msg/PointCloud2", "/tf_static": "tf
                      for topic in NUSCENES_CAMERA_TOPICS}}
 
 
-def test_example_bag_through_play_and_node(example_data_dir, model_dir, example, core, tmp_path):  # noqa: F811
+def test_example_bag_through_play_and_node(example_data_dir, tiny_model_dir, node_example, tiny_core, tmp_path):
     bag = tmp_path / "example.mcap"
     assert make_bag.main([str(example_data_dir), "--out", str(bag)]) in (0, None)
     summary = bag_summary(bag)
@@ -30,10 +30,10 @@ def test_example_bag_through_play_and_node(example_data_dir, model_dir, example,
     with bag.open("rb") as stream:                     # the independent reader parses the schemas
         for message in mcap_ros2_reader.read_ros2_messages(stream):
             decoded.setdefault(message.channel.topic, message.ros_msg)
-    assert decoded["/LIDAR_TOP"].width == len(example.points)
+    assert decoded["/LIDAR_TOP"].width == len(node_example.points)
     assert (decoded["/CAM_FRONT/image_raw"].width, decoded["/CAM_FRONT/image_raw"].encoding) == (1600, "rgb8")
 
-    harness = NodeUnderTest(model_dir, tmp_path / "node", "zero_fill", lidar_topic="/LIDAR_TOP",
+    harness = NodeUnderTest(tiny_model_dir, tmp_path / "node", "zero_fill", lidar_topic="/LIDAR_TOP",
                             camera_topics=list(NUSCENES_CAMERA_TOPICS))
     player = None
     try:
@@ -44,7 +44,7 @@ def test_example_bag_through_play_and_node(example_data_dir, model_dir, example,
         assert harness.spin_until(lambda: len(harness.detections) > 0, FRAME_TIMEOUT_S + 30)
         stamp, msg = next(iter(harness.detections.items()))
         assert msg.header.frame_id == "lidar_top"
-        assert_same_boxes(msg, core.forward(example))
+        assert_same_boxes(msg, tiny_core.forward(node_example))
         assert harness.spin_until(lambda: stamp in harness.frame_infos, 5.0)
         assert len(harness.frame_infos[stamp].cameras_used) == 6
         player_output = player.communicate(timeout=30)[0].decode(errors="replace")
