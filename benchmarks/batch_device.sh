@@ -20,16 +20,8 @@ BAGS="${BAGS:-4}"
 FRAMES="${FRAMES:-25}"
 WORKERS="${WORKERS:-1}"
 mkdir -p "$OUT" "$WORK/bags"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=8
-data="$PWD/.device/data/cuda-bevfusion-example"
-model="${MODEL_DIR:-/tmp/r50-fp16}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-if [ ! -f "$model/export.yaml" ]; then
-  python3 -m bevfusion_ros.tools.export --preset nuscenes-r50 --out "$model" > "$WORK/export.log" 2>&1 &
-  export_pid=$!
-fi
-OUT="$WORK" bash benchmarks/device_ros_setup.sh || exit 1
+# shellcheck source=device_prelude.sh
+source benchmarks/device_prelude.sh
 python3 -m pip install --quiet --no-index --find-links "$PWD/.whl" --target "$WORK/raysite" ray==2.60.0 \
   > "$WORK/ray_install.log" 2>&1 || { tail -20 "$WORK/ray_install.log"; exit 1; }
 # Only what the environment lacks stays in raysite (its numpy, protobuf, PyYAML, ... are kept).

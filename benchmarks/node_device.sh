@@ -27,16 +27,8 @@ BEFORE_DURATION="${BEFORE_DURATION:-$DURATION}"
 # realistic number, so that building and publishing the outputs is measured and boxes compared.
 SCORE_THRESHOLD="${SCORE_THRESHOLD:-0.05}"
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 OPENBLAS_NUM_THREADS=8
-data="$PWD/.device/data/cuda-bevfusion-example"
-model="${MODEL_DIR:-/tmp/r50-fp16}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "CPU: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-if [ ! -f "$model/export.yaml" ]; then
-  python3 -m bevfusion_ros.tools.export --preset nuscenes-r50 --out "$model" > "$WORK/export.log" 2>&1 &
-  export_pid=$!
-fi
-OUT="$WORK" bash benchmarks/device_ros_setup.sh || exit 1
+# shellcheck source=device_prelude.sh
+source benchmarks/device_prelude.sh
 if [ "${JPEG_TESTS:-1}" = 1 ]; then
   BEVFUSION_EXAMPLE_DATA="$data" python3 -m pytest -q -p no:cacheprovider -s test/gpu/test_jpeg_gpu.py \
     > "$WORK/jpeg_gpu_tests.log" 2>&1; echo "GPU JPEG tests: $(tail -1 "$WORK/jpeg_gpu_tests.log")"
