@@ -371,7 +371,8 @@ class BEVFusionBehaviour:
             self._report(WARN, assembled.calibration_error, "calibration_errors")
         detections = self.pipeline.forward(assembled.frame, assembled.cameras_used)
         phases.lap("forward")
-        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=assembled.sweep.frame_id)
+        detections = self._in_output_frame(self.score_thresholds.apply(detections), assembled.sweep)
+        header = Header(stamp=convert.ns_to_stamp(synced.lidar_stamp_ns), frame_id=detections.frame_id)
         self._publish(header, detections, assembled.missing, arrival.monotonic_s, phases,
                       output_warnings(assembled, detections.warnings))
 

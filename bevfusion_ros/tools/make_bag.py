@@ -439,10 +439,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_seeds_bag(args: argparse.Namespace, out: Path) -> BagStats:
-    """``--seeds``: the generated scenes as a bag."""
+    """``--seeds``: the generated scenes, for ``--rig`` / ``--cameras``, as a bag."""
+    from bevfusion_ros.sim.rig import select_rig
     from bevfusion_ros.sim.scene import generate_scene
     from bevfusion_ros.train.data import parse_scene_range
-    scenes = (generate_scene(seed) for seed in parse_scene_range(args.seeds))
+    rig = select_rig(args.rig, args.cameras)
+    scenes = (generate_scene(seed, rig=rig) for seed in parse_scene_range(args.seeds))
     return write_scenes_bag(scenes, out, compressed=args.compressed, start_ns=args.stamp_ns,
                             progress=lambda line: print(line, flush=True))
 
