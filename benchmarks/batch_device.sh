@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One device call: bevfusion-batch with one GPU worker on the full-size model (nuscenes-r50), its
 # frames/s beside bevfusion-bench's offline figure (the library path on one frame) from the same
-# machine. Run on the GPU machine from the repository root with the example data in .device/data,
-# and in .whl the Python 3.12 ROS wheels plus Ray and its dependencies (the device tool's carry:
-# [".device", ".whl"]; the machine has no network). Fill .whl with Ray beforehand, here:
-#   pip download ray==2.60.0 --python-version 3.12 --platform manylinux2014_x86_64 \
-#       --only-binary=:all: -d .whl
+# call. Run on the GPU machine from the repository root with the example data in .device/data,
+# Ray and the bags' wheels in .ray (made here by `bash benchmarks/pack_ray.sh`) and the Python 3.12
+# ROS wheels in .whl. The machine has no network and one call carries at most 64 MiB, less than
+# .whl and .ray together: carry [".device", ".whl"] to a first call that sets ROS 2 up (e.g.
+# benchmarks/node_device.sh), then [".device", ".ray"] to this one while that machine is warm
+# (what the first call installed and exported stays there):
 #   bash benchmarks/batch_device.sh
-# Steps: ROS 2 from the carried wheels (benchmarks/device_ros_setup.sh) and Ray into $WORK/raysite
-# (no index, the machine's own packages kept) while the r50 model is exported (CPU work) and BAGS
-# bags of FRAMES generated scenes each are written (bevfusion-make-bag --seeds, in parallel);
-# `bevfusion-bench --backend gpu` (offline: median end-to-end ms -> frames/s); then
-# `bevfusion-batch --backend gpu --workers 1 --gpus-per-worker 1` over the bags (embedded Ray).
+# Steps: ROS 2 from the carried wheels (benchmarks/device_ros_setup.sh; only checked when already
+# set up) and Ray unpacked into $WORK/raysite, while the r50 model is exported (CPU work, skipped
+# when MODEL_DIR has it) and BAGS bags of FRAMES generated scenes each are written
+# (bevfusion-make-bag --seeds, in parallel); `bevfusion-bench --backend gpu` (offline: median
+# end-to-end ms -> frames/s); then `bevfusion-batch --backend gpu --workers WORKERS
+# --gpus-per-worker 1` over the bags (embedded Ray).
 # Everything goes to WORK (/tmp/batch_device); $OUT gets library.json, batch.json and logs.tar.gz.
 set -uo pipefail
 OUT="${OUT:-out/batch_device}"
@@ -22,28 +24,11 @@ WORKERS="${WORKERS:-1}"
 mkdir -p "$OUT" "$WORK/bags"
 # shellcheck source=device_prelude.sh
 source benchmarks/device_prelude.sh
-python3 -m pip install --quiet --no-index --find-links "$PWD/.whl" --target "$WORK/raysite" ray==2.60.0 \
-  > "$WORK/ray_install.log" 2>&1 || { tail -20 "$WORK/ray_install.log"; exit 1; }
-# Only what the environment lacks stays in raysite (its numpy, protobuf, PyYAML, ... are kept).
-python3 - "$WORK/raysite" <<'PY'
-import importlib.metadata as md, pathlib, shutil, sys
-site = pathlib.Path(sys.argv[1])
-for dist in list(site.glob("*.dist-info")):
-    name = dist.name.split("-")[0]
-    try:
-        if name.lower() == "ray":
-            continue
-        md.version(name)            # the environment has it: drop the copy
-    except md.PackageNotFoundError:
-        continue
-    tops = {line.split(",")[0].split("/")[0] for line in (dist / "RECORD").read_text().splitlines()}
-    for top in tops - {"", ".", ".."}:
-        target = site / top
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-PY
+if [ ! -d "$WORK/raysite/ray" ]; then     # Ray and the bags' wheels, packed by benchmarks/pack_ray.sh
+  mkdir -p "$WORK/raysite" && tar -C "$WORK/raysite" -xJf .ray/ray-slim.tar.xz &&
+    python3 -m pip install --quiet --no-index --no-deps --target "$WORK/raysite" .ray/wheels/*.whl \
+      > "$WORK/ray_install.log" 2>&1 || { tail -20 "$WORK/ray_install.log"; rm -rf "$WORK/raysite"; exit 1; }
+fi
 export PYTHONPATH="$PWD:$WORK/raysite"
 python3 -c "import ray; print('ray', ray.__version__)" || exit 1
 bag_pids=()

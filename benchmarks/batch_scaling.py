@@ -8,8 +8,8 @@ process (no Ray) over the same bags.
 Writes ``--bags`` bags of ``--frames`` generated scenes each (``bevfusion-make-bag --seeds``;
 kept in ``--bag-dir`` when given, reused when already there), then
 
-* sequential: one pipeline (ONNX Runtime's default threads), every bag through ``BagFrames`` and
-  ``forward`` in this process: frames/s;
+* sequential: one pipeline with one worker's ONNX Runtime threads (``--cpus-per-worker``), every
+  bag through ``BagFrames`` and ``forward`` in this process: frames/s;
 * for each worker count: ``bevfusion-batch --rerun`` on one embedded Ray instance (``workers *
   cpus-per-worker`` CPUs): frames/s over the whole command (Ray's start-up excluded: the
   instance is shared; the workers' start-up and model load included) and once the workers were
@@ -48,14 +48,15 @@ def make_bags(folder: Path, bags: int, frames: int) -> list[Path]:
     return paths
 
 
-def sequential(model: Path, bags: list[Path], backend: str) -> dict:
-    """One pipeline in this process over every bag: frames and seconds (model load excluded)."""
+def sequential(model: Path, bags: list[Path], backend: str, threads: int) -> dict:
+    """One pipeline in this process over every bag, with one worker's ONNX Runtime threads:
+    frames and seconds (model load excluded)."""
     from bevfusion_ros.batch.settings import load_settings
     from bevfusion_ros.pipeline import BEVFusionPipeline
     from bevfusion_ros.ros.bag_frames import BagFrames
     settings = load_settings(model, [], {"node.backend": backend, "node.time_lag_field": "time_lag",
                                          "node.num_sweeps": 1})
-    pipeline = BEVFusionPipeline.from_model_dir(model, settings.config, backend)
+    pipeline = BEVFusionPipeline.from_model_dir(model, settings.config, backend, threads=threads)
     start, frames = time.perf_counter(), 0
     for bag in bags:
         for assembled in BagFrames(bag, settings.config, settings.node):
@@ -96,7 +97,8 @@ def main() -> int:
         out = args.out or Path(scratch) / "out"
         bags = make_bags(bag_dir, args.bags, args.frames)
         results = {"cpus": os.cpu_count(), "model": str(args.model), "backend": args.backend,
-                   "sequential": sequential(args.model, bags, args.backend), "batch": []}
+                   "sequential": sequential(args.model, bags, args.backend, max(1, int(args.cpus_per_worker))),
+                   "batch": []}
         print(f"sequential: {results['sequential']}", flush=True)
         cpus = math.ceil(max(args.workers) * args.cpus_per_worker)
         with embedded_ray(cpus):
