@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: bevfusion-batch with one GPU worker on the full-size model (nuscenes-r50), its
+# One device call: bevfusion-batch with GPU workers on the full-size model (nuscenes-r50), its
 # frames/s beside bevfusion-bench's offline figure (the library path on one frame) from the same
 # call. Run on the GPU machine from the repository root with the example data in .device/data,
 # Ray and the bags' wheels in .ray (made here by `bash benchmarks/pack_ray.sh`) and the Python 3.12
@@ -12,15 +12,20 @@
 # set up) and Ray unpacked into $WORK/raysite, while the r50 model is exported (CPU work, skipped
 # when MODEL_DIR has it) and BAGS bags of FRAMES generated scenes each are written
 # (bevfusion-make-bag --seeds, in parallel); `bevfusion-bench --backend gpu` (offline: median
-# end-to-end ms -> frames/s); then `bevfusion-batch --backend gpu --workers WORKERS
-# --gpus-per-worker 1` over the bags (embedded Ray).
-# Everything goes to WORK (/tmp/batch_device); $OUT gets library.json, batch.json and logs.tar.gz.
+# end-to-end ms -> frames/s); then for each WORKERS:GPUS:PREFETCH of LAYOUTS (default
+# "1:1:0 1:1:2 2:0.5:2 4:0.25:2": one worker per GPU reading in its thread or ahead, or several
+# sharing the GPU) `bevfusion-batch --backend gpu --workers WORKERS --gpus-per-worker GPUS
+# --prefetch PREFETCH` over the bags (embedded Ray), with the per-frame phases (read: the bag's
+# messages to an assembled frame; forward; outputs) from the FrameInfo of its detections bags.
+# Everything goes to WORK (/tmp/batch_device); $OUT gets library.json, batch.tar (batch-LAYOUT.json:
+# batch.json plus the phases' medians) and logs.tar.gz.
 set -uo pipefail
 OUT="${OUT:-out/batch_device}"
 WORK="${WORK:-/tmp/batch_device}"
-BAGS="${BAGS:-4}"
+BAGS="${BAGS:-8}"
 FRAMES="${FRAMES:-25}"
-WORKERS="${WORKERS:-1}"
+LAYOUTS="${LAYOUTS:-1:1:0 1:1:2 2:0.5:2 4:0.25:2}"   # WORKERS:GPUS_PER_WORKER:PREFETCH, one run each
+CPUS_PER_WORKER="${CPUS_PER_WORKER:-2}"
 mkdir -p "$OUT" "$WORK/bags"
 # shellcheck source=device_prelude.sh
 source benchmarks/device_prelude.sh
@@ -44,18 +49,39 @@ ls -la "$WORK/bags"
 python3 -m bevfusion_ros.tools.bench --model "$model" --data "$data" --backend gpu --iters 300 --warmup 30 \
   --json "$WORK/library.json" > "$WORK/library.log" 2>&1
 echo "library path (bevfusion-bench, 300 iterations):"; grep -A3 "^end-to-end" "$WORK/library.log"
-python3 -m bevfusion_ros.tools.batch --model "$model" --bags "$WORK/bags" --out "$WORK/batch" --rerun \
-  --backend gpu --workers "$WORKERS" --gpus-per-worker 1 --cpus-per-worker 4 --no-markers \
-  --time-lag-field time_lag --num-sweeps 1 > "$WORK/batch.log" 2>&1
-echo "bevfusion-batch: exit $?"; tail -12 "$WORK/batch.log"
-python3 - "$WORK/library.json" "$WORK/batch/batch.json" <<'PY'
-import json, sys
-library, batch = (json.load(open(path)) for path in sys.argv[1:])
+for layout in $LAYOUTS; do      # WORKERS:GPUS_PER_WORKER:PREFETCH
+  IFS=: read -r workers gpus frames_ahead <<< "$layout"
+  python3 -m bevfusion_ros.tools.batch --model "$model" --bags "$WORK/bags" --out "$WORK/batch-$layout" --rerun \
+    --backend gpu --workers "$workers" --gpus-per-worker "$gpus" --cpus-per-worker "$CPUS_PER_WORKER" \
+    --prefetch "$frames_ahead" --no-markers --time-lag-field time_lag --num-sweeps 1 > "$WORK/batch-$layout.log" 2>&1
+  echo "--- bevfusion-batch, $workers worker(s) of $gpus GPU, prefetch $frames_ahead: exit $?"
+  tail -3 "$WORK/batch-$layout.log"
+done
+python3 - "$WORK" $LAYOUTS <<'PY'
+import json, statistics, sys
+from pathlib import Path
+from bevfusion_ros.ros.bag import read_bag
+from bevfusion_ros.ros.node_runner import FRAME_INFO_TOPIC
+work, layouts = Path(sys.argv[1]), sys.argv[2:]
+library = json.loads((work / "library.json").read_text())
 median_ms = library["pipeline"]["end_to_end"]["median"]
 print(f"offline (bevfusion-bench, {library['backend']}): median {median_ms:.2f} ms -> {1000 / median_ms:.1f} frames/s")
-print(f"batch, {batch['workers']} GPU worker(s): {batch['frames_run']} frames, {batch['frames_per_s']:.2f} frames/s "
-      f"over the command, {batch['frames_per_s_running']:.2f} frames/s once the workers were ready")
+for layout in layouts:
+    batch = json.loads((work / f"batch-{layout}" / "batch.json").read_text())
+    phases: dict[str, list[float]] = {}
+    for done in sorted((work / f"batch-{layout}" / "bags").glob("*/detections.mcap")):
+        for message in read_bag(done, [FRAME_INFO_TOPIC]):
+            for name, ms in zip(message.message.timing_names, message.message.timing_ms):
+                if not name.startswith("stage."):
+                    phases.setdefault(name, []).append(ms)
+    medians = ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in phases.items())
+    print(f"batch {layout} (workers:GPUs each:prefetch): {batch['frames_run']} frames, {batch['frames_per_s']:.2f} frames/s "
+          f"over the command, {batch['frames_per_s_running']:.2f} once the workers were ready; "
+          f"per frame, median ms: {medians}")
+    (work / f"batch-{layout}.json").write_text(json.dumps({**batch, "phase_median_ms": {
+        name: statistics.median(values) for name, values in phases.items()}}, indent=1))
 PY
-cp "$WORK/library.json" "$WORK/batch/batch.json" "$OUT/" 2>/dev/null
+cp "$WORK/library.json" "$OUT/"
+tar -cf "$OUT/batch.tar" -C "$WORK" $(cd "$WORK" && ls batch-*.json)
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.mcap' --exclude='*.onnx' --exclude=raysite . 2>/dev/null
 exit 0

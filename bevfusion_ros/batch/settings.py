@@ -42,6 +42,7 @@ class BatchSettings:
     threads: int | None = None         # ONNX Runtime intra-op threads of a CPU worker
     markers: bool = True               # write /bevfusion/markers too
     evaluation: EvalOptions | None = None
+    prefetch_frames: int = 2           # frames a worker reads ahead while the pipeline runs (0: none)
 
     @property
     def backend(self) -> str:
@@ -49,7 +50,8 @@ class BatchSettings:
 
     def fingerprint(self) -> str:
         """sha256 of what a bag's outputs depend on: the model's files (names, sizes, times), the
-        configs, the backend, markers and evaluation options. A completed bag is skipped on
+        configs, the backend, markers and evaluation options (not ``prefetch_frames``: it changes
+        when frames are read, not what they are). A completed bag is skipped on
         resume only when its fingerprint is this one."""
         files = {path.name: [path.stat().st_size, path.stat().st_mtime_ns]
                  for path in sorted(self.model_dir.iterdir()) if path.is_file()}
@@ -88,7 +90,7 @@ def parse_parameter(text: str) -> tuple[str, Any]:
 
 def load_settings(model_dir: Path, parameter_files: Sequence[Path], overrides: Mapping[str, Any],
                   threads: int | None = None, markers: bool | None = None,
-                  evaluation: EvalOptions | None = None) -> BatchSettings:
+                  evaluation: EvalOptions | None = None, prefetch_frames: int = 2) -> BatchSettings:
     """:class:`BatchSettings` for ``model_dir`` from the parameter files and the dotted
     ``overrides`` (module docstring). With ``evaluation``, ``head.score_threshold`` is 0 unless
     ``overrides`` set it, as ``bevfusion-eval`` runs (every proposal counts for AP). ``markers``
@@ -102,5 +104,7 @@ def load_settings(model_dir: Path, parameter_files: Sequence[Path], overrides: M
     model_config_path = model_dir / CONFIG_FILE
     model_config = load_config(model_config_path) if model_config_path.is_file() else None
     config, node = configs_from_parameters(nest_dotted(values), model_config, model_config_path)
+    if prefetch_frames < 0:
+        raise ConfigError(f"prefetch: frames read ahead must be >= 0, got {prefetch_frames}")
     return BatchSettings(model_dir, config, node, threads,
-                         node.publish_markers if markers is None else markers, evaluation)
+                         node.publish_markers if markers is None else markers, evaluation, prefetch_frames)

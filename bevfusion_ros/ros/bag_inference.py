@@ -42,6 +42,7 @@ from bevfusion_ros.ros import convert
 from bevfusion_ros.ros.bag import BagWriter, read_metadata
 from bevfusion_ros.ros.bag_frames import BagFrames
 from bevfusion_ros.ros.node_runner import DETECTIONS_TOPIC, FRAME_INFO_TOPIC, MARKERS_TOPIC
+from bevfusion_ros.runtime.prefetch import prefetch
 from bevfusion_ros.streaming.assembler import AssembledFrame, output_warnings, settings_calibration
 
 DETECTIONS_TYPE = "vision_msgs/msg/Detection3DArray"
@@ -77,12 +78,9 @@ class BagInference:
         run = _BagRun()
         reader = BagFrames(job.bag, self.settings.config, self.settings.node, self.calibration, self.decoder)
         with atomic_path(job.path(DETECTIONS_BAG)) as temporary, BagWriter(temporary) as writer:
-            ready = time.perf_counter()
-            for assembled in reader:
-                read_ms = (time.perf_counter() - ready) * 1e3
+            for assembled, read_ms in prefetch(reader, self.settings.prefetch_frames):
                 self._frame(assembled, writer, run, read_ms)
                 on_frame()
-                ready = time.perf_counter()
         run.problems[:0] = reader.problems
         report = BagReport(job.name, str(job.bag), frames=len(run.frames), problems=run.problems,
                            backend=self.pipeline.backend, worker=self.worker)

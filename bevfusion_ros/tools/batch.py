@@ -1,7 +1,8 @@
 """``bevfusion-batch``: re-run the detector over many bags at once, on Ray.
 
     bevfusion-batch --model DIR --bags BAG_OR_FOLDER... --out DIR [--address ray://HEAD:10001 | auto]
-                    [--workers N] [--cpus-per-worker C] [--gpus-per-worker G] [--backend B]
+                    [--workers N] [--cpus-per-worker C] [--gpus-per-worker G] [--prefetch FRAMES]
+                    [--backend B]
                     [--params FILE]... [--param NAME=VALUE]... [--time-lag-field F] [--num-sweeps N]
                     [--compressed] [--score-threshold S] [--no-markers]
                     [--eval] [--class-range M|nuscenes] [--keep-empty-gt] [--rerun]
@@ -46,7 +47,7 @@ def build_settings(args: argparse.Namespace) -> BatchSettings:
     evaluation = EvalOptions(args.class_range, args.keep_empty_gt) if args.eval else None
     threads = max(1, int(args.cpus_per_worker))
     return load_settings(args.model, args.params, parameter_overrides(args), threads,
-                         False if args.no_markers else None, evaluation)
+                         False if args.no_markers else None, evaluation, args.prefetch)
 
 
 def ray_options(args: argparse.Namespace, settings: BatchSettings) -> RayOptions:
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker, also its ONNX threads")
     ray.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 for gpu/tensorrt, else 0)")
     ray.add_argument("--ray-temp-dir", type=Path, help="embedded instance: folder for its session files")
+    ray.add_argument("--prefetch", type=int, default=2, metavar="FRAMES",
+                     help="frames each worker reads ahead on a thread while its pipeline runs (0: none)")
     ray.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     node = parser.add_argument_group("reading the bags as the node would (its parameters)")
     node.add_argument("--params", type=Path, action="append", default=[], metavar="FILE",

@@ -24,13 +24,20 @@ pytest.importorskip("torch")
 from bevfusion_ros.model.export import export_model_set  # noqa: E402
 from bevfusion_ros.model.presets import TINY  # noqa: E402
 
-RIG_FILE = Path(__file__).resolve().parents[2] / "config" / "rigs" / "four-camera.yaml"
+REPO = Path(__file__).resolve().parents[2]
+RIG_FILE = REPO / "config" / "rigs" / "four-camera.yaml"
+TRAINED_CHECKPOINT = REPO / "models" / "tiny-synthetic" / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")
 def rig_model(tmp_path_factory) -> Path:
-    """The tiny model for the four-camera rig, seeded random weights (seed 11)."""
-    return export_model_set(TINY.for_rig(load_rig(RIG_FILE)), "fp16", tmp_path_factory.mktemp("rig4"), seed=11).out_dir
+    """The tiny model for the four-camera rig with the trained weights of models/tiny-synthetic
+    (the networks do not depend on the rig). Untrained weights give a flat heatmap whose TopK
+    reorders under float32 rounding: on the CPU, 1e-6 relative noise on ``middle`` kept only
+    16-20 % of the 50 boxes within 1 mm with seeded random weights (seed 11), and 100 % with
+    these, so only these make the box comparison a test of the GPU path."""
+    return export_model_set(TINY.for_rig(load_rig(RIG_FILE)), "fp16", tmp_path_factory.mktemp("rig4"),
+                            checkpoint=TRAINED_CHECKPOINT).out_dir
 
 
 @pytest.fixture(scope="module")
