@@ -102,11 +102,46 @@ def test_bags_are_found_and_named_by_their_place(tmp_path):
     touch(tmp_path / "logs" / "day2" / "a.mcap")
     touch(tmp_path / "logs" / "notes.txt")
     found = find_bags([one, tmp_path / "logs"])
-    assert [(bag.relative_to(tmp_path).as_posix(), name) for bag, name in found] == [
+    assert [(bag.relative_to(tmp_path).as_posix(), name) for bag, name, _ in found] == [
         ("single.mcap", "single"), ("logs/a.mcap", "a"), ("logs/day2/a.mcap", "day2__a")]
-    assert find_bags([one, one]) == [(one.resolve(), "single")]              # given twice: once
+    assert all(files == (bag,) for bag, _, files in found)
+    assert find_bags([one, one]) == [(one.resolve(), "single", (one.resolve(),))]   # given twice: once
     jobs = plan_jobs([tmp_path / "logs"], tmp_path / "out")
     assert [job.out_dir for job in jobs] == [(tmp_path / "out" / "bags" / name).resolve() for name in ("a", "day2__a")]
+
+
+def rosbag2_folder(folder: Path, files: list[str]) -> Path:
+    """A rosbag2 bag folder: ``metadata.yaml`` listing ``files`` (created, in that order)."""
+    for name in files:
+        touch(folder / name)
+    touch(folder / "metadata.yaml", yaml.safe_dump({"rosbag2_bagfile_information": {
+        "version": 9, "storage_identifier": "mcap", "relative_file_paths": files}}))
+    return folder
+
+
+def test_a_rosbag2_folder_is_one_bag_of_its_files_in_recording_order(tmp_path):
+    """Given itself or found under a folder, a bag folder is one bag named by the folder, its
+    files in metadata.yaml's order (not the names' order); .mcap files beside it stay bags."""
+    split = rosbag2_folder(tmp_path / "logs" / "drive", ["drive_10.mcap", "drive_9.mcap"])
+    touch(tmp_path / "logs" / "loose.mcap")
+    files = (split / "drive_10.mcap", split / "drive_9.mcap")
+    assert find_bags([split]) == [(split.resolve(), "drive", tuple(path.resolve() for path in files))]
+    found = find_bags([tmp_path / "logs"])
+    assert [(name, [path.name for path in bag_files]) for _, name, bag_files in found] == [
+        ("drive", ["drive_10.mcap", "drive_9.mcap"]), ("loose", ["loose.mcap"])]
+    (job, _) = plan_jobs([tmp_path / "logs"], tmp_path / "out")
+    assert job.bag == split.resolve() and job.files == tuple(path.resolve() for path in files)
+
+
+def test_unusable_bag_folders_are_refused(tmp_path):
+    missing = rosbag2_folder(tmp_path / "a", ["drive_0.mcap", "drive_1.mcap"])
+    (missing / "drive_1.mcap").unlink()
+    with pytest.raises(BatchError, match="drive_1.mcap is missing"):
+        find_bags([missing])
+    with pytest.raises(BatchError, match="drive_0.db3 is not an .mcap file"):
+        find_bags([rosbag2_folder(tmp_path / "b", ["drive_0.db3"])])
+    with pytest.raises(BatchError, match="relative_file_paths"):
+        find_bags([touch(tmp_path / "c" / "metadata.yaml", "rosbag2_bagfile_information: {}").parent])
 
 
 def test_unusable_bag_arguments_are_refused(tmp_path):

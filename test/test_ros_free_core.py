@@ -55,7 +55,7 @@ def test_every_module_imports_without_ray():
         "from bevfusion_ros.batch.outputs import BagJob, BatchError",
         "from pathlib import Path",
         "try:",
-        "    run_jobs([BagJob(Path('a.mcap'), 'a', Path('out'))], None, RayOptions(), None)",
+        "    run_jobs([BagJob(Path('a.mcap'), 'a', Path('out'), (Path('a.mcap'),))], None, RayOptions(), None)",
         "except BatchError as error:",
         "    assert 'ray==2.60.0' in str(error), error",
         "else:",

@@ -1,5 +1,9 @@
 """Frames of a rosbag2 MCAP bag, assembled exactly as the node assembles them.
 
+A bag is one MCAP file or several, read one after the other as one recording (the files of a
+rosbag2 recording split by size or duration: synchronisation, sweeps and TF, ``/tf_static`` from
+the first file included, carry on across them).
+
 :class:`BagFrames` reads the node's input topics (``Image`` or ``CompressedImage``, CameraInfo,
 ``PointCloud2``, ``/tf``, ``/tf_static``) in log-time order, converts them at the same edge as the
 node (:mod:`bevfusion_ros.ros.edge`) and feeds one
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from bevfusion_ros.camera.jpeg import ImageDecoder
 from bevfusion_ros.config import PipelineConfig
@@ -30,13 +34,15 @@ _END_NS = 2 ** 62
 
 
 class BagFrames:
-    """Iterate over the :class:`AssembledFrame`\\ s of the bag at ``path`` (module docstring).
+    """Iterate over the :class:`AssembledFrame`\\ s of the bag at ``path``: one MCAP file, or a
+    sequence of them read as one recording (module docstring).
     ``file_calibration`` and ``decoder`` (of CompressedImage data) as the node gives them to its
     :class:`FrameAssembler`."""
 
-    def __init__(self, path: str | Path, config: PipelineConfig, settings: NodeConfig,
+    def __init__(self, path: str | Path | Sequence[str | Path], config: PipelineConfig, settings: NodeConfig,
                  file_calibration: Calibration | None = None, decoder: ImageDecoder | None = None) -> None:
-        self.path, self.config, self.settings = Path(path), config, settings
+        self.paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(part) for part in path]
+        self.config, self.settings = config, settings
         self.assembler = FrameAssembler(config, settings, file_calibration, decoder)
         self.problems: list[str] = []
         suffix = "/compressed" if settings.compressed_images else ""
@@ -50,7 +56,7 @@ class BagFrames:
 
     def __iter__(self) -> Iterator[AssembledFrame]:
         try:
-            for bag_message in read_bag(self.path, self.topics()):
+            for bag_message in self._messages():
                 now_ns = bag_message.log_time_ns
                 yield from self._due(now_ns)
                 self._queue(self._feed(bag_message.topic, bag_message.message, now_ns), now_ns)
@@ -59,6 +65,10 @@ class BagFrames:
             yield from self._due(_END_NS + 1)
         finally:
             self.assembler.close()
+
+    def _messages(self) -> Iterator[Any]:
+        for path in self.paths:
+            yield from read_bag(path, self.topics())
 
     def _due(self, now_ns: int) -> Iterator[AssembledFrame]:
         while self._pending and self._pending[0][0] < now_ns:

@@ -17,7 +17,8 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from std_msgs.msg import Header
 
@@ -76,7 +77,7 @@ class BagInference:
         start = time.perf_counter()
         job.path(DONE_FILE).unlink(missing_ok=True)        # being redone: complete only once done again
         run = _BagRun()
-        reader = BagFrames(job.bag, self.settings.config, self.settings.node, self.calibration, self.decoder)
+        reader = BagFrames(job.files, self.settings.config, self.settings.node, self.calibration, self.decoder)
         with atomic_path(job.path(DETECTIONS_BAG)) as temporary, BagWriter(temporary) as writer:
             for assembled, read_ms in prefetch(reader, self.settings.prefetch_frames):
                 self._frame(assembled, writer, run, read_ms)
@@ -131,7 +132,7 @@ class BagInference:
     def _evaluate(self, job: BagJob, detections: list[Detections], report: BagReport) -> None:
         """``metrics.json`` of the bag against its ground truth (none: the reason instead)."""
         options = self.settings.evaluation
-        truths, reason = bag_truths(job.bag)
+        truths, reason = bag_truths(job.files)
         class_names = self.settings.config.head.class_names
         pairs = scoring.pair_with_truth(detections, truths, class_names, options.keep_empty_gt)
         result = scoring.metrics(pairs, class_names, options) if truths else None
@@ -140,9 +141,10 @@ class BagInference:
         write_json(job.path(METRICS_JSON), scoring.metrics_document(result, pairs, reason))
 
 
-def bag_truths(bag: Any) -> tuple[dict, str]:
-    """({lidar stamp: FrameTruth}, '') of a bag with a ground-truth record, else ({}, why not)."""
-    record = read_metadata(bag, GROUND_TRUTH_RECORD)
+def bag_truths(files: Sequence[Path]) -> tuple[dict, str]:
+    """({lidar stamp: FrameTruth}, '') of a bag (its MCAP files) with a ground-truth record (the
+    first file's that has one), else ({}, why not)."""
+    record = next(filter(None, (read_metadata(path, GROUND_TRUTH_RECORD) for path in files)), None)
     if record is None:
         return {}, (f"the bag has no ground truth (no '{GROUND_TRUTH_RECORD}' metadata record: "
                     "bevfusion-make-bag --seeds writes one)")

@@ -84,7 +84,7 @@ def frames_in(jobs: list[BagJob], lidar_topic: str) -> int | None:
     total = 0
     for job in jobs:
         try:
-            total += bag_summary(job.bag).get(lidar_topic, ("", 0))[1]
+            total += sum(bag_summary(path).get(lidar_topic, ("", 0))[1] for path in job.files)
         except BagError:
             return None
     return total
@@ -100,7 +100,7 @@ def pooled_metrics(jobs: list[BagJob], reports: list[BagReport], settings: Batch
     pooled = scoring.EvalPairs()
     for job in jobs:
         if job.name in complete:
-            truths, _ = bag_truths(job.bag)
+            truths, _ = bag_truths(job.files)
             detections = scoring.read_detections(job.path(DETECTIONS_JSON))
             pooled.extend(scoring.pair_with_truth(detections, truths, class_names, options.keep_empty_gt))
     if not pooled.ground_truth:
