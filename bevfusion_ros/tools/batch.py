@@ -7,8 +7,8 @@
                     [--compressed] [--score-threshold S] [--no-markers]
                     [--eval] [--class-range M|nuscenes] [--keep-empty-gt] [--rerun]
 
-Each bag (``.mcap`` file) is read as ``bevfusion_node`` would read it with the same parameter
-files and run through the pipeline by one of the Ray workers; its outputs go to
+Each bag (``.mcap`` file, or rosbag2 bag folder of split files) is read as ``bevfusion_node``
+would read it with the same parameter files and run through the pipeline by one of the Ray workers; its outputs go to
 ``OUT/bags/<name>/``, the run's summary to ``OUT/batch.json`` and, with ``--eval``, the pooled
 metrics to ``OUT/metrics.json``. Options, outputs, resuming and clusters: docs/batch.md.
 """
@@ -172,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bevfusion-batch", description=__doc__.splitlines()[0].strip("`: "))
     parser.add_argument("--model", type=Path, required=True, help="CUDA-BEVFusion model folder")
     parser.add_argument("--bags", type=Path, nargs="+", required=True, metavar="BAG_OR_FOLDER",
-                        help="rosbag2 MCAP files, or folders searched for *.mcap")
+                        help="rosbag2 MCAP files, rosbag2 bag folders (metadata.yaml: a split recording is "
+                             "one bag), or folders searched for both")
     parser.add_argument("--out", type=Path, required=True, help="output folder (bags/<name>/, batch.json)")
     ray = parser.add_argument_group("Ray")
     ray.add_argument("--address", help="join this Ray cluster (auto, ray://HEAD:10001, HEAD:6379); "
