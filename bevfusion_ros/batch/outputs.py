@@ -11,9 +11,9 @@ one after the other as one recording. Each bag is one :class:`BagJob` with its o
 * ``metrics.json`` with ``--eval``: the bag's nuScenes-style metrics;
 * ``done.json``, written last: the :class:`BagReport`, the run's fingerprint and the bag's files'
   names, sizes and times. A bag whose ``done.json`` has the same fingerprint and bag identity and
-  whose outputs are all there is complete and is skipped on resume. Every file is written to a temporary
-  name and renamed (:func:`atomic_path`), so an interrupted run leaves no half-written output
-  under a final name.
+  whose outputs are all there is complete and is skipped on resume. Every file is written to a
+  temporary name and renamed (:func:`atomic_path`), so an interrupted run leaves no half-written
+  output under a final name.
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ def write_json(path: Path, document: Any) -> None:
 def bag_identity(job: BagJob) -> list[dict[str, Any]]:
     """Name, size and modification time of each of the bag's files: a bag that changed is run
     again."""
-    return [{"file": path.name, "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
-            for path in job.files]
+    return [{"file": path.name, "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+            for path, status in ((path, path.stat()) for path in job.files)]
 
 
 def completed(job: BagJob, fingerprint: str, evaluation: bool) -> BagReport | None:

@@ -8,9 +8,9 @@
                     [--eval] [--class-range M|nuscenes] [--keep-empty-gt] [--rerun]
 
 Each bag (``.mcap`` file, or rosbag2 bag folder of split files) is read as ``bevfusion_node``
-would read it with the same parameter files and run through the pipeline by one of the Ray workers; its outputs go to
-``OUT/bags/<name>/``, the run's summary to ``OUT/batch.json`` and, with ``--eval``, the pooled
-metrics to ``OUT/metrics.json``. Options, outputs, resuming and clusters: docs/batch.md.
+would read it with the same parameter files and run through the pipeline by one of the Ray
+workers; its outputs go to ``OUT/bags/<name>/``, the run's summary to ``OUT/batch.json`` and,
+with ``--eval``, the pooled metrics to ``OUT/metrics.json``. Options, outputs, resuming and clusters: docs/batch.md.
 """
 from __future__ import annotations
 

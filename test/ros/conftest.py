@@ -138,20 +138,25 @@ def tiny_core(tiny_model_dir: Path):
     return BEVFusionPipeline.from_model_dir(tiny_model_dir)
 
 
-@pytest.fixture(scope="session")
-def node_example(example_data_dir: Path):
-    """The example frame with its calibration rebuilt as the node rebuilds it from CameraInfo K
-    and TF (camera2lidar through a unit quaternion)."""
+def as_the_node_rebuilds(frame, image):
+    """``frame`` with its calibration rebuilt as the node rebuilds it from CameraInfo K and TF
+    (camera2lidar through a unit quaternion) for the model's ``image`` pre-processing."""
     import numpy as np
 
     from bevfusion_ros.io.calibration import Calibration
-    from bevfusion_ros.io.frame import Frame, load_example_data
-    from bevfusion_ros.model.presets import TINY
+    from bevfusion_ros.io.frame import Frame
     from bevfusion_ros.ros import convert
-    frame = load_example_data(example_data_dir)
     calibration = frame.calibration
     camera2lidar = np.stack([convert.transform_to_matrix(convert.matrix_to_transform(matrix))
                              for matrix in calibration.camera2lidar])
     rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], camera2lidar,
-                                            TINY.pipeline.image, calibration.camera_names)
+                                            image, calibration.camera_names)
     return Frame(frame.images, frame.points, rebuilt)
+
+
+@pytest.fixture(scope="session")
+def node_example(example_data_dir: Path):
+    """The example frame with its calibration rebuilt as the node rebuilds it (TINY's images)."""
+    from bevfusion_ros.io.frame import load_example_data
+    from bevfusion_ros.model.presets import TINY
+    return as_the_node_rebuilds(load_example_data(example_data_dir), TINY.pipeline.image)

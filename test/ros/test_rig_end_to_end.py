@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import as_the_node_rebuilds
 from node_harness import FRAME_TIMEOUT_S, NodeUnderTest, assert_same_boxes
 
 from bevfusion_ros.config import ConfigError, load_config
@@ -69,13 +70,7 @@ def pipeline(trained) -> BEVFusionPipeline:
 def frame(trained, pipeline) -> Frame:
     """The scene folder of SEEDS[0] as the node rebuilds it: the model's img_aug_matrix, and
     camera2lidar as a TF transform carries it (a unit quaternion)."""
-    loaded = load_example_data(trained.root / f"scene-{SEEDS[0]}")
-    calibration = loaded.calibration
-    camera2lidar = np.stack([convert.transform_to_matrix(convert.matrix_to_transform(matrix))
-                             for matrix in calibration.camera2lidar])
-    rebuilt = Calibration.from_camera2lidar(calibration.camera_intrinsics[:, :3, :3], camera2lidar,
-                                            pipeline.config.image, calibration.camera_names)
-    return Frame(loaded.images, loaded.points, rebuilt)
+    return as_the_node_rebuilds(load_example_data(trained.root / f"scene-{SEEDS[0]}"), pipeline.config.image)
 
 
 def test_training_ran_on_the_rig_and_exported_its_cameras(trained):
