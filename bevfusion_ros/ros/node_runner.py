@@ -149,9 +149,9 @@ def _play_and_record(bag: Path, out_dir: Path, process: subprocess.Popen, lockst
         _wait_for_answers(recorder, frames, timeout, process)
         time.sleep(1.0)                                  # the diagnostics published after the frame
     finally:
-        recorder.close()
         executor.shutdown()
-        spinner.join(timeout=10.0)              # no spin left on the node being destroyed
+        spinner.join(timeout=10.0)              # no spin left on what is destroyed below
+        recorder.close()                        # its subscriptions, no longer in a wait set
         node.destroy_node()
         context.try_shutdown()
     return frames
